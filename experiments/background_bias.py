@@ -1,0 +1,408 @@
+"""The background-bias experiment on the synthetic benchmark (issue 7), end to end and resumable.
+
+  python experiments/background_bias.py --steps a        # random-init bias check + supervised ceiling
+  python experiments/background_bias.py --steps b        # vanilla MoCo vs FAME, --seeds each (+ random init)
+  python experiments/background_bias.py --steps c        # ablations, one seed each
+  python experiments/background_bias.py --masks          # FAME mask quality against the true object masks
+  python experiments/background_bias.py --pictures       # README pictures via visualize.py (after step b)
+  python experiments/background_bias.py --table          # README tables, rendered from experiments/results.json
+
+Every model is measured three ways with cached-feature linear probes (linear_probe.py --cache-features), plus
+retrieval (retrieve.py):
+  bias trap  - probe trained on `train` (scene family = class for 90% of videos), tested on test and test_swapped;
+               the difference is the background-bias gap;
+  motion     - probe trained on `balanced_train` (scene independent of class), tested on test_swapped;
+  background - the same balanced probe predicting the scene family (--target scene), tested on balanced_test;
+               lower = less background in the representation.
+The floor is random initialisation; the ceiling a supervised model (finetune.py from scratch on balanced_train).
+Each stage runs as a subprocess of the stage scripts with explicit flags and is timed; a finished stage is
+recorded in the JSON and skipped on a rerun (an interrupted pretrain.py resumes from its own checkpoint). The
+settings (sizes, epochs, MoCo hyper-parameters) are stored in the JSON, and a rerun with other settings is
+refused: use another --results file for another regime.
+"""
+import argparse
+import fcntl
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # the stage scripts' modules
+import data  # noqa: E402
+import fame  # noqa: E402
+
+# name: (protocol step, table label, pretrain.py flags); beta 1.0 is vanilla MoCo
+METHODS = {
+    "moco": ("b", "vanilla MoCo (beta 1.0)", ["--beta", "1.0"]),
+    "fame": ("b", "FAME (beta 0.5)", ["--beta", "0.5"]),
+    "beta0.3": ("c", "FAME beta 0.3", ["--beta", "0.3"]),
+    "beta0.7": ("c", "FAME beta 0.7", ["--beta", "0.7"]),
+    "seed": ("c", "FAME, seed mask", ["--beta", "0.5", "--fame-method", "seed"]),
+    "grid": ("c", "FAME, grid mask", ["--beta", "0.5", "--fame-method", "grid"]),
+    "gauss": ("c", "FAME, gauss mask", ["--beta", "0.5", "--fame-method", "gauss"]),
+    "intra": ("c", "FAME, intra-video background", ["--beta", "0.5", "--background", "intra"]),
+    "both": ("c", "FAME on both branches", ["--beta", "0.5", "--fame-branches", "both"]),
+}
+LABELS = {"random": "random init (floor)", "supervised": "supervised on balanced_train (ceiling)",
+          **{k: v[1] for k, v in METHODS.items()}}
+TABLE_ORDER = ["random", "moco", "fame", "beta0.3", "beta0.7", "seed", "grid", "gauss", "intra", "both",
+               "supervised"]
+EVAL_STAGES = ("probe_bias", "probe_motion", "probe_scene", "retrieve")
+SETTINGS = ("synthetic_videos", "epochs", "batch_size", "lr", "moco_k", "moco_m", "moco_t", "probe_epochs",
+            "finetune_epochs", "finetune_lr", "eval_clips")
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--steps", nargs="*", default=[], choices=["a", "b", "c"], help="protocol steps to run")
+    parser.add_argument("--only", nargs="*", default=None, metavar="RUN",
+                        help="of the planned runs, only these (e.g. moco_s0 fame_s0)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of step b")
+    parser.add_argument("--table", action="store_true", help="print the README tables from the JSON and exit")
+    parser.add_argument("--masks", action="store_true", help="measure FAME masks against the true object masks")
+    parser.add_argument("--mask-videos", type=int, default=200, help="test videos measured by --masks")
+    parser.add_argument("--pictures", action="store_true",
+                        help="write experiments/masks.png and experiments/caam.png (needs moco_s0 and fame_s0)")
+    parser.add_argument("--results", default=str(REPO / "experiments" / "results.json"),
+                        help="JSON of results (read, then updated after every stage)")
+    parser.add_argument("--runs-dir", default=str(REPO / "runs" / "background_bias"),
+                        help="the benchmark's videos (<runs-dir>/data) and every stage's --output-dir")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs in parallel; each process gets cpu_count/jobs threads (1-2 on 2 cores)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
+    g = parser.add_argument_group("settings shared by every run (recorded in the JSON)")
+    g.add_argument("--synthetic-videos", type=int, default=800, help="training videos of the generator")
+    g.add_argument("--epochs", type=int, default=20, help="pretraining epochs")
+    g.add_argument("--batch-size", type=int, default=32, help="pretraining batch")
+    g.add_argument("--lr", type=float, default=0.01, help="pretraining learning rate")
+    g.add_argument("--moco-k", type=int, default=512, help="MoCo queue size K")
+    g.add_argument("--moco-m", type=float, default=0.99, help="MoCo key-encoder momentum m")
+    g.add_argument("--moco-t", type=float, default=0.1, help="MoCo temperature T")
+    g.add_argument("--probe-epochs", type=int, default=30, help="linear-probe epochs (cached features)")
+    g.add_argument("--finetune-epochs", type=int, default=15,
+                   help="epochs of the supervised ceiling (finetune.py's 12 left it at chance here)")
+    g.add_argument("--finetune-lr", type=float, default=0.05, help="lr of the supervised ceiling (cosine, no dropout)")
+    g.add_argument("--eval-clips", type=int, default=2, help="uniform clips per video in every evaluation")
+    return parser
+
+
+def main(args):
+    results = load_results(args.results)
+    if args.table:
+        print(render_table(results))
+        print()
+        print(render_mask_table(results))
+        return
+    settings = {k: getattr(args, k) for k in SETTINGS}
+    if results.get("settings", settings) != settings:
+        sys.exit(f"{args.results} holds runs made with the settings {results['settings']}; pass the same flags, "
+                 f"or another --results file for another regime")
+    if not args.dry_run:
+        results = update_results(args.results, lambda r: r.update(settings=settings))
+    if args.masks and not args.dry_run:
+        t0 = time.time()
+        masks = measure_masks(args)
+        masks["wall_s"] = round(time.time() - t0, 1)
+        results = update_results(args.results, lambda r: r.update(mask_iou=masks))
+    runs = plan_runs(args)
+    if args.only is not None:
+        runs = [r for r in runs if r["name"] in args.only]
+    Runner(args, results).run_all(runs)
+    if args.pictures:
+        make_pictures(args)
+
+
+def plan_runs(args):
+    """One run = one model and its stages (pretrain or finetune, then the evaluations)."""
+    runs = []
+    if "a" in args.steps:
+        runs += [{"name": "random_s0", "method": "random", "seed": 0},
+                 {"name": "supervised_s0", "method": "supervised", "seed": 0}]
+    if "b" in args.steps:
+        runs += [{"name": f"{m}_s{s}", "method": m, "seed": s} for s in args.seeds for m in ("moco", "fame")]
+        runs += [{"name": f"random_s{s}", "method": "random", "seed": s} for s in args.seeds if s != 0]
+    if "c" in args.steps:
+        runs += [{"name": f"{m}_s0", "method": m, "seed": 0} for m, v in METHODS.items() if v[0] == "c"]
+    return runs
+
+
+def data_flags(args):
+    return ["--dataset", "synthetic", "--data", str(Path(args.runs_dir) / "data"),
+            "--synthetic-videos", str(args.synthetic_videos), "--workers", "1"]
+
+
+def stages(args, run):
+    """[(stage, argv)] of one run, in order. Each stage writes <output-dir>/results.json (pretrain: log.jsonl)."""
+    out = Path(args.runs_dir) / run["name"]
+    py, seed = [sys.executable], ["--seed", str(run["seed"])]
+    todo, ckpt = [], []  # no --pretrained: random initialisation, seeded by --seed
+    if run["method"] == "supervised":
+        todo.append(("finetune", py + ["finetune.py", *data_flags(args), *seed, "--train-split", "balanced_train",
+                                       "--test-split", "test_swapped", "--epochs", str(args.finetune_epochs),
+                                       "--lr", str(args.finetune_lr), "--cos", "--dropout", "0",
+                                       "--clips", str(args.eval_clips), "--output-dir", str(out / "finetune")]))
+        ckpt = ["--pretrained", str(out / "finetune" / "checkpoint.pth")]  # the final model, not best-on-test
+    elif run["method"] != "random":
+        todo.append(("pretrain", py + ["pretrain.py", *data_flags(args), *seed, *METHODS[run["method"]][2],
+                                       "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+                                       "--lr", str(args.lr), "--moco-k", str(args.moco_k),
+                                       "--moco-m", str(args.moco_m), "--moco-t", str(args.moco_t),
+                                       "--output-dir", str(out / "pretrain")]))
+        ckpt = ["--pretrained", str(out / "pretrain" / "checkpoint.pth")]
+    evals = [*data_flags(args), *seed, *ckpt, "--clips", str(args.eval_clips)]
+    probe = py + ["linear_probe.py", *evals, "--cache-features", "--epochs", str(args.probe_epochs)]
+    return todo + [
+        ("probe_bias", probe + ["--output-dir", str(out / "probe_bias")]),
+        ("probe_motion", probe + ["--train-split", "balanced_train", "--test-split", "test_swapped",
+                                  "--output-dir", str(out / "probe_motion")]),
+        ("probe_scene", probe + ["--train-split", "balanced_train", "--test-split", "balanced_test",
+                                 "--target", "scene", "--output-dir", str(out / "probe_scene")]),
+        ("retrieve", py + ["retrieve.py", *evals, "--output-dir", str(out / "retrieve")]),
+    ]
+
+
+def metrics_of(stage, out_dir):
+    """The numbers the tables need from one finished stage (accuracies in %)."""
+    out_dir = Path(out_dir)
+    if stage == "pretrain":
+        log = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+        return {"epochs": log[-1]["epoch"], "loss": [round(e["loss"], 4) for e in log],
+                "acc": [round(e["acc"], 4) for e in log]}
+    res = json.loads((out_dir / "results.json").read_text())
+    splits = res["splits"]
+    if stage == "retrieve":
+        return {"R@1_test": splits["test"]["R@1"], "R@1_test_swapped": splits["test_swapped"]["R@1"]}
+    if stage == "probe_scene":
+        return {"scene_balanced_test": splits["balanced_test"]["top1"]}
+    return {"test": splits["test"]["top1"], "test_swapped": splits["test_swapped"]["top1"], "gap": res["bias_gap"]}
+
+
+class Runner:
+    """Runs the stages of each run in order, --jobs runs at a time, saving the JSON after every stage."""
+
+    def __init__(self, args, results):
+        self.args, self.results, self.lock = args, results, threading.Lock()
+        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
+
+    def run_all(self, runs):
+        with ThreadPoolExecutor(max_workers=self.args.jobs) as pool:
+            for future in [pool.submit(self.run_one, r) for r in runs]:
+                future.result()
+
+    def run_one(self, run):
+        for stage, argv in stages(self.args, run):
+            with self.lock:
+                entry = self.results.setdefault("runs", {}).setdefault(run["name"], dict(run, stages={}))
+                if stage in entry["stages"]:
+                    continue
+            out_dir = Path(argv[argv.index("--output-dir") + 1])
+            command = shown(argv)
+            print(f"[{run['name']}/{stage}] {command}", flush=True)
+            if self.args.dry_run:
+                continue
+            out_dir.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            with open(out_dir / "stdout.log", "a") as log:
+                rc = subprocess.run(argv, cwd=REPO, env=self.env, stdout=log, stderr=subprocess.STDOUT).returncode
+            wall = time.time() - t0
+            if rc != 0:  # later stages of this run need this one; other runs go on
+                print(f"[{run['name']}/{stage}] FAILED (exit {rc}) after {wall:.0f} s: see {out_dir}/stdout.log",
+                      flush=True)
+                return
+            record = {"command": command, "wall_s": round(wall, 1), **metrics_of(stage, out_dir)}
+            with self.lock:
+                entry["stages"][stage] = record
+                update_results(self.args.results, lambda r: r.setdefault("runs", {}).setdefault(
+                    run["name"], dict(run, stages={}))["stages"].__setitem__(stage, record))
+            print(f"[{run['name']}/{stage}] done in {wall:.0f} s", flush=True)
+
+
+def shown(argv):
+    """A command as the README shows it: `python`, paths relative to the repository."""
+    return " ".join(["python"] + [os.path.relpath(a, REPO) if a.startswith(str(REPO)) else a for a in argv[1:]])
+
+
+def load_results(path):
+    return json.loads(Path(path).read_text()) if Path(path).exists() else {}
+
+
+def update_results(path, change):
+    """Read the JSON, apply change(results) and write it back atomically, under a file lock: drivers running
+    at the same time (e.g. two --only lists) each add their own entries without dropping the others'."""
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = load_results(path)
+        change(results)
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# README tables
+
+COLUMNS = [  # (header, stage, metric key)
+    ("bias probe: test", "probe_bias", "test"),
+    ("bias probe: test_swapped ↑", "probe_bias", "test_swapped"),
+    ("bias gap ↓", "probe_bias", "gap"),
+    ("motion content ↑", "probe_motion", "test_swapped"),
+    ("background content ↓", "probe_scene", "scene_balanced_test"),
+    ("R@1 test", "retrieve", "R@1_test"),
+    ("R@1 test_swapped", "retrieve", "R@1_test_swapped"),
+]
+
+
+def _mean_std(values, digits=1):
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def render_table(results):
+    """Markdown table, mean ± sample std over the seeds present, of every model whose evaluations finished."""
+    runs = list(results.get("runs", {}).values())
+    lines = ["| model | seeds | " + " | ".join(c[0] for c in COLUMNS)
+             + " | final pretrain loss | train time (min) | eval time (min) |",
+             "|" + " --- |" * (len(COLUMNS) + 5)]
+    for method in TABLE_ORDER:
+        done = [r for r in runs if r["method"] == method and all(s in r["stages"] for s in EVAL_STAGES)]
+        if not done:
+            continue
+        cells = [LABELS[method], ",".join(str(r["seed"]) for r in sorted(done, key=lambda r: r["seed"]))]
+        cells += [_mean_std([r["stages"][stage][key] for r in done]) for _, stage, key in COLUMNS]
+        train = [r["stages"].get("pretrain") or r["stages"].get("finetune") for r in done]
+        cells.append(_mean_std([t["loss"][-1] for t in train if t and "loss" in t], digits=3))
+        cells.append(_mean_std([t["wall_s"] / 60 for t in train if t]))
+        cells.append(_mean_std([sum(r["stages"][s]["wall_s"] for s in EVAL_STAGES) / 60 for r in done]))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Accuracies and R@1 in %; chance is 12.5% (8 motion classes, 8 scene families). Bias probe: "
+              "trained on `train`; motion content: probe trained on `balanced_train`, tested on `test_swapped`; "
+              "background content: the balanced probe predicting the scene family on `balanced_test`. "
+              f"Settings: `{json.dumps(results.get('settings', {}), sort_keys=True)}`."]
+    sup = [r for r in runs if r["method"] == "supervised" and "finetune" in r["stages"]]
+    if sup:
+        f = sup[0]["stages"]["finetune"]
+        lines.append(f"The supervised ceiling's own classifier (trained on `balanced_train`): test_swapped "
+                     f"{f['test_swapped']:.1f}%, test {f['test']:.1f}%; its row above probes its frozen features.")
+    return "\n".join(lines)
+
+
+def render_mask_table(results):
+    """Markdown table of --masks, per beta: FAME's mask quality and the other masks' IoU (paper Table 4)."""
+    m = results.get("mask_iou")
+    if not m:
+        return "(no mask measurements: run --masks)"
+    lines = []
+    for size in sorted(m["results"], key=lambda s: int(s.rstrip("px"))):
+        res = m["results"][size]
+        betas = sorted({float(k.split("_beta")[1]) for k in res if "_beta" in k})
+        lines += [f"Masks at {size} ({m['videos']} test clips of {m['frames']} frames, stride {m['stride']}; "
+                  f"the object covers {100 * res['object_area_frame']:.1f}% of a frame and "
+                  f"{100 * res['object_area_union']:.1f}% of the frame over the whole clip):", "",
+                  "| beta | FAME IoU | FAME precision | object kept | own background kept (% of frame) | "
+                  "seed IoU | grid IoU | gauss IoU |", "|" + " --- |" * 8]
+        for beta in betas:
+            f = res[f"fame_beta{beta}"]
+            lines.append(f"| {beta} | {f['iou']:.2f} | {f['precision']:.2f} | {100 * f['recall']:.0f}% | "
+                         f"{100 * f['own_background']:.1f} | " + " | ".join(
+                             f"{res[f'{k}_beta{beta}']['iou']:.2f}" for k in ("seed", "grid", "gauss")) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mask quality and pictures
+
+
+def synthetic_args(args):
+    """The experiment's data flags, parsed and resolved as the stage scripts do."""
+    parser = argparse.ArgumentParser()
+    data.add_data_args(parser)
+    ns = parser.parse_args(data_flags(args))
+    ns.output_dir = None
+    return data.resolve_data_args(ns)
+
+
+def measure_masks(args, betas=(0.1, 0.15, 0.2, 0.3, 0.5, 0.7), methods=("fame", "seed", "grid", "gauss")):
+    """FAME's masks against the generator's object masks, on the middle clip of the first --mask-videos test
+    videos, at the 64 px frame and resized to the 32 px training crop (a whole-frame crop).
+    The mask is constant over the clip, so IoU and precision use the union of the clip's object masks;
+    recall = share of each frame's object pixels inside the mask (what the merged clip keeps of the object);
+    own_background = share of the frame that is the clip's own background and survives the merge (Eq. 4)."""
+    ns = synthetic_args(args)
+    root = Path(data.ensure_synthetic(ns))
+    length = json.loads((root / "meta.json").read_text())["length"]
+    stride, span = data.clip_layout(length, ns.frames, ns.stride)
+    idx = data.clip_indices((length - span) // 2, length, ns.frames, stride)
+    paths = [line.split()[0] for line in (root / "splits" / "test.txt").read_text().splitlines()][: args.mask_videos]
+    clips, objects = [], []
+    for path in paths:
+        frames, masks = data.synthetic_clip(str(root / path), idx)  # (T, S, S, 3) uint8, (T, S, S) bool
+        clips.append(torch.from_numpy(frames).permute(3, 0, 1, 2))
+        objects.append(torch.from_numpy(masks))
+    clips = torch.stack(clips).float().div_(255)  # (B, 3, T, S, S)
+    objects = torch.stack(objects).float()  # (B, T, S, S)
+    out = {"videos": len(paths), "frames": ns.frames, "stride": stride, "results": {}}
+    for size in (clips.shape[-1], ns.crop):
+        x, obj = clips, objects
+        if size != clips.shape[-1]:
+            x = F.interpolate(clips.flatten(1, 2), size=(size, size), mode="bilinear", antialias=True,
+                              align_corners=False).unflatten(1, (3, -1)).clamp(0, 1)  # (B, 3, T, s, s)
+            obj = (F.interpolate(objects, size=(size, size), mode="area") > 0.5).float()  # (B, T, s, s)
+        union = obj.amax(1)  # (B, s, s)
+        res = {"object_area_frame": obj.mean().item(), "object_area_union": union.mean().item()}
+        for method in methods:
+            for beta in betas:
+                m = fame.foreground_mask(x, beta=beta, method=method).float()  # (B, s, s)
+                inter = (m * union).flatten(1).sum(1)  # (B,)
+                recall = (m[:, None] * obj).flatten(2).sum(2) / obj.flatten(2).sum(2).clamp_min(1)  # (B, T)
+                res[f"{method}_beta{beta}"] = {
+                    "iou": (inter / (m + union - m * union).flatten(1).sum(1)).mean().item(),
+                    "precision": (inter / m.flatten(1).sum(1)).mean().item(),
+                    "recall": recall.mean().item(),
+                    "own_background": (m * (1 - union)).mean().item()}
+        out["results"][f"{size}px"] = res
+    return out
+
+
+def make_pictures(args, videos=2):
+    """experiments/masks.png (FAME masks, merged clips) and experiments/caam.png (CAAM of vanilla MoCo, FAME and,
+    when present, the supervised ceiling) on the first test_swapped videos; the commands go into the JSON."""
+    root = Path(data.ensure_synthetic(synthetic_args(args)))
+    paths = [str(root / line.split()[0])
+             for line in (root / "splits" / "test_swapped.txt").read_text().splitlines()[:videos]]
+    runs = Path(args.runs_dir)
+    ckpts = [runs / "moco_s0" / "pretrain" / "checkpoint.pth", runs / "fame_s0" / "pretrain" / "checkpoint.pth",
+             runs / "supervised_s0" / "finetune" / "checkpoint.pth"]
+    ckpts = [str(c) for c in ckpts if c.is_file()]
+    common = ["--frames", "8", "--stride", "2", "--size", "64", "--show", "4"]
+    commands = [["masks", *common, "--beta", "0.5", "--output", str(REPO / "experiments" / "masks.png"), *paths],
+                ["caam", *common, "--arch", "r2plus1d_tiny", "--pretrained", *ckpts,
+                 "--output", str(REPO / "experiments" / "caam.png"), *paths]]
+    done = []
+    for argv in commands:
+        argv = [sys.executable, "visualize.py", *argv]
+        print(shown(argv), flush=True)
+        if not args.dry_run:
+            subprocess.run(argv, cwd=REPO, check=True)
+            done.append(shown(argv))
+    if not args.dry_run:
+        update_results(args.results, lambda r: r.update(pictures=done))
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

