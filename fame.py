@@ -31,12 +31,11 @@ NUM_BINS = NUM_LEVELS ** 3
 FOREGROUND_FRACTION = 0.5  # N^(F) = int(0.5 * H * W) pixels with the largest S
 BACKGROUND_FRACTION = 0.1  # N^(B) = int(0.1 * H * W) pixels with the smallest S
 GRID = 4                   # "grid" variant: GRID x GRID cells
-# The passes over the full clips (statistics, merge) run over chunks of about this many bytes of float32,
-# so that each chunk's temporaries stay in the last-level cache: on the 2-core reference machine this is
-# several times faster than one pass over a B=64 batch, and far faster than one clip at a time when other
-# processes compete for the cores (every op then pays a thread barrier). On GPU the chunks only bound
-# the temporaries.
-CHUNK_BYTES = {"cpu": 16 << 20}
+# The statistics pass over the full clips runs over chunks of about this many bytes of float32, so that
+# each chunk's difference buffer stays in cache: on the 2-core reference machine one 112 px clip at a time
+# (4 MiB) is about 1.3x faster than 16 MiB chunks and several times faster than one pass over a B=64 batch.
+# On GPU the chunks only bound the temporaries.
+CHUNK_BYTES = {"cpu": 4 << 20}
 DEFAULT_CHUNK_BYTES = 256 << 20
 
 
@@ -261,15 +260,12 @@ def _chunk_size(clips):
 
 
 def _merge_permuted(clips, mask, perm):
-    """Eq. (4) with Y = clips[perm], without materializing all of clips[perm]: chunk by chunk, so each
-    gathered background chunk is still in cache when it is merged into the output."""
+    """Eq. (4) with Y = clips[perm], one clip at a time: each background is read in place, so the pass
+    reads X and Y and writes the result once (no gathered copy of the backgrounds; ~15% faster on CPU)."""
     M = _broadcast_mask(mask, clips)                                     # (B, 1, 1, H, W)
     out = torch.empty_like(clips)                                        # (B, C, T, H, W)
-    chunk = _chunk_size(clips)
-    buffer = torch.empty_like(clips[:chunk])
-    for i in range(0, len(clips), chunk):
-        Y = torch.index_select(clips, 0, perm[i:i + chunk], out=buffer[:len(perm[i:i + chunk])])  # (b, C, T, H, W)
-        torch.lerp(Y, clips[i:i + chunk], M[i:i + chunk], out=out[i:i + chunk])   # Eq. (4)
+    for i, j in enumerate(perm.tolist()):
+        torch.lerp(clips[j], clips[i], M[i], out=out[i])                # Eq. (4), (C, T, H, W)
     return out
 
 
