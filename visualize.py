@@ -92,7 +92,7 @@ def read_clip(path, frames, stride, size):
 def mask_rows(clips, beta, method):
     """(B, 3, T, S, S) in [0,1] -> (B, 3 rows, 3, T, S, S): frames, mask overlay, merged clip."""
     mask = fame.foreground_mask(clips, beta=beta, method=method)  # (B, S, S), constant over time
-    # background of video i = clip of video i+1 (a grey clip when there is a single video)
+    # background of video i = clip of video i-1 (a grey clip when there is a single video)
     background = clips.roll(1, dims=0) if clips.shape[0] > 1 else torch.full_like(clips, 0.5)
     merged = fame.merge(clips, mask, background)  # Eq. (4)
     m = mask[:, None, None].expand_as(clips)  # (B, 3, T, S, S)
