@@ -428,6 +428,13 @@ class MoCo(nn.Module):
         self.queue.index_copy_(1, idx, keys.t().to(self.queue.dtype))
         self.queue_ptr.copy_((self.queue_ptr + n) % self.K)
 
+    @torch.no_grad()
+    def key_similarity(self):
+        """Mean cosine similarity between two different keys of the queue: near 0 when the embedding is spread
+        over the sphere, near 1 when it has collapsed to one direction (then the loss sits near ln(K + 1))."""
+        mean_norm2 = self.queue.float().mean(1).square().sum()  # ||mean key||^2 = mean over all pairs, self included
+        return ((self.K * mean_norm2 - 1) / max(self.K - 1, 1)).item()
+
     def _logits(self, q, k, queue):
         l_pos = (q * k).sum(1, keepdim=True)  # (B, 1): cosine similarity to the positive key
         l_neg = q @ queue  # (B, K): to the negatives

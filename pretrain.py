@@ -206,6 +206,7 @@ def main(args):
         for group in optimizer.param_groups:
             group["lr"] = lr
         stats = train_one_epoch(step_fn, loader, epoch, args, world_size, is_main)
+        stats["key_sim"] = round(model.key_similarity(), 4)  # collapse monitor: 1.0 = all keys the same
         if is_main:  # log first: a run killed between the two lines redoes this epoch and rewrites its log line
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps({"epoch": epoch + 1, "lr": lr, **stats}) + "\n")

@@ -644,6 +644,20 @@ def test_models_moco_queue_ring_buffer():
         torch.testing.assert_close(moco.queue.roll(-ptr, 1).t(), torch.stack(history[-K:]), rtol=0, atol=0)
 
 
+def test_models_moco_key_similarity_detects_collapse():
+    torch.manual_seed(0)
+    K = 256
+    moco = models.MoCo(functools.partial(_models_TinyBackbone, bn=False), dim=128, K=K)
+    assert abs(moco.key_similarity()) < 0.02  # the random initial queue is spread over the sphere
+    keys = F.normalize(torch.randn(K, 128) + 2 * torch.randn(128), dim=1)  # (K, dim) around a shared direction
+    moco.queue.copy_(keys.t())
+    G = keys @ keys.t()  # (K, K) cosines; the mean over pairs of different keys
+    assert moco.key_similarity() == pytest.approx(((G.sum() - G.trace()) / (K * K - K)).item(), abs=1e-5)
+    assert 0.5 < moco.key_similarity() < 1
+    moco.queue.copy_(keys[:1].t().expand(-1, K))  # one direction only: collapsed
+    assert moco.key_similarity() == pytest.approx(1.0, abs=1e-5)
+
+
 def test_models_moco_infonce_by_hand():
     torch.manual_seed(0)
     B, K, T = 3, 7, 0.1
@@ -1157,7 +1171,8 @@ def test_pretrain_epoch_resume_and_checkpoint(pretrain_env, capsys):
     assert json.loads((out / "args.json").read_text())["beta"] == 0.5
     log = _pretrain_log(out)
     assert [e["epoch"] for e in log] == [1]
-    assert {"loss", "acc", "lr", "time", "clips_per_s", "skipped"} <= set(log[0])
+    assert {"loss", "acc", "lr", "time", "clips_per_s", "skipped", "key_sim"} <= set(log[0])
+    assert -1 <= log[0]["key_sim"] <= 1
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert {"encoder_q", "model", "optimizer", "args"} <= set(ckpt)
     assert ckpt["epoch"] == 1 and ckpt["args"]["beta"] == 0.5 and ckpt["args"]["arch"] == "r2plus1d_tiny"

@@ -3,7 +3,9 @@
   python experiments/background_bias.py --steps a        # random-init bias check + supervised ceiling
   python experiments/background_bias.py --steps b        # vanilla MoCo vs FAME, --seeds each (+ random init)
   python experiments/background_bias.py --steps c        # ablations, one seed each
+  python experiments/background_bias.py --steps d        # investigation: FAME at lr 0.05 with a cosine schedule
   python experiments/background_bias.py --masks          # FAME mask quality against the true object masks
+  python experiments/background_bias.py --findable       # is the positive findable after FAME? (after a, b)
   python experiments/background_bias.py --pictures       # README pictures via visualize.py (after step b)
   python experiments/background_bias.py --table          # README tables, rendered from experiments/results.json
 
@@ -39,6 +41,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the stage scripts' modules
 import data  # noqa: E402
 import fame  # noqa: E402
+import models  # noqa: E402
 
 # name: (protocol step, table label, pretrain.py flags); beta 1.0 is vanilla MoCo
 METHODS = {
@@ -51,11 +54,13 @@ METHODS = {
     "gauss": ("c", "FAME, gauss mask", ["--beta", "0.5", "--fame-method", "gauss"]),
     "intra": ("c", "FAME, intra-video background", ["--beta", "0.5", "--background", "intra"]),
     "both": ("c", "FAME on both branches", ["--beta", "0.5", "--fame-branches", "both"]),
+    # step d: the investigation; flags given after the shared settings override them (argparse keeps the last)
+    "fame_lr0.05": ("d", "FAME, lr 0.05 cosine", ["--beta", "0.5", "--lr", "0.05", "--cos"]),
 }
 LABELS = {"random": "random init (floor)", "supervised": "supervised on balanced_train (ceiling)",
           **{k: v[1] for k, v in METHODS.items()}}
 TABLE_ORDER = ["random", "moco", "fame", "beta0.3", "beta0.7", "seed", "grid", "gauss", "intra", "both",
-               "supervised"]
+               "fame_lr0.05", "supervised"]
 EVAL_STAGES = ("probe_bias", "probe_motion", "probe_scene", "retrieve")
 SETTINGS = ("synthetic_videos", "epochs", "batch_size", "lr", "moco_k", "moco_m", "moco_t", "probe_epochs",
             "finetune_epochs", "finetune_lr", "eval_clips")
@@ -64,13 +69,17 @@ SETTINGS = ("synthetic_videos", "epochs", "batch_size", "lr", "moco_k", "moco_m"
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--steps", nargs="*", default=[], choices=["a", "b", "c"], help="protocol steps to run")
+    parser.add_argument("--steps", nargs="*", default=[], choices=["a", "b", "c", "d"],
+                        help="protocol steps to run (d: the investigation runs)")
     parser.add_argument("--only", nargs="*", default=None, metavar="RUN",
                         help="of the planned runs, only these (e.g. moco_s0 fame_s0)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of step b")
     parser.add_argument("--table", action="store_true", help="print the README tables from the JSON and exit")
     parser.add_argument("--masks", action="store_true", help="measure FAME masks against the true object masks")
     parser.add_argument("--mask-videos", type=int, default=200, help="test videos measured by --masks")
+    parser.add_argument("--findable", action="store_true",
+                        help="instance top-1 of query clips (plain or FAME-merged) among a batch's keys, with the "
+                             "features of random init, MoCo, FAME and the supervised ceiling (seed 0)")
     parser.add_argument("--pictures", action="store_true",
                         help="write experiments/masks.png and experiments/caam.png (needs moco_s0 and fame_s0)")
     parser.add_argument("--results", default=str(REPO / "experiments" / "results.json"),
@@ -102,6 +111,7 @@ def main(args):
         print(render_table(results))
         print()
         print(render_mask_table(results))
+        print(render_findable_table(results))
         return
     settings = {k: getattr(args, k) for k in SETTINGS}
     if results.get("settings", settings) != settings:
@@ -114,6 +124,11 @@ def main(args):
         masks = measure_masks(args)
         masks["wall_s"] = round(time.time() - t0, 1)
         results = update_results(args.results, lambda r: r.update(mask_iou=masks))
+    if args.findable and not args.dry_run:
+        t0 = time.time()
+        found = measure_findable(args)
+        found["wall_s"] = round(time.time() - t0, 1)
+        results = update_results(args.results, lambda r: r.update(findable=found))
     runs = plan_runs(args)
     if args.only is not None:
         runs = [r for r in runs if r["name"] in args.only]
@@ -131,8 +146,9 @@ def plan_runs(args):
     if "b" in args.steps:
         runs += [{"name": f"{m}_s{s}", "method": m, "seed": s} for s in args.seeds for m in ("moco", "fame")]
         runs += [{"name": f"random_s{s}", "method": "random", "seed": s} for s in args.seeds if s != 0]
-    if "c" in args.steps:
-        runs += [{"name": f"{m}_s0", "method": m, "seed": 0} for m, v in METHODS.items() if v[0] == "c"]
+    for step in "cd":
+        if step in args.steps:
+            runs += [{"name": f"{m}_s0", "method": m, "seed": 0} for m, v in METHODS.items() if v[0] == step]
     return runs
 
 
@@ -153,11 +169,11 @@ def stages(args, run):
                                        "--clips", str(args.eval_clips), "--output-dir", str(out / "finetune")]))
         ckpt = ["--pretrained", str(out / "finetune" / "checkpoint.pth")]  # the final model, not best-on-test
     elif run["method"] != "random":
-        todo.append(("pretrain", py + ["pretrain.py", *data_flags(args), *seed, *METHODS[run["method"]][2],
+        todo.append(("pretrain", py + ["pretrain.py", *data_flags(args), *seed,
                                        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                                        "--lr", str(args.lr), "--moco-k", str(args.moco_k),
                                        "--moco-m", str(args.moco_m), "--moco-t", str(args.moco_t),
-                                       "--output-dir", str(out / "pretrain")]))
+                                       *METHODS[run["method"]][2], "--output-dir", str(out / "pretrain")]))
         ckpt = ["--pretrained", str(out / "pretrain" / "checkpoint.pth")]
     evals = [*data_flags(args), *seed, *ckpt, "--clips", str(args.eval_clips)]
     probe = py + ["linear_probe.py", *evals, "--cache-features", "--epochs", str(args.probe_epochs)]
@@ -176,8 +192,10 @@ def metrics_of(stage, out_dir):
     out_dir = Path(out_dir)
     if stage == "pretrain":
         log = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-        return {"epochs": log[-1]["epoch"], "loss": [round(e["loss"], 4) for e in log],
-                "acc": [round(e["acc"], 4) for e in log]}
+        curves = {"loss": [round(e["loss"], 4) for e in log], "acc": [round(e["acc"], 4) for e in log]}
+        if all("key_sim" in e for e in log):  # the collapse monitor (logged since the seed-2 runs)
+            curves["key_sim"] = [e["key_sim"] for e in log]
+        return {"epochs": log[-1]["epoch"], **curves, "key_sim_final": final_key_similarity(out_dir)}
     res = json.loads((out_dir / "results.json").read_text())
     splits = res["splits"]
     if stage == "retrieve":
@@ -185,6 +203,13 @@ def metrics_of(stage, out_dir):
     if stage == "probe_scene":
         return {"scene_balanced_test": splits["balanced_test"]["top1"]}
     return {"test": splits["test"]["top1"], "test_swapped": splits["test_swapped"]["top1"], "gap": res["bias_gap"]}
+
+
+def final_key_similarity(pretrain_dir):
+    """Mean cosine between two keys of the saved queue (models.MoCo.key_similarity): near 1 = collapsed."""
+    queue = torch.load(Path(pretrain_dir) / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]["queue"]
+    K = queue.shape[1]
+    return round((K * queue.float().mean(1).square().sum().item() - 1) / (K - 1), 4)
 
 
 class Runner:
@@ -276,8 +301,8 @@ def render_table(results):
     """Markdown table, mean ± sample std over the seeds present, of every model whose evaluations finished."""
     runs = list(results.get("runs", {}).values())
     lines = ["| model | seeds | " + " | ".join(c[0] for c in COLUMNS)
-             + " | final pretrain loss | train time (min) | eval time (min) |",
-             "|" + " --- |" * (len(COLUMNS) + 5)]
+             + " | final pretrain loss | final key similarity | train time (min) | eval time (min) |",
+             "|" + " --- |" * (len(COLUMNS) + 6)]
     for method in TABLE_ORDER:
         done = [r for r in runs if r["method"] == method and all(s in r["stages"] for s in EVAL_STAGES)]
         if not done:
@@ -286,12 +311,14 @@ def render_table(results):
         cells += [_mean_std([r["stages"][stage][key] for r in done]) for _, stage, key in COLUMNS]
         train = [r["stages"].get("pretrain") or r["stages"].get("finetune") for r in done]
         cells.append(_mean_std([t["loss"][-1] for t in train if t and "loss" in t], digits=3))
+        cells.append(_mean_std([t["key_sim_final"] for t in train if t and "key_sim_final" in t], digits=2))
         cells.append(_mean_std([t["wall_s"] / 60 for t in train if t]))
         cells.append(_mean_std([sum(r["stages"][s]["wall_s"] for s in EVAL_STAGES) / 60 for r in done]))
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Accuracies and R@1 in %; chance is 12.5% (8 motion classes, 8 scene families). Bias probe: "
               "trained on `train`; motion content: probe trained on `balanced_train`, tested on `test_swapped`; "
-              "background content: the balanced probe predicting the scene family on `balanced_test`. "
+              "background content: the balanced probe predicting the scene family on `balanced_test`. Final key "
+              "similarity: mean cosine between two keys of the last queue (1 = every video embedded alike). "
               f"Settings: `{json.dumps(results.get('settings', {}), sort_keys=True)}`."]
     sup = [r for r in runs if r["method"] == "supervised" and "finetune" in r["stages"]]
     if sup:
@@ -377,6 +404,57 @@ def measure_masks(args, betas=(0.1, 0.15, 0.2, 0.3, 0.5, 0.7), methods=("fame", 
                     "own_background": (m * (1 - union)).mean().item()}
         out["results"][f"{size}px"] = res
     return out
+
+
+@torch.no_grad()
+def measure_findable(args, batches=4, batch_size=64, betas=(1.0, 0.3, 0.5, 0.7)):
+    """How often a query clip's nearest key (cosine, frozen backbone features in eval mode) is the other clip of
+    its own video, among the batch_size videos of a batch: pretraining's two clips of each `train` video (the
+    loader's crop and flip), colour augmentation on both, FAME on the query as in pretrain.py (beta 1: none)."""
+    ns = synthetic_args(args)
+    ns.seed = 0
+    loader = data.build_loader(data.build_dataset(ns, "train", "pretrain"), batch_size, ns, train=True, seed=0)
+    runs = Path(args.runs_dir)
+    sources = {"random": None, "moco": runs / "moco_s0" / "pretrain" / "checkpoint.pth",
+               "fame": runs / "fame_s0" / "pretrain" / "checkpoint.pth",
+               "supervised": runs / "supervised_s0" / "finetune" / "checkpoint.pth"}
+    out = {"batches": batches, "batch_size": batch_size, "top1": {}}
+    for name, ckpt in sources.items():
+        if ckpt is not None and not ckpt.is_file():
+            continue
+        torch.manual_seed(0)  # the same random init, batches, augmentations and backgrounds for every model
+        backbone = models.build_backbone("r2plus1d_tiny")
+        if ckpt is not None:
+            models.load_backbone(backbone, ckpt)
+        backbone.eval()
+        hits = {beta: [] for beta in betas}
+        for batch in list(loader)[:batches]:
+            q0, k0 = batch["q"].float().div(255), batch["k"].float().div(255)  # (B, 3, T, S, S)
+            k = F.normalize(backbone.forward_features(data.augment(k0, "pretrain")), dim=1)  # (B, D)
+            for beta in betas:
+                q = q0 if beta == 1 else fame.FAME(beta=beta)(q0)  # Eq. (4), backgrounds from the batch
+                q = F.normalize(backbone.forward_features(data.augment(q, "pretrain")), dim=1)  # (B, D)
+                hits[beta] += ((q @ k.t()).argmax(1) == torch.arange(len(q))).tolist()
+        out["top1"][name] = {str(beta): 100 * sum(h) / len(h) for beta, h in hits.items()}
+    return out
+
+
+def render_findable_table(results):
+    f = results.get("findable")
+    if not f:
+        return "(no findability measurements: run --findable)"
+    betas = sorted(next(iter(f["top1"].values())), key=lambda b: -float(b) if b == "1.0" else float(b))
+    lines = [f"Is the positive findable? Instance top-1 (%) of a query clip among the {f['batch_size']} keys of a "
+             f"batch ({f['batches']} batches of `train`, chance {100 / f['batch_size']:.1f}%), with the frozen "
+             "features of the seed-0 models:", "",
+             "| features | " + " | ".join("plain query" if b == "1.0" else f"FAME beta {b}" for b in betas) + " |",
+             "|" + " --- |" * (len(betas) + 1)]
+    for name in ("random", "moco", "fame", "supervised"):
+        if name not in f["top1"]:
+            continue
+        row = f["top1"][name]
+        lines.append(f"| {LABELS[name]} | " + " | ".join(f"{row[b]:.1f}" for b in betas) + " |")
+    return "\n".join(lines)
 
 
 def make_pictures(args, videos=2):
