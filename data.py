@@ -81,6 +81,10 @@ def add_data_args(parser):
     g.add_argument("--synthetic-size", type=int, default=64, help="synthetic frame size (square, even)")
     g.add_argument("--synthetic-length", type=int, default=48, help="synthetic frames per video")
     g.add_argument("--synthetic-seed", type=int, default=0, help="synthetic generator seed")
+    g.add_argument("--synthetic-sprite", default="video", choices=SPRITES,
+                   help="video: each video draws its object's shape, colour and size (the benchmark's default); "
+                        "shared: one white disc of one size in every video (texture still per video), so the "
+                        "object's appearance no longer tells videos apart")
     return parser
 
 
@@ -851,6 +855,8 @@ SYNTHETIC_VERSION = 1
 SYNTHETIC_FPS = 25
 MATCH = 0.9  # fraction of train/test videos whose scene family equals their class
 OBJECT_AREA = (0.10, 0.16)  # object area / frame area (approach/recede sweep 0.55x..1.45x of this in side)
+SPRITES = ("video", "shared")  # --synthetic-sprite
+_SHARED_SPRITE = (("disc",), ((1.0, 1.0, 1.0),), (0.13, 0.13))  # shapes, colours, area range of "shared"
 _SPRITE_COLORS = ((1.0, 0.15, 0.1), (1.0, 0.9, 0.1), (0.1, 0.95, 1.0), (1.0, 0.2, 0.95), (1.0, 1.0, 1.0),
                   (1.0, 0.55, 0.0))
 _SHAPES = ("disc", "square", "diamond", "triangle", "cross")
@@ -963,8 +969,9 @@ def _background(scene, rng, X, Y, S):
     return c1 + (c2 - c1) * p[..., None], c2
 
 
-def render_synthetic(motion, scene, video_seed, size=64, length=48):
-    """Frames (L,S,S,3) uint8 and ground-truth object masks (L,S,S) bool of one synthetic video."""
+def render_synthetic(motion, scene, video_seed, size=64, length=48, sprite="video"):
+    """Frames (L,S,S,3) uint8 and ground-truth object masks (L,S,S) bool of one synthetic video; sprite: see
+    --synthetic-sprite."""
     rng = np.random.default_rng(video_seed)
     S, L = size, length
     t = np.arange(L, dtype=np.float32)
@@ -983,10 +990,11 @@ def render_synthetic(motion, scene, video_seed, size=64, length=48):
     dx_, dy_ = d0x + speed * math.cos(heading) * t - jx, d0y + speed * math.sin(heading) * t - jy
     light = (np.minimum(light * 1.3, 1.0) * 255).astype(np.uint8)
     # foreground sprite: shape, colour and texture independent of the class
-    shape = _SHAPES[rng.integers(len(_SHAPES))]
-    color = np.array(_SPRITE_COLORS[rng.integers(len(_SPRITE_COLORS))], np.float32)
+    shapes, colors, area = (_SHAPES, _SPRITE_COLORS, OBJECT_AREA) if sprite == "video" else _SHARED_SPRITE
+    shape = shapes[rng.integers(len(shapes))]
+    color = np.array(colors[rng.integers(len(colors))], np.float32)
     shades = (np.stack([color, color * 0.35, np.full(3, 0.02, np.float32)]) * 255).astype(np.uint8)
-    R = math.sqrt(rng.uniform(*OBJECT_AREA) * S * S / (4 * _SHAPE_FILL[shape]))
+    R = math.sqrt(rng.uniform(*area) * S * S / (4 * _SHAPE_FILL[shape]))
     cx, cy, grow = _trajectory(motion, rng, S, L, R)
     ta, tf = rng.uniform(0, math.pi), math.pi * rng.uniform(2.0, 3.5)
     checker = bool(rng.integers(2))
@@ -1062,15 +1070,15 @@ def _synthetic_relpath(split, i, cls, scene):
 
 
 def _write_synthetic_chunk(job):
-    root, size, length, items = job
+    root, size, length, sprite, items = job
     t0 = time.process_time()
     for split, i, (cls, scene, vseed) in items:
-        frames, _ = render_synthetic(MOTIONS[cls], scene, vseed, size, length)
+        frames, _ = render_synthetic(MOTIONS[cls], scene, vseed, size, length, sprite)
         _write_mp4(os.path.join(root, _synthetic_relpath(split, i, cls, scene)), frames)
     return time.process_time() - t0
 
 
-def make_synthetic(root, num_videos=800, size=64, length=48, seed=0, workers=None):
+def make_synthetic(root, num_videos=800, size=64, length=48, seed=0, workers=None, sprite="video"):
     """Writes the synthetic benchmark (H.264 mp4s, splits/<split>.txt with 'path class scene', meta.json)
     to root, unless a complete copy is there. Generation happens in root.inprogress-<pid> and is renamed into
     place at the end, so an interrupted run never leaves a half-written benchmark that would be reused."""
@@ -1094,10 +1102,10 @@ def make_synthetic(root, num_videos=800, size=64, length=48, seed=0, workers=Non
         workers = workers or os.cpu_count() or 1
         chunks = [items[k::workers * 8] for k in range(workers * 8)]
         t0 = time.time()
-        cpu = _parallel_map(_write_synthetic_chunk, [(tmp, size, length, c) for c in chunks if c],
+        cpu = _parallel_map(_write_synthetic_chunk, [(tmp, size, length, sprite, c) for c in chunks if c],
                             workers if len(items) >= 32 else 1)
         meta = {"version": SYNTHETIC_VERSION, "num_videos": num_videos, "size": size, "length": length,
-                "seed": seed, "fps": SYNTHETIC_FPS, "motions": MOTIONS, "scenes": SCENES, "match": MATCH,
+                "seed": seed, "sprite": sprite, "fps": SYNTHETIC_FPS, "motions": MOTIONS, "scenes": SCENES, "match": MATCH,
                 "object_area": OBJECT_AREA, "splits": synthetic_split_sizes(num_videos),
                 "seconds": round(time.time() - t0, 2), "cpu_seconds": round(sum(cpu), 2), "workers": workers}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -1111,10 +1119,12 @@ def ensure_synthetic(args):
     --data if given, else $FAME_CACHE or ~/.cache/fame (shared by runs, unlike the index cache)."""
     params = (SYNTHETIC_VERSION, args.synthetic_videos, args.synthetic_size, args.synthetic_length,
               args.synthetic_seed)
+    if args.synthetic_sprite != "video":  # the default keeps its cache folder name from before the flag
+        params += (args.synthetic_sprite,)
     base = args.data or os.environ.get("FAME_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fame")
     root = os.path.join(base, "synthetic_" + hashlib.sha1(repr(params).encode()).hexdigest()[:10])
     return make_synthetic(root, args.synthetic_videos, args.synthetic_size, args.synthetic_length,
-                          args.synthetic_seed, max(1, args.workers))
+                          args.synthetic_seed, max(1, args.workers), args.synthetic_sprite)
 
 
 def synthetic_clip(path, indices=None):
@@ -1126,7 +1136,8 @@ def synthetic_clip(path, indices=None):
     split = os.path.basename(os.path.dirname(os.path.dirname(path)))
     i = int(os.path.basename(path)[len(split) + 1:].split("_")[0])
     cls, scene, vseed = synthetic_specs(split, meta["num_videos"], meta["seed"])[i]
-    frames, masks = render_synthetic(MOTIONS[cls], scene, vseed, meta["size"], meta["length"])
+    frames, masks = render_synthetic(MOTIONS[cls], scene, vseed, meta["size"], meta["length"],
+                                     meta.get("sprite", "video"))
     if indices is not None:
         frames, masks = frames[indices], masks[indices]
     return frames, masks

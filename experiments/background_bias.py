@@ -4,6 +4,7 @@
   python experiments/background_bias.py --steps b        # vanilla MoCo vs FAME, --seeds each (+ random init)
   python experiments/background_bias.py --steps c        # ablations, one seed each
   python experiments/background_bias.py --steps d        # investigation: FAME at lr 0.05 with a cosine schedule
+  python experiments/background_bias.py --steps e        # investigation: one sprite look for all videos
   python experiments/background_bias.py --masks          # FAME mask quality against the true object masks
   python experiments/background_bias.py --findable       # is the positive findable after FAME? (after a, b)
   python experiments/background_bias.py --pictures       # README pictures via visualize.py (after step b)
@@ -56,11 +57,16 @@ METHODS = {
     "both": ("c", "FAME on both branches", ["--beta", "0.5", "--fame-branches", "both"]),
     # step d: the investigation; flags given after the shared settings override them (argparse keeps the last)
     "fame_lr0.05": ("d", "FAME, lr 0.05 cosine", ["--beta", "0.5", "--lr", "0.05", "--cos"]),
+    # step e: the benchmark with --synthetic-sprite shared (see DATA_VARIANTS), an investigation outside the protocol
+    "moco_sprite": ("e", "shared sprite: vanilla MoCo", ["--beta", "1.0"]),
+    "fame_sprite": ("e", "shared sprite: FAME (beta 0.5)", ["--beta", "0.5"]),
 }
+DATA_VARIANTS = {m: ["--synthetic-sprite", "shared"] for m in ("random_sprite", "moco_sprite", "fame_sprite")}
 LABELS = {"random": "random init (floor)", "supervised": "supervised on balanced_train (ceiling)",
+          "random_sprite": "shared sprite: random init",
           **{k: v[1] for k, v in METHODS.items()}}
 TABLE_ORDER = ["random", "moco", "fame", "beta0.3", "beta0.7", "seed", "grid", "gauss", "intra", "both",
-               "fame_lr0.05", "supervised"]
+               "fame_lr0.05", "supervised", "random_sprite", "moco_sprite", "fame_sprite"]
 EVAL_STAGES = ("probe_bias", "probe_motion", "probe_scene", "retrieve")
 SETTINGS = ("synthetic_videos", "epochs", "batch_size", "lr", "moco_k", "moco_m", "moco_t", "probe_epochs",
             "finetune_epochs", "finetune_lr", "eval_clips")
@@ -69,8 +75,8 @@ SETTINGS = ("synthetic_videos", "epochs", "batch_size", "lr", "moco_k", "moco_m"
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--steps", nargs="*", default=[], choices=["a", "b", "c", "d"],
-                        help="protocol steps to run (d: the investigation runs)")
+    parser.add_argument("--steps", nargs="*", default=[], choices=["a", "b", "c", "d", "e"],
+                        help="protocol steps to run (d, e: the investigation runs)")
     parser.add_argument("--only", nargs="*", default=None, metavar="RUN",
                         help="of the planned runs, only these (e.g. moco_s0 fame_s0)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of step b")
@@ -146,7 +152,9 @@ def plan_runs(args):
     if "b" in args.steps:
         runs += [{"name": f"{m}_s{s}", "method": m, "seed": s} for s in args.seeds for m in ("moco", "fame")]
         runs += [{"name": f"random_s{s}", "method": "random", "seed": s} for s in args.seeds if s != 0]
-    for step in "cd":
+    if "e" in args.steps:
+        runs.append({"name": "random_sprite_s0", "method": "random_sprite", "seed": 0})
+    for step in "cde":
         if step in args.steps:
             runs += [{"name": f"{m}_s0", "method": m, "seed": 0} for m, v in METHODS.items() if v[0] == step]
     return runs
@@ -160,7 +168,7 @@ def data_flags(args):
 def stages(args, run):
     """[(stage, argv)] of one run, in order. Each stage writes <output-dir>/results.json (pretrain: log.jsonl)."""
     out = Path(args.runs_dir) / run["name"]
-    py, seed = [sys.executable], ["--seed", str(run["seed"])]
+    py, seed = [sys.executable], ["--seed", str(run["seed"]), *DATA_VARIANTS.get(run["method"], [])]
     todo, ckpt = [], []  # no --pretrained: random initialisation, seeded by --seed
     if run["method"] == "supervised":
         todo.append(("finetune", py + ["finetune.py", *data_flags(args), *seed, "--train-split", "balanced_train",
@@ -168,7 +176,7 @@ def stages(args, run):
                                        "--lr", str(args.finetune_lr), "--cos", "--dropout", "0",
                                        "--clips", str(args.eval_clips), "--output-dir", str(out / "finetune")]))
         ckpt = ["--pretrained", str(out / "finetune" / "checkpoint.pth")]  # the final model, not best-on-test
-    elif run["method"] != "random":
+    elif not run["method"].startswith("random"):
         todo.append(("pretrain", py + ["pretrain.py", *data_flags(args), *seed,
                                        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                                        "--lr", str(args.lr), "--moco-k", str(args.moco_k),
