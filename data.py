@@ -1105,8 +1105,8 @@ def make_synthetic(root, num_videos=800, size=64, length=48, seed=0, workers=Non
         cpu = _parallel_map(_write_synthetic_chunk, [(tmp, size, length, sprite, c) for c in chunks if c],
                             workers if len(items) >= 32 else 1)
         meta = {"version": SYNTHETIC_VERSION, "num_videos": num_videos, "size": size, "length": length,
-                "seed": seed, "sprite": sprite, "fps": SYNTHETIC_FPS, "motions": MOTIONS, "scenes": SCENES, "match": MATCH,
-                "object_area": OBJECT_AREA, "splits": synthetic_split_sizes(num_videos),
+                "seed": seed, "sprite": sprite, "fps": SYNTHETIC_FPS, "motions": MOTIONS, "scenes": SCENES,
+                "match": MATCH, "object_area": OBJECT_AREA, "splits": synthetic_split_sizes(num_videos),
                 "seconds": round(time.time() - t0, 2), "cpu_seconds": round(sum(cpu), 2), "workers": workers}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)

@@ -25,6 +25,7 @@ refused: use another --results file for another regime.
 """
 import argparse
 import fcntl
+import itertools
 import json
 import os
 import statistics
@@ -436,7 +437,7 @@ def measure_findable(args, batches=4, batch_size=64, betas=(1.0, 0.3, 0.5, 0.7))
             models.load_backbone(backbone, ckpt)
         backbone.eval()
         hits = {beta: [] for beta in betas}
-        for batch in list(loader)[:batches]:
+        for batch in itertools.islice(loader, batches):
             q0, k0 = batch["q"].float().div(255), batch["k"].float().div(255)  # (B, 3, T, S, S)
             k = F.normalize(backbone.forward_features(data.augment(k0, "pretrain")), dim=1)  # (B, D)
             for beta in betas:
