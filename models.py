@@ -358,6 +358,16 @@ def _projection_head(D, dim, mlp):
     return nn.Sequential(nn.Linear(D, D), nn.ReLU(inplace=True), nn.Linear(D, dim)) if mlp else nn.Linear(D, dim)
 
 
+@torch.no_grad()
+def key_similarity(queue):
+    """Mean cosine similarity between two different keys of a MoCo queue (dim, K) of unit vectors: near 0 when the
+    embedding is spread over the sphere, near 1 when it has collapsed to one direction (then the loss sits near
+    ln(K + 1))."""
+    K = queue.shape[1]
+    mean_norm2 = queue.float().mean(1).square().sum()  # ||mean key||^2 = mean over all pairs, self included
+    return ((K * mean_norm2 - 1) / max(K - 1, 1)).item()
+
+
 class MoCo(nn.Module):
     """Query/key encoders, projection heads, and the queue of K negative keys.
 
@@ -428,12 +438,9 @@ class MoCo(nn.Module):
         self.queue.index_copy_(1, idx, keys.t().to(self.queue.dtype))
         self.queue_ptr.copy_((self.queue_ptr + n) % self.K)
 
-    @torch.no_grad()
     def key_similarity(self):
-        """Mean cosine similarity between two different keys of the queue: near 0 when the embedding is spread
-        over the sphere, near 1 when it has collapsed to one direction (then the loss sits near ln(K + 1))."""
-        mean_norm2 = self.queue.float().mean(1).square().sum()  # ||mean key||^2 = mean over all pairs, self included
-        return ((self.K * mean_norm2 - 1) / max(self.K - 1, 1)).item()
+        """Mean cosine between two keys of the queue (see key_similarity()): the collapse monitor."""
+        return key_similarity(self.queue)
 
     def _logits(self, q, k, queue):
         l_pos = (q * k).sum(1, keepdim=True)  # (B, 1): cosine similarity to the positive key

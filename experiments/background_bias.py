@@ -217,8 +217,7 @@ def metrics_of(stage, out_dir):
 def final_key_similarity(pretrain_dir):
     """Mean cosine between two keys of the saved queue (models.MoCo.key_similarity): near 1 = collapsed."""
     queue = torch.load(Path(pretrain_dir) / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]["queue"]
-    K = queue.shape[1]
-    return round((K * queue.float().mean(1).square().sum().item() - 1) / (K - 1), 4)
+    return round(models.key_similarity(queue), 4)
 
 
 class Runner:
