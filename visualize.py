@@ -3,7 +3,7 @@
 Two subcommands, each writing one PNG grid (one block of rows per video, one column per shown frame):
 
   # FAME's foreground masks and merged clips (rows per video: frames, mask overlay, merged clip)
-  python visualize.py masks --beta 0.5 --output masks.png VIDEO [VIDEO ...]
+  python visualize.py masks --beta 0.5 --output masks.png VIDEO [VIDEO ...]    # video i on the background of i-1
 
   # class-agnostic activation maps (CAAM): the channel-summed last conv feature map, upsampled and overlaid
   # on the frames; give several checkpoints to compare them side by side (rows per video: frames, one per CKPT)
@@ -11,7 +11,7 @@ Two subcommands, each writing one PNG grid (one block of rows per video, one col
       --output caam.png VIDEO [VIDEO ...]
 
 The pictures in README.md were made on the synthetic benchmark with experiments/background_bias.py --pictures,
-which runs these two commands (--frames 8 --stride 2 --size 64).
+which runs these two commands (--frames 8 --stride 2 --crop 64).
 """
 import argparse
 import os
@@ -35,8 +35,8 @@ def get_args_parser():
         p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files (any container PyAV reads)")
         p.add_argument("--frames", type=int, default=8, help="frames per clip (T)")
         p.add_argument("--stride", type=int, default=2, help="temporal stride between clip frames")
-        p.add_argument("--size", type=int, default=112,
-                       help="frames are resized (short side) and centre-cropped to SIZE x SIZE")
+        p.add_argument("--crop", type=int, default=112,
+                       help="the largest centred square of the frames, resized to CROP x CROP")
         p.add_argument("--show", type=int, default=4, help="frames shown per clip (evenly spaced)")
         p.add_argument("--output", default=None, help="PNG to write (default: <command>.png)")
 
@@ -44,7 +44,7 @@ def get_args_parser():
                        description="Rows per video: frames, foreground mask over the frames, merged clip.")
     add_common(p)
     p.add_argument("--beta", type=float, default=0.5, help="foreground portion of the frame, Eq. (3)")
-    p.add_argument("--fame-method", default="fame", choices=["fame", "seed", "grid", "gauss"],
+    p.add_argument("--fame-method", default="fame", choices=fame.METHODS,
                    help="mask variant (paper Table 4)")
 
     p = sub.add_parser("caam", help="class-agnostic activation maps of pretrained checkpoints",
@@ -61,7 +61,7 @@ def get_args_parser():
 def main(args):
     if args.output is None:
         args.output = f"{args.command}.png"
-    clips = torch.stack([read_clip(v, args.frames, args.stride, args.size) for v in args.videos])  # (B,3,T,S,S)
+    clips = torch.stack([read_clip(v, args.frames, args.stride, args.crop) for v in args.videos])  # (B,3,T,S,S)
     clips = clips.float().div_(255)
     if args.command == "masks":
         rows = mask_rows(clips, args.beta, args.fame_method)
@@ -75,14 +75,15 @@ def main(args):
     print(f"wrote {args.output} ({len(args.videos)} videos x {rows.shape[1]} rows x {len(t)} frames)")
 
 
-def read_clip(path, frames, stride, size):
-    """Middle clip of a video as uint8 (3, T, size, size): the largest centred square, resized to size."""
+def read_clip(path, frames, stride, size, start=None):
+    """A clip of a video as uint8 (3, T, size, size), the middle one unless `start` (a frame index) is given: the
+    largest centred square of the frames, resized to size."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"video not found: {path}")
     info = data.probe_video(path)  # ValueError naming the problem for unreadable files
     n = info["frames"]
     stride, span = data.clip_layout(n, frames, stride)  # short videos: smaller stride, then repeated last frame
-    idx = data.clip_indices(max(0, (n - span) // 2), n, frames, stride)
+    idx = data.clip_indices(max(0, (n - span) // 2) if start is None else start, n, frames, stride)
     video = data.decode_frames(path, idx, info, short_side=size)  # uint8 (T, h, w, 3)
     h, w = video.shape[1:3]
     side = min(h, w)

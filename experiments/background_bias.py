@@ -44,6 +44,8 @@ sys.path.insert(0, str(REPO))  # the stage scripts' modules
 import data  # noqa: E402
 import fame  # noqa: E402
 import models  # noqa: E402
+import pretrain  # noqa: E402
+import synthetic  # noqa: E402
 
 # name: (protocol step, table label, pretrain.py flags); beta 1.0 is vanilla MoCo
 METHODS = {
@@ -364,12 +366,8 @@ def render_mask_table(results):
 
 
 def synthetic_args(args):
-    """The experiment's data flags, parsed and resolved as the stage scripts do."""
-    parser = argparse.ArgumentParser()
-    data.add_data_args(parser)
-    ns = parser.parse_args(data_flags(args))
-    ns.output_dir = None
-    return data.resolve_data_args(ns)
+    """The experiment's data flags, parsed as pretrain.py parses them (with its synthetic preset)."""
+    return data.check_data_args(pretrain.get_args_parser().parse_args(data_flags(args)))
 
 
 def measure_masks(args, betas=(0.1, 0.15, 0.2, 0.3, 0.5, 0.7), methods=("fame", "seed", "grid", "gauss")):
@@ -379,14 +377,14 @@ def measure_masks(args, betas=(0.1, 0.15, 0.2, 0.3, 0.5, 0.7), methods=("fame", 
     recall = share of each frame's object pixels inside the mask (what the merged clip keeps of the object);
     own_background = share of the frame that is the clip's own background and survives the merge (Eq. 4)."""
     ns = synthetic_args(args)
-    root = Path(data.ensure_synthetic(ns))
+    root = Path(data.synthetic_root(ns))
     length = json.loads((root / "meta.json").read_text())["length"]
     stride, span = data.clip_layout(length, ns.frames, ns.stride)
     idx = data.clip_indices((length - span) // 2, length, ns.frames, stride)
     paths = [line.split()[0] for line in (root / "splits" / "test.txt").read_text().splitlines()][: args.mask_videos]
     clips, objects = [], []
     for path in paths:
-        frames, masks = data.synthetic_clip(str(root / path), idx)  # (T, S, S, 3) uint8, (T, S, S) bool
+        frames, masks = synthetic.clip(str(root / path), idx)  # (T, S, S, 3) uint8, (T, S, S) bool
         clips.append(torch.from_numpy(frames).permute(3, 0, 1, 2))
         objects.append(torch.from_numpy(masks))
     clips = torch.stack(clips).float().div_(255)  # (B, 3, T, S, S)
@@ -468,14 +466,14 @@ def render_findable_table(results):
 def make_pictures(args, videos=2):
     """experiments/masks.png (FAME masks, merged clips) and experiments/caam.png (CAAM of vanilla MoCo, FAME and,
     when present, the supervised ceiling) on the first test_swapped videos; the commands go into the JSON."""
-    root = Path(data.ensure_synthetic(synthetic_args(args)))
+    root = Path(data.synthetic_root(synthetic_args(args)))
     paths = [str(root / line.split()[0])
              for line in (root / "splits" / "test_swapped.txt").read_text().splitlines()[:videos]]
     runs = Path(args.runs_dir)
     ckpts = [runs / "moco_s0" / "pretrain" / "checkpoint.pth", runs / "fame_s0" / "pretrain" / "checkpoint.pth",
              runs / "supervised_s0" / "finetune" / "checkpoint.pth"]
     ckpts = [str(c) for c in ckpts if c.is_file()]
-    common = ["--frames", "8", "--stride", "2", "--size", "64", "--show", "4"]
+    common = ["--frames", "8", "--stride", "2", "--crop", "64", "--show", "4"]
     commands = [["masks", *common, "--beta", "0.5", "--output", str(REPO / "experiments" / "masks.png"), *paths],
                 ["caam", *common, "--arch", "r2plus1d_tiny", "--pretrained", *ckpts,
                  "--output", str(REPO / "experiments" / "caam.png"), *paths]]

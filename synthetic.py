@@ -1,0 +1,327 @@
+"""The synthetic background-bias benchmark: short videos of one object moving over a textured scene, where the
+scene family agrees with the motion class in most training videos and never in `test_swapped`.
+
+Eight motion classes (up, down, sweep, circle, approach, recede, bounce, zigzag), eight scene families (a hue
+family x a pattern) with a drifting distractor and camera jitter, and ground-truth object masks. Splits:
+train / test (scene family = class for 90% of the videos), test_swapped (never), balanced_train / balanced_test
+(every class-scene pair equally often). Written as H.264 mp4s with splits/<split>.txt ("path class scene") and
+meta.json; stage scripts generate it on first use (--dataset synthetic), or:
+
+    python synthetic.py --out DIR [--videos 800 --size 64 --length 48 --seed 0 --sprite video]
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+
+import av
+import numpy as np
+
+import utils
+
+MOTIONS = ("up", "down", "sweep", "circle", "approach", "recede", "bounce", "zigzag")
+SCENES = ("red-stripes", "orange-checker", "olive-waves", "green-dots",
+          "teal-stripes", "blue-checker", "violet-waves", "pink-dots")
+SPLITS = ("train", "test", "test_swapped", "balanced_train", "balanced_test")
+VERSION = 1
+FPS = 25
+MATCH = 0.9  # fraction of train/test videos whose scene family equals their class
+OBJECT_AREA = (0.10, 0.16)  # object area / frame area (approach/recede sweep 0.55x..1.45x of this in side)
+SPRITES = ("video", "shared")  # --synthetic-sprite
+_SHARED_SPRITE = (("disc",), ((1.0, 1.0, 1.0),), (0.13, 0.13))  # shapes, colours, area range of "shared"
+_SPRITE_COLORS = ((1.0, 0.15, 0.1), (1.0, 0.9, 0.1), (0.1, 0.95, 1.0), (1.0, 0.2, 0.95), (1.0, 1.0, 1.0),
+                  (1.0, 0.55, 0.0))
+_SHAPES = ("disc", "square", "diamond", "triangle", "cross")
+_SHAPE_FILL = {"disc": math.pi / 4, "square": 0.85 ** 2, "diamond": 1.15 ** 2 / 2, "triangle": 0.5 * 1.7 * 1.0 / 2,
+               "cross": (2 * 2 * 0.7 - 0.7 ** 2) / 4}
+
+
+def split_sizes(num_videos):
+    return {s: num_videos if s.endswith("train") else max(len(MOTIONS), num_videos // 2) for s in SPLITS}
+
+
+def specs(split, num_videos, seed=0):
+    """[(class, scene, video_seed)] of a split. train/test: scene == class for exactly round(0.9 n) videos;
+    test_swapped: scene never equals class; balanced_*: every (class, scene) pair equally often."""
+    n, C = split_sizes(num_videos)[split], len(MOTIONS)
+    sid = SPLITS.index(split)
+    rng = np.random.default_rng([seed, sid, 7])
+    cls = np.arange(n) % C
+    if split.startswith("balanced"):
+        scene = (np.arange(n) // C) % C
+    else:
+        other = (cls + 1 + rng.integers(0, C - 1, n)) % C
+        match = np.zeros(n, bool)
+        if split != "test_swapped":
+            match[rng.permutation(n)[: round(MATCH * n)]] = True
+        scene = np.where(match, cls, other)
+    seeds = np.random.SeedSequence([seed, sid]).generate_state(n)
+    return [(int(c), int(s), int(v)) for c, s, v in zip(cls, scene, seeds)]
+
+
+def _hsv(h, s, v):
+    h = (h % 1.0) * 6
+    i, f = int(h), h - int(h)
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i % 6], np.float32)
+
+
+def _shape_mask(shape, u, v):
+    au, av_ = np.abs(u), np.abs(v)
+    if shape == "disc":
+        return u * u + v * v <= 1
+    if shape == "square":
+        return np.maximum(au, av_) <= 0.85
+    if shape == "diamond":
+        return au + av_ <= 1.15
+    if shape == "triangle":
+        return (v >= -0.8) & (v <= 0.9) & (au <= (0.9 - v) / 1.7)
+    return ((au <= 0.35) & (av_ <= 1)) | ((av_ <= 0.35) & (au <= 1))
+
+
+def _trajectory(motion, rng, S, L, R):
+    """Object centre (x, y) and size factor per frame, in pixels; translations wrap around the frame."""
+    t = np.arange(L, dtype=np.float32)
+    k = S / 64
+    x0, y0 = rng.uniform(0, S), rng.uniform(0, S)
+    grow = np.ones(L, np.float32)
+    if motion in ("up", "down"):
+        v = rng.uniform(1.0, 1.8) * k * (-1 if motion == "up" else 1)
+        x, y = np.full(L, x0), y0 + v * t
+    elif motion == "sweep":
+        v = rng.uniform(1.0, 1.8) * k * rng.choice((-1, 1))
+        x, y = x0 + v * t, np.full(L, y0)
+    elif motion == "circle":
+        rho = rng.uniform(0.15, 0.2) * S
+        m = R + rho + 1
+        cx, cy = (rng.uniform(m, S - m) if S - m > m else S / 2 for _ in range(2))
+        a = rng.uniform(0, 2 * np.pi) + rng.choice((-1, 1)) * 2 * np.pi * t / rng.uniform(20, 32)
+        x, y = cx + rho * np.cos(a), cy + rho * np.sin(a)
+    elif motion in ("approach", "recede"):
+        lo, hi = rng.uniform(0.5, 0.6), rng.uniform(1.4, 1.5)
+        grow = (lo + (hi - lo) * t / max(1, L - 1)).astype(np.float32)
+        if motion == "recede":
+            grow = grow[::-1].copy()
+        m = R * hi + 1
+        cx, cy = (rng.uniform(m, S - m) if S - m > m else S / 2 for _ in range(2))
+        x, y = np.full(L, cx), np.full(L, cy)
+    elif motion == "bounce":
+        amp = rng.uniform(0.15, 0.22) * S
+        m = R + amp + 1
+        cy = rng.uniform(m, S - m) if S - m > m else S / 2
+        x, y = np.full(L, x0), cy + amp * np.sin(2 * np.pi * t / rng.uniform(12, 20) + rng.uniform(0, 2 * np.pi))
+    else:  # zigzag: horizontal drift with a triangle-wave vertical swing
+        v = rng.uniform(0.8, 1.4) * k * rng.choice((-1, 1))
+        amp, period = rng.uniform(0.12, 0.18) * S, rng.uniform(12, 20)
+        phase = (t / period + rng.uniform(0, 1)) % 1
+        x, y = x0 + v * t, y0 + amp * (4 * np.abs(phase - 0.5) - 1)
+    return x.astype(np.float32), y.astype(np.float32), grow
+
+
+def _background(scene, rng, X, Y, S):
+    """Scene family = hue family x pattern type; per-video palette, orientation, scale and phase.
+    X, Y: float32 pixel coordinates (broadcastable); returns float32 RGB image and the lighter palette colour."""
+    hue = scene / len(SCENES) + rng.uniform(-0.03, 0.03)
+    c1 = _hsv(hue + rng.uniform(-0.02, 0.02), rng.uniform(0.4, 0.6), rng.uniform(0.2, 0.35))
+    c2 = _hsv(hue + rng.uniform(-0.02, 0.02), rng.uniform(0.35, 0.55), rng.uniform(0.5, 0.7))
+    a = rng.uniform(0, math.pi)
+    f = 2 * math.pi / (rng.uniform(0.12, 0.2) * S)  # angular frequency of the pattern
+    u, v = X * math.cos(a) + Y * math.sin(a), Y * math.cos(a) - X * math.sin(a)
+    p0, p1 = rng.uniform(0, 2 * math.pi, 2).tolist()
+    kind = scene % 4
+    if kind == 0:  # stripes
+        p = 0.5 + 0.5 * np.sin(f * u + p0)
+    elif kind == 1:  # checker
+        p = 0.5 + 0.5 * np.tanh(4 * np.sin(f * u + p0) * np.sin(f * v + p1))
+    elif kind == 2:  # waves
+        p = 0.5 + 0.25 * (np.sin(f / 1.7 * u + 2 * np.sin(f / 2.3 * v + p1)) + np.sin(f / 1.3 * v + p0))
+    else:  # dots
+        du, dv = (u * f / (2 * math.pi) + p0) % 1 - 0.5, (v * f / (2 * math.pi) + p1) % 1 - 0.5
+        p = 1 / (1 + np.exp(40 * (du * du + dv * dv - 0.09)))
+    return c1 + (c2 - c1) * p[..., None], c2
+
+
+def render(motion, scene, video_seed, size=64, length=48, sprite="video"):
+    """Frames (L,S,S,3) uint8 and ground-truth object masks (L,S,S) bool of one synthetic video; sprite: see
+    --synthetic-sprite."""
+    rng = np.random.default_rng(video_seed)
+    S, L = size, length
+    t = np.arange(L, dtype=np.float32)
+    # camera jitter: whole-pixel offsets of a static scene canvas
+    jit = max(1, round(S / 32))
+    jx, jy = (np.rint(jit * np.sin(2 * math.pi * t / rng.uniform(10, 30) + rng.uniform(0, 2 * math.pi)))
+              .astype(np.int64) for _ in range(2))
+    n = S + 2 * jit
+    g = np.arange(n, dtype=np.float32)
+    canvas, light = _background(scene, rng, g[None, :], g[:, None], S)  # (n,n,3) float
+    canvas = (canvas * 255 + 0.5).clip(0, 255).astype(np.uint8)
+    img = np.stack([canvas[jit + y: jit + y + S, jit + x: jit + x + S] for x, y in zip(jx, jy)])  # (L,S,S,3)
+    # drifting distractor: a small disc in the scene's lighter colour, moving with the scene
+    d0x, d0y = rng.uniform(0, S, 2).tolist()
+    speed, heading = rng.uniform(0.3, 0.7) * S / 64, rng.uniform(0, 2 * math.pi)
+    dx_, dy_ = d0x + speed * math.cos(heading) * t - jx, d0y + speed * math.sin(heading) * t - jy
+    light = (np.minimum(light * 1.3, 1.0) * 255).astype(np.uint8)
+    # foreground sprite: shape, colour and texture independent of the class
+    shapes, colors, area = (_SHAPES, _SPRITE_COLORS, OBJECT_AREA) if sprite == "video" else _SHARED_SPRITE
+    shape = shapes[rng.integers(len(shapes))]
+    color = np.array(colors[rng.integers(len(colors))], np.float32)
+    shades = (np.stack([color, color * 0.35, np.full(3, 0.02, np.float32)]) * 255).astype(np.uint8)
+    R = math.sqrt(rng.uniform(*area) * S * S / (4 * _SHAPE_FILL[shape]))
+    cx, cy, grow = _trajectory(motion, rng, S, L, R)
+    ta, tf = rng.uniform(0, math.pi), math.pi * rng.uniform(2.0, 3.5)
+    checker = bool(rng.integers(2))
+    # every frame at once: per-frame centres and radii broadcast against (L,1,S) / (L,S,1) pixel offsets;
+    # colours are then computed and written only at the covered pixels (flat indices into (L,S,S))
+    pixels = _rgb_items(img).reshape(-1)  # (L*S*S,) view of img
+    radius = 0.06 * S
+    u, v = _offsets(dx_, dy_, radius + 1, S)
+    pixels[np.flatnonzero(u * u + v * v <= radius * radius)] = _rgb_items(light)  # the disc goes under the sprite
+    r = R * grow  # (L,) float32
+    u, v = _offsets(cx - jx, cy - jy, r * 1.5 + 2, S)  # the camera moves the object too
+    u, v = u / r[:, None, None], v / r[:, None, None]
+    masks = _shape_mask(shape, u, v)  # (L,S,S)
+    idx = np.flatnonzero(masks)
+    k, x = idx // (S * S), idx % S
+    u, v, r = u.reshape(-1)[k * S + x], v.reshape(-1)[idx // S], r[k]  # (N,) at the object's pixels
+    core = _shape_mask(shape, u * (1 + 1.5 / r), v * (1 + 1.5 / r))  # 1.5-pixel dark outline
+    su = np.sin(tf * (u * math.cos(ta) + v * math.sin(ta)))
+    tex = (su * np.sin(tf * (v * math.cos(ta) - u * math.sin(ta))) if checker else su) > 0
+    pixels[idx] = _rgb_items(shades)[np.where(core, np.where(tex, 0, 1), 2)]
+    return img, masks
+
+
+def _rgb_items(a):
+    """View of a uint8 (..., 3) array as (...) 3-byte items: fancy indexing then copies whole pixels at once."""
+    return np.ascontiguousarray(a).view(np.dtype((np.void, 3)))[..., 0]
+
+
+def _offsets(cx, cy, half, S):
+    """Float32 offsets u (L,1,S) of the pixel columns and v (L,S,1) of the rows from the centres (cx, cy) (L,)
+    on the wrapping frame: a pixel takes its position in the S-wide window starting at floor(c - half), so
+    pixels within `half` of a centre get their offset across the seam; farther ones are outside any shape."""
+    g = np.arange(S)
+
+    def axis(c):
+        c0 = np.floor(c - half).astype(np.int64)[:, None]
+        return (c0 + (g - c0) % S - c[:, None]).astype(np.float32)
+
+    return axis(cx)[:, None, :], axis(cy)[:, :, None]
+
+
+def _write_mp4(path, frames, fps=FPS, crf=18):
+    """H.264 mp4 of (L,H,W,3) uint8 frames (H, W even). RGB -> BT.601
+    limited-range yuv420p is done here for all frames at once (the decoder's default interpretation).
+    x264's ultrafast preset: at 64x64 the slower presets' analysis costs more than rendering, and its output
+    decodes closer to the rendered frames at the same crf (larger files, no B-frames, CAVLC)."""
+    x = frames.astype(np.float32)
+    y = 16 + x @ np.array([65.481, 128.553, 24.966], np.float32) / 255
+    sub = (x[:, ::2, ::2] + x[:, 1::2, ::2] + x[:, ::2, 1::2] + x[:, 1::2, 1::2]) / 4  # 2x2 chroma average
+    cb = 128 + sub @ np.array([-37.797, -74.203, 112.0], np.float32) / 255
+    cr = 128 + sub @ np.array([112.0, -93.786, -18.214], np.float32) / 255
+    L, H, W = y.shape
+    with av.open(path, "w", format="mp4") as c:
+        s = c.add_stream("libx264", rate=fps, options={"crf": str(crf), "preset": "ultrafast", "threads": "1"})
+        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
+        # one frame refilled in place: x264 copies each input when it is sent, so reuse is safe and cheaper
+        frame = av.VideoFrame(W, H, "yuv420p")
+        planes = [np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, :p.width] for p in frame.planes]
+        for k in range(L):
+            for plane, values in zip(planes, (y[k], cb[k], cr[k])):
+                np.copyto(plane, values + 0.5, casting="unsafe")  # in [16, 240]: no clipping needed
+            frame.pts = k
+            for p in s.encode(frame):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+
+
+def _relpath(split, i, cls, scene):
+    return f"{split}/{MOTIONS[cls]}/{split}_{i:05d}_{SCENES[scene]}.mp4"
+
+
+def _write_chunk(job):
+    root, size, length, sprite, items = job
+    t0 = time.process_time()
+    for split, i, (cls, scene, vseed) in items:
+        frames, _ = render(MOTIONS[cls], scene, vseed, size, length, sprite)
+        _write_mp4(os.path.join(root, _relpath(split, i, cls, scene)), frames)
+    return time.process_time() - t0
+
+
+def make(root, num_videos=800, size=64, length=48, seed=0, workers=1, sprite="video"):
+    """Writes the benchmark (H.264 mp4s, splits/<split>.txt with "path class scene", meta.json) to root, unless
+    a complete copy is there. It is written into root.inprogress-<pid> and renamed into place when complete, so
+    an interrupted generation never leaves a half-written benchmark that would be reused."""
+    if os.path.isfile(os.path.join(root, "meta.json")):
+        return root
+    with utils.file_lock(root + ".lock"):  # processes of one run wait for the first one's generation
+        if os.path.isfile(os.path.join(root, "meta.json")):
+            return root
+        tmp = f"{root}.inprogress-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(os.path.join(tmp, "splits"))
+        items = []
+        for split in SPLITS:
+            split_specs = specs(split, num_videos, seed)
+            with open(os.path.join(tmp, "splits", f"{split}.txt"), "w") as f:
+                for i, (cls, scene, _) in enumerate(split_specs):
+                    f.write(f"{_relpath(split, i, cls, scene)} {cls} {scene}\n")
+            for m in MOTIONS:
+                os.makedirs(os.path.join(tmp, split, m))
+            items += [(split, i, spec) for i, spec in enumerate(split_specs)]
+        chunks = [items[k::workers * 8] for k in range(workers * 8)]
+        t0 = time.time()
+        cpu = utils.parallel_map(_write_chunk, [(tmp, size, length, sprite, c) for c in chunks if c], workers)
+        meta = {"version": VERSION, "num_videos": num_videos, "size": size, "length": length, "seed": seed,
+                "sprite": sprite, "fps": FPS, "motions": MOTIONS, "scenes": SCENES, "match": MATCH,
+                "object_area": OBJECT_AREA, "splits": split_sizes(num_videos), "seconds": round(time.time() - t0, 2),
+                "cpu_seconds": round(sum(cpu), 2), "workers": workers}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        os.rename(tmp, root)
+    return root
+
+
+def ensure(base, num_videos=800, size=64, length=48, seed=0, sprite="video", workers=1):
+    """The root of the benchmark with these parameters under `base`, generated there on first use (its folder
+    name is a hash of the parameters, so benchmarks of other parameters live side by side)."""
+    params = (VERSION, num_videos, size, length, seed, sprite)
+    root = os.path.join(base, "synthetic_" + hashlib.sha1(repr(params).encode()).hexdigest()[:10])
+    return make(root, num_videos, size, length, seed, workers, sprite)
+
+
+def clip(path, indices=None):
+    """Re-renders the video at `path` (a file of a benchmark folder): frames (L, S, S, 3) uint8 and ground-truth
+    object masks (L, S, S) bool, optionally only at frame `indices` (e.g. a clip's)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    with open(os.path.join(root, "meta.json")) as f:
+        meta = json.load(f)
+    split = os.path.basename(os.path.dirname(os.path.dirname(path)))
+    i = int(os.path.basename(path)[len(split) + 1:].split("_")[0])
+    cls, scene, vseed = specs(split, meta["num_videos"], meta["seed"])[i]
+    frames, masks = render(MOTIONS[cls], scene, vseed, meta["size"], meta["length"], meta["sprite"])
+    if indices is not None:
+        frames, masks = frames[indices], masks[indices]
+    return frames, masks
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Write the synthetic background-bias benchmark",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", required=True, help="folder to write the benchmark to")
+    parser.add_argument("--videos", type=int, default=800, help="videos per training split (test splits: half)")
+    parser.add_argument("--size", type=int, default=64, help="frame size (square, even)")
+    parser.add_argument("--length", type=int, default=48, help="frames per video")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed")
+    parser.add_argument("--sprite", default="video", choices=SPRITES, help="object look: drawn per video, or shared")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="writer processes")
+    return parser
+
+
+if __name__ == "__main__":
+    args = get_args_parser().parse_args()
+    root = make(args.out, args.videos, args.size, args.length, args.seed, args.workers, args.sprite)
+    print(f"wrote {root}: " + json.dumps(json.load(open(os.path.join(root, "meta.json")))["splits"]))

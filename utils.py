@@ -1,0 +1,551 @@
+"""Run plumbing the stage scripts share: torchrun setup and ranks, seeding, the lr schedule, atomic checkpoints
+and JSON, the epoch log, mid-epoch checkpoints and preemption, mixed precision, metrics, and the command-line
+flags common to several stages."""
+import argparse
+import concurrent.futures
+import contextlib
+import fcntl
+import functools
+import json
+import math
+import multiprocessing
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import models
+
+EXIT_PREEMPTED = 3  # exit status after a SIGTERM / SIGUSR1 stop: the checkpoint is saved, rerun to resume
+
+
+# ---------------------------------------------------------------------------------------------------------
+# torchrun
+
+
+def init_distributed():
+    """Sets up this process from torchrun's RANK, LOCAL_RANK and WORLD_SIZE (one process without them):
+    nccl on GPUs, gloo on CPUs. Returns the device: cuda:LOCAL_RANK when CUDA is available, else cpu."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # fixed clip size: cuDNN picks its fastest kernels once
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size():
+    """The process count: the process group's, or WORLD_SIZE before it exists (checks before any work)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def reduce_sum(values):
+    """The sum of a small tensor over all processes, as float64 on the CPU."""
+    values = values.double()
+    if get_world_size() > 1:
+        dist.all_reduce(values)
+    return values.cpu()
+
+
+def finish_distributed():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Seeding and the lr schedule
+
+
+def derive_seed(*values):
+    """One 63-bit seed from several integers (e.g. seed, epoch, index), well mixed."""
+    return int(np.random.SeedSequence(list(values)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def seed_everything(seed, epoch, step=0):
+    """Seeds torch (CPU and CUDA), numpy and random from (seed, rank, epoch, step): processes draw differently,
+    and a run resumed at any step draws what the uninterrupted run drew there."""
+    value = derive_seed(seed, get_rank(), epoch, step) % 2 ** 32  # numpy takes 32 bits
+    torch.manual_seed(value)
+    np.random.seed(value)
+    random.seed(value)
+
+
+def learning_rate(epoch, args):
+    """The lr of an epoch: x0.1 at each --schedule milestone, or a half cosine over --epochs with --cos."""
+    if args.cos:
+        return args.lr * 0.5 * (1 + math.cos(math.pi * epoch / args.epochs))
+    return args.lr * 0.1 ** sum(epoch >= milestone for milestone in args.schedule)
+
+
+def adjust_learning_rate(optimizer, epoch, args):
+    """Sets the lr of the epoch (learning_rate) on every parameter group; returns it."""
+    lr = learning_rate(epoch, args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files
+
+
+def git_commit():
+    """The commit the code runs at ("+dirty" with uncommitted changes), or "unknown" outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", here, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def atomic_write(path, write, mode="wb"):
+    """Writes a file so that it is never seen half-written: write(f) fills a temporary file next to `path`,
+    which is flushed to disk and renamed over `path`. A kill at any moment leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if os.name == "posix":  # the rename itself survives a crash once the directory is synced
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save_checkpoint(state, path):
+    """A plain-dict checkpoint (tensors, numbers, strings, lists, dicts: torch.load(weights_only=True) reads it)."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def plain(value):
+    """JSON-safe plain types (what json and torch.load(weights_only=True) accept)."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write(json.dumps(plain(obj), indent=2) + "\n"), mode="w")
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """An exclusive lock across processes, held for the with block (e.g. the processes of one run waiting for the
+    first one to build a dataset index)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def parallel_map(fn, items, workers, progress=None):
+    """[fn(x) for x in items] over `workers` forked processes (in this process for one worker or item), with a
+    progress bar described by `progress` if given."""
+    bar = functools.partial(tqdm, total=len(items), desc=progress, disable=progress is None, mininterval=1.0)
+    if workers <= 1 or len(items) <= 1:
+        return [fn(x) for x in bar(items)]
+    context = multiprocessing.get_context("fork")  # the workers need the modules already imported
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        return list(bar(pool.map(fn, items, chunksize=max(1, min(64, len(items) // (4 * workers))))))
+
+
+class Log:
+    """log.jsonl of a run, one JSON line per finished epoch. Opened at a resume after `epochs` epochs, it drops
+    the lines of later epochs (and a line cut short by a kill), so that every epoch appears once."""
+
+    def __init__(self, path, epochs=0):
+        self.path = Path(path)
+        if is_main_process() and self.path.exists():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line)["epoch"] <= epochs:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    pass
+            atomic_write(self.path, lambda f: f.write("".join(kept)), mode="w")
+
+    def write(self, entry):
+        """Appends one epoch's entry (on the main process) and prints it."""
+        if is_main_process():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+            print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in entry.items()}), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Resuming, mid-epoch checkpoints, preemption
+
+
+def resume_path(args):
+    """The checkpoint a run resumes from: --resume PATH, or with --resume auto <output-dir>/checkpoint.pth when
+    it exists; None for a fresh start."""
+    if args.resume != "auto":
+        if not os.path.isfile(args.resume):
+            sys.exit(f"--resume {args.resume}: no such checkpoint file")
+        return args.resume
+    path = os.path.join(args.output_dir, "checkpoint.pth")
+    return path if os.path.isfile(path) else None
+
+
+def load_resume(path, args, keys):
+    """Loads a checkpoint to resume. Refuses one trained with other values of `keys` (they define the run); other
+    changed settings (e.g. --epochs, --lr) are printed and take effect. Also refuses a checkpoint saved inside an
+    epoch by another number of processes (the position in the epoch would not carry over)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    old = ckpt["args"]
+    refused = [f"--{k.replace('_', '-')} {old.get(k)} (now {getattr(args, k)})" for k in keys
+               if not _same_setting(old.get(k), getattr(args, k))]
+    if refused:
+        sys.exit(f"{path} was trained with other settings: {', '.join(refused)}. Use the same settings to resume, "
+                 f"or another --output-dir for a new run")
+    if ckpt.get("step", 0) and ckpt.get("world_size") != get_world_size():
+        sys.exit(f"{path} was saved inside epoch {ckpt['epoch'] + 1} by {ckpt.get('world_size')} processes; resume "
+                 f"it with that many (this run has {get_world_size()})")
+    ignored = {"resume", "output_dir", "workers"}
+    changed = {k: (v, plain(getattr(args, k, None))) for k, v in old.items()
+               if k not in ignored and k not in keys and plain(getattr(args, k, None)) != v}
+    if is_main_process():
+        where = f"epoch {ckpt['epoch'] + 1}, step {ckpt['step']}" if ckpt.get("step") else f"epoch {ckpt['epoch']}"
+        print(f"resuming from {path} (after {where})"
+              + (f"; settings that differ from the checkpoint's (old, new): {changed}" if changed else ""))
+    return ckpt
+
+
+def resume(args, keys, **state):
+    """Restores a run from its checkpoint (resume_path, load_resume): each `state` object (e.g. model=...,
+    optimizer=...) loads the checkpoint entry of its name. Returns (epochs done, steps done in the next epoch, that
+    epoch's running sums or None, the checkpoint or None for a fresh start)."""
+    path = resume_path(args)
+    if path is None:
+        return 0, 0, None, None
+    ckpt = load_resume(path, args, keys)
+    for name, obj in state.items():
+        obj.load_state_dict(ckpt[name])
+    sums = torch.tensor(ckpt["sums"], dtype=torch.float64) if ckpt["step"] else None
+    return ckpt["epoch"], ckpt["step"], sums, ckpt
+
+
+def _same_setting(a, b):
+    """Equal settings; paths compare by where they point."""
+    a, b = plain(a), plain(b)
+    if isinstance(a, str) and isinstance(b, str) and os.sep in a + b:
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
+
+
+class Checkpointing:
+    """When to save checkpoint.pth inside an epoch: every --save-every-steps steps, every --save-every-minutes,
+    and after the step during which SIGTERM or SIGUSR1 arrived (what SLURM sends before a preemption or the time
+    limit); after such a signal the run stops. Use as a context manager: it installs the signal handlers and
+    puts the previous ones back."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, every_steps=0, every_minutes=0.0):
+        self.every_steps, self.every_seconds = every_steps, 60 * every_minutes
+        self.last_save, self.signal, self.previous = time.monotonic(), None, {}
+
+    def __enter__(self):
+        for sig in self.SIGNALS:
+            self.previous[sig] = signal.signal(sig, self._receive)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _receive(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def check(self, step):
+        """After `step` steps of an epoch: (save now, stop after saving). Every process gets the same answer."""
+        stop = self.signal is not None
+        if get_world_size() > 1:  # a signal seen by any process stops them all, at the same step
+            flag = torch.tensor([float(stop)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        due = bool(self.every_steps and step % self.every_steps == 0)
+        due |= bool(self.every_seconds and time.monotonic() - self.last_save >= self.every_seconds)
+        if stop or due:
+            self.last_save = time.monotonic()
+        return stop or due, stop
+
+    def stop(self, path):
+        """Ends the run after a signal's save (every process), saying how to continue."""
+        if is_main_process():
+            print(f"stopped by {self.signal or 'a signal on another process'}: saved {path}; run the same command "
+                  f"again to resume from it", flush=True)
+        finish_distributed()
+        sys.exit(EXIT_PREEMPTED)
+
+
+def check_finite(loss, epoch, step):
+    """Stops the run on a non-finite loss, before anything of this step is saved."""
+    if not math.isfinite(loss):
+        sys.exit(f"non-finite loss ({loss}) in epoch {epoch + 1}, step {step}: stopping; the last saved checkpoint "
+                 f"is kept as it was. Lower --lr, try --amp off, or check the input data.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Mixed precision
+
+
+def amp_dtype(mode, device):
+    """The autocast dtype of --amp on `device`, or None for float32. auto: bf16 on GPUs that have it, fp16 (with
+    loss scaling) on older ones, float32 on CPU."""
+    if mode == "off" or (mode == "auto" and device.type != "cuda"):
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+def grad_scaler(dtype, device):
+    """Loss scaling for fp16 autocast; a pass-through otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def load_pretrained(model, path):
+    """Loads backbone weights (models.load_backbone refuses another arch's); says so loudly when there are none."""
+    if path is None:
+        if is_main_process():
+            print("=" * 78 + "\nWARNING: no --pretrained given: evaluating a RANDOMLY INITIALISED backbone\n" + "=" * 78)
+        return
+    info = models.load_backbone(model, path)
+    if is_main_process():
+        print(f"loaded {path}; left at init: {info['missing']}; skipped: {len(info['dropped'])} head/classifier "
+              f"and {len(info['unexpected'])} other checkpoint keys")
+
+
+@torch.no_grad()
+def clip_outputs(fn, loader, device):
+    """fn over every clip of a test-mode loader, gathered over the processes in dataset order.
+
+    fn maps uint8 clips (n, 3, T, S, S) on `device` to (n, ...). Returns (V, N, ...) on the CPU for the V videos
+    of N clips each; every video counts once however many processes share the loader.
+    """
+    outputs, index = [], []
+    for batch in tqdm(loader, desc=f"{loader.dataset.name} clips", disable=not is_main_process(), leave=False):
+        b, n = batch["clip"].shape[:2]
+        out = fn(batch["clip"].to(device, non_blocking=True).flatten(0, 1))  # (b * n, ...)
+        outputs.append(out.unflatten(0, (b, n)))
+        index.append(batch["index"])
+    if not outputs:
+        raise RuntimeError(f"this process got no test videos: {len(loader.dataset)} videos for {get_world_size()} "
+                           f"processes")
+    return gather_by_index(torch.cat(outputs), torch.cat(index).to(device), len(loader.dataset)).cpu()
+
+
+def gather_by_index(values, index, total):
+    """All-gathers this process's (n, ...) values with their dataset indices (n,) and returns (total, ...)
+    ordered by index. Call once with everything a process evaluated (counts may differ across ranks).
+    Raises if an index is missing or duplicated, so evaluation is exact for any process count."""
+    index = torch.as_tensor(index, device=values.device).long()
+    world = get_world_size()
+    if world > 1:
+        count = torch.tensor([len(index)], device=values.device)
+        counts = [torch.zeros_like(count) for _ in range(world)]
+        dist.all_gather(counts, count)
+        m = int(max(c.item() for c in counts))
+        pv = values.new_zeros((m, *values.shape[1:]))
+        pv[: len(index)] = values
+        pi = index.new_full((m,), -1)
+        pi[: len(index)] = index
+        gv, gi = [torch.zeros_like(pv) for _ in range(world)], [torch.zeros_like(pi) for _ in range(world)]
+        dist.all_gather(gv, pv.contiguous())
+        dist.all_gather(gi, pi)
+        values = torch.cat([v[: int(c.item())] for v, c in zip(gv, counts)])
+        index = torch.cat([i[: int(c.item())] for i, c in zip(gi, counts)])
+    hits = torch.zeros(total, dtype=torch.long, device=index.device).index_add_(0, index, torch.ones_like(index))
+    if not bool((hits == 1).all()):
+        raise RuntimeError(f"gather_by_index: {int((hits == 0).sum())} indices missing, "
+                           f"{int((hits > 1).sum())} duplicated of {total}")
+    out = values.new_empty((total, *values.shape[1:]))
+    out[index] = values
+    return out
+
+
+def classification_metrics(scores, labels, classes):
+    """Video-level top-1 / top-5 (%) and per-class accuracy from (V, C) scores."""
+    labels = labels.to(scores.device)
+    top = scores.topk(min(5, scores.shape[1]), dim=1).indices  # (V, 5)
+    correct = top[:, 0] == labels
+    per_class = {name: 100.0 * correct[labels == c].float().mean().item()
+                 for c, name in enumerate(classes) if bool((labels == c).any())}
+    return {"top1": 100.0 * correct.float().mean().item(),
+            "top5": 100.0 * (top == labels[:, None]).any(1).float().mean().item(),
+            "mean_class_acc": sum(per_class.values()) / len(per_class), "per_class_acc": per_class,
+            "videos": len(labels)}
+
+
+def eval_splits(args):
+    """The splits an evaluation reports: --test-split, and on the synthetic benchmark also test and test_swapped
+    (their difference is the background-bias gap)."""
+    splits = [args.test_split]
+    if args.dataset == "synthetic":
+        splits += [s for s in ("test", "test_swapped") if s not in splits]
+    return splits
+
+
+def eval_output_dir(args, stage):
+    """--output-dir, by default runs/<stage>_<dataset>_<target>_<train split>_<pretraining run or random_init>."""
+    if args.output_dir is None:
+        tag = "random_init"
+        if args.pretrained:
+            path = Path(args.pretrained)
+            tag = path.parent.name + ("" if path.stem == "checkpoint" else f"_{path.stem}")
+        args.output_dir = str(Path("runs") / f"{stage}_{args.dataset}_{args.target}_{args.train_split}_{tag}")
+    os.makedirs(args.output_dir, exist_ok=True)
+    return Path(args.output_dir)
+
+
+def write_results(args, results, **extra):
+    """Writes <output-dir>/results.json: the metrics of each evaluated split, the background-bias gap when both
+    synthetic test splits were evaluated, extra entries as given, and the settings."""
+    if not is_main_process():
+        return
+    key = "R@1" if "R@1" in next(iter(results.values())) else "top1"
+    out = {"pretrained": args.pretrained, "splits": results, **extra, "args": vars(args)}
+    if "test" in results and "test_swapped" in results:
+        out["bias_gap"] = results["test"][key] - results["test_swapped"][key]  # percentage points
+    for split, metrics in results.items():
+        print(f"{split}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
+    if "bias_gap" in out:
+        print(f"background-bias gap ({key}, test - test_swapped): {out['bias_gap']:.2f} points")
+    path = Path(args.output_dir) / "results.json"
+    write_json(path, out)
+    print(f"wrote {path}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command lines
+
+
+class Parser(argparse.ArgumentParser):
+    """A stage's command line: its defaults are the paper's, and `presets` holds the defaults that change with
+    --dataset (e.g. the CPU-sized settings of the synthetic benchmark, the default when --data is omitted).
+    After parsing, --dataset is set and an unset --schedule is the paper's milestones scaled to --epochs."""
+
+    def __init__(self, description, presets=None, paper_schedule=None, **kwargs):
+        self.presets, self.paper_schedule = presets or {}, paper_schedule  # paper_schedule: (epochs, milestones)
+        lines = [f"  --dataset {name}: " + " ".join(f"--{k.replace('_', '-')} {_shown(v)}" for k, v in p.items())
+                 for name, p in self.presets.items()]
+        epilog = "defaults that depend on --dataset:\n" + "\n".join(lines) if lines else None
+        super().__init__(description=description, epilog=epilog, formatter_class=_HelpFormatter, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        first, _ = super().parse_known_args(args, None)
+        dataset = first.dataset
+        if dataset is None:
+            if first.data is not None:
+                self.error("--dataset is required with --data (ucf101, hmdb51, k400, diving48, folder or synthetic)")
+            dataset = "synthetic"
+        preset = self.presets.get(dataset, {})
+        saved = {k: self.get_default(k) for k in preset}
+        self.set_defaults(**preset)
+        try:
+            args, rest = super().parse_known_args(args, namespace)
+        finally:
+            self.set_defaults(**saved)
+        args.dataset = dataset
+        if self.paper_schedule and args.schedule is None:
+            epochs, milestones = self.paper_schedule
+            args.schedule = [round(m * args.epochs / epochs) for m in milestones]
+        elif self.paper_schedule and args.cos:
+            raise SystemExit(f"{self.prog}: error: --cos and --schedule exclude each other: drop one")
+        return args, rest
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every flag's default, and the epilog's lines as written."""
+
+
+def _shown(value):
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def add_run_args(parser, arch="r2plus1d_18", batch_size=64):
+    """Flags of every stage: backbone, batch, seed, output folder, mixed precision."""
+    parser.add_argument("--arch", default=arch, choices=sorted(models.ARCHS), help="backbone")
+    parser.add_argument("--batch-size", type=int, default=batch_size,
+                        help="global batch size (clips; pretraining: videos), divided over the processes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and augmentation")
+    parser.add_argument("--output-dir", default=None,
+                        help="checkpoints, log.jsonl and results (default: runs/<stage>_<settings>)")
+    parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                        help="autocast dtype; auto: bf16 on GPUs that have it, fp16 with loss scaling on older ones, "
+                             "float32 on CPU")
+
+
+def add_training_args(parser, epochs, milestones, lr, momentum, wd):
+    """Flags of the stages that train: SGD, the schedule, resuming and mid-epoch checkpoints."""
+    parser.add_argument("--epochs", type=int, default=epochs, help="training epochs")
+    parser.add_argument("--lr", type=float, default=lr, help="initial SGD learning rate (for the global batch)")
+    parser.add_argument("--momentum", type=float, default=momentum, help="SGD momentum")
+    parser.add_argument("--wd", type=float, default=wd, help="weight decay")
+    parser.add_argument("--schedule", type=int, nargs="+", default=None,
+                        help=f"epochs at which the lr is multiplied by 0.1 (default: the paper's "
+                             f"{' '.join(map(str, milestones))} of {epochs} epochs, scaled to --epochs)")
+    parser.add_argument("--cos", action="store_true", help="half-cosine lr decay over --epochs instead of --schedule")
+    parser.add_argument("--resume", default="auto", metavar="PATH",
+                        help="checkpoint to resume from; auto: <output-dir>/checkpoint.pth when it exists")
+    parser.add_argument("--save-every-steps", type=int, default=0, metavar="N",
+                        help="also save checkpoint.pth every N steps inside an epoch (0: only at epoch ends)")
+    parser.add_argument("--save-every-minutes", type=float, default=30.0, metavar="M",
+                        help="also save checkpoint.pth inside an epoch once M minutes passed since the last save "
+                             "(0: never); SIGTERM/SIGUSR1 always save and stop")
+
+
+def add_eval_args(parser):
+    """Flags of the three evaluation protocols (finetune, linear probe, retrieval)."""
+    parser.add_argument("--pretrained", default=None, metavar="PATH",
+                        help="our pretrain checkpoint, the authors' MoCo checkpoint or a backbone state dict; "
+                             "none: a randomly initialised backbone")
+    parser.add_argument("--train-split", default="train",
+                        help="labelled split to train on (retrieve.py: the gallery); synthetic also has "
+                             "balanced_train")
+    parser.add_argument("--test-split", default="test",
+                        help="split to test on (retrieve.py: the queries); synthetic also has test_swapped, "
+                             "balanced_test")
+    parser.add_argument("--target", default="action", choices=("action", "scene"),
+                        help="label to predict; scene: the synthetic benchmark's background family")
+    parser.add_argument("--clips", type=int, default=10, help="uniformly spaced clips per test video (paper: 10)")
