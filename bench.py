@@ -10,6 +10,7 @@ Times are medians of interleaved repeats; on CPU they move with whatever else th
 prints the load average it saw.
 """
 import argparse
+import functools
 import os
 import resource
 import shutil
@@ -303,7 +304,7 @@ def bench_pretrain(args):
     dataset = data.build_dataset(pargs, "train", "pretrain")
     loader = data.build_loader(dataset, pargs.batch_size, pargs, train=True, seed=pargs.seed)
     K = pretrain.queue_size(pargs.moco_k, pargs.batch_size, len(loader) * pargs.batch_size)
-    model = models.MoCo(lambda: models.build_backbone(pargs.arch), dim=pargs.moco_dim, K=K, m=pargs.moco_m,
+    model = models.MoCo(functools.partial(models.build_backbone, pargs.arch), dim=pargs.moco_dim, K=K, m=pargs.moco_m,
                         T=pargs.moco_t).to(device).train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=pargs.lr, momentum=0.9)
     amp = utils.amp_dtype(pargs.amp, device)
@@ -323,7 +324,7 @@ def bench_pretrain(args):
         if op is not None:
             q = op(q)
         t = _book(parts, "fame", t, device)
-        q, k = data.augment(q, "pretrain"), data.augment(k, "pretrain")
+        q, k = data.augment(q), data.augment(k)
         t = _book(parts, "augment", t, device)
         pretrain.train_step(model, q, k, optimizer, scaler, amp)
         _book(parts, "encoders", t, device)

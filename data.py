@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from av.video.reformatter import VideoReformatter
 from tqdm import tqdm
 
+import fame
 import utils
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
@@ -58,6 +59,7 @@ LAYOUTS = {
 SPLIT_DATASETS = ("ucf101", "hmdb51")  # the datasets with official splits (--split)
 INDEX_VERSION = 1
 MAX_RETRIES = 10
+MIN_CROP_SCALE = 0.2  # RandomResizedCrop's area share is in [0.2, 1] (A.2)
 DECODE_THREADS_MIN_PIXELS = 640 * 480  # below this, frame threading costs more than it gains
 SYNTHETIC_FLAGS = {"synthetic_videos": 800, "synthetic_size": 64, "synthetic_length": 48, "synthetic_seed": 0,
                    "synthetic_sprite": "video"}
@@ -402,9 +404,10 @@ def synthetic_root(args):
 def decode_frames(path, indices, info, short_side=None, counter=None):
     """RGB uint8 frames (len(indices), H, W, 3) at the given frame indices (any order, repeats allowed).
     Seeks to the keyframe before each needed run only when that skips frames; converts only the frames that
-    are used. Frames whose short side exceeds 2 * short_side are downscaled to short_side right away (bounded
-    memory for HD/4K sources); smaller ones keep their size, as scaling in swscale costs about 3x the colour
-    conversion and the loader's one crop+resize does it anyway. counter["decoded"] counts decoded frames.
+    are used. short_side: a number, or a function of the frame's (width, height); frames whose short side
+    exceeds twice it are downscaled to it right away (bounded memory for HD/4K sources), smaller ones keep their
+    size, as scaling in swscale costs about 3x the colour conversion and the loader's one crop and resize does it
+    anyway. counter["decoded"] counts decoded frames.
 
     In a loader worker, decoding and colour conversion use one thread (the workers are the parallelism);
     elsewhere FFmpeg picks the thread count."""
@@ -464,6 +467,8 @@ def decode_frames(path, indices, info, short_side=None, counter=None):
 
 
 def _target_size(w, h, short_side):
+    if callable(short_side):
+        short_side = short_side(w, h)
     if short_side is None or min(w, h) <= 2 * short_side:
         return w, h
     r = short_side / min(w, h)
@@ -501,7 +506,7 @@ def clip_indices(start, num_frames, frames, stride):
     return [min(start + k * stride, num_frames - 1) for k in range(frames)]
 
 
-def random_resized_crop_box(h, w, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
+def random_resized_crop_box(h, w, scale=(MIN_CROP_SCALE, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
     """(top, left, height, width) of a RandomResizedCrop box; centre crop after 10 failed draws."""
     area = h * w
     for _ in range(10):
@@ -520,10 +525,20 @@ def random_resized_crop_box(h, w, scale=(0.2, 1.0), ratio=(3 / 4, 4 / 3), genera
     return (h - ch) // 2, (w - cw) // 2, ch, cw
 
 
-def center_crop_box(h, w, crop):
-    """Box that equals resizing the short side to round(crop*8/7) and centre cropping crop x crop."""
-    side = max(1, min(round(min(h, w) * crop / round(crop * 8 / 7)), h, w))
+def center_crop_box(h, w, crop, resize=True):
+    """The centred square box of the test-time crop. resize: the box that equals resizing the short side to
+    round(crop * 8 / 7) and cropping crop x crop (the paper's "crop and resize"); else crop x crop pixels of the
+    frame as it is (the authors' eval.py), or its short side when that is smaller."""
+    side = round(min(h, w) * crop / round(crop * 8 / 7)) if resize else crop
+    side = max(1, min(side, h, w))
     return (h - side) // 2, (w - side) // 2, side, side
+
+
+def training_short_side(crop):
+    """Short side, for frames of width w and height h, below which a training frame is never shrunk: the one at
+    which the smallest RandomResizedCrop box (area share MIN_CROP_SCALE, aspect 3/4) still has `crop` pixels on
+    its short side, so that no crop is upsampled (about 2.24 x crop for 4:3 frames, 1.94 x for 16:9)."""
+    return lambda w, h: math.ceil(crop / math.sqrt(MIN_CROP_SCALE * 3 / 4 * max(w, h) / min(w, h)))
 
 
 def crop_resize(frames, box, size, flip=False):
@@ -540,12 +555,14 @@ def crop_resize(frames, box, size, flip=False):
 
 class VideoDataset(torch.utils.data.Dataset):
     """Indexed videos, sampled per mode. An item is a dict: pretrain {"q", "k"}: two clips (3, T, S, S) uint8 of
-    one video at different times; train {"clip", "label"}: one random clip; test {"clip": (N, 3, T, S, S),
-    "label"}: N uniformly spaced centre-cropped clips; all with "index" (the requested video) and "failed"
-    (videos replaced because they failed to decode)."""
+    one video at different times, each with its own random crop and flip (with background_clip, also "bg": a
+    third clip at a third time, the intra-video background of Table 3); train {"clip", "label"}: one random clip;
+    test {"clip": (N, 3, T, S, S), "label"}: N uniformly spaced centre-cropped clips (test_crop: "resize" or
+    "center", see center_crop_box); all with "index" (the requested video) and "failed" (videos replaced
+    because they failed to decode)."""
 
     def __init__(self, root, rel_paths, labels, classes, infos, mode, frames, stride, crop, clips=10,
-                 scenes=None, name=""):
+                 scenes=None, name="", test_crop="resize", background_clip=False):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.root, self.name, self.mode = root, name, mode
@@ -557,7 +574,11 @@ class VideoDataset(torch.utils.data.Dataset):
         self.infos = infos
         self.num_frames = [info["frames"] for info in infos]
         self.frames, self.stride, self.crop, self.clips = frames, stride, crop, clips
-        self.short_side = round(crop * 8 / 7)
+        self.test_crop, self.background_clip = test_crop, background_clip
+        if mode != "test":
+            self.short_side = training_short_side(crop)
+        else:  # a raw centre crop needs the frames as they are
+            self.short_side = round(crop * 8 / 7) if test_crop == "resize" else None
         self.counter = {}
 
     def __len__(self):
@@ -569,9 +590,7 @@ class VideoDataset(torch.utils.data.Dataset):
         stride, span = clip_layout(n, self.frames, self.stride)
         last = max(0, n - span)
         if self.mode == "pretrain":
-            a = _randint(0, last, generator)
-            b = _randint(0, last - 1, generator) if last > 0 else 0
-            return [a, b + (b >= a and last > 0)], stride  # two different start times when possible
+            return _distinct_starts(last, 3 if self.background_clip else 2, generator), stride
         if self.mode == "train":
             return [_randint(0, last, generator)], stride
         return [round(last * k / max(1, self.clips - 1)) for k in range(self.clips)], stride
@@ -584,13 +603,13 @@ class VideoDataset(torch.utils.data.Dataset):
         frames = frames.reshape(len(starts), self.frames, *frames.shape[1:])  # (N, T, H, W, 3)
         h, w = frames.shape[2:4]
         if self.mode == "test":
-            box = center_crop_box(h, w, self.crop)
+            box = center_crop_box(h, w, self.crop, resize=self.test_crop == "resize")
             return {"clip": torch.stack([crop_resize(f, box, self.crop) for f in frames]),
                     "label": int(self.labels[i])}  # (N, 3, T, S, S)
         clips = [crop_resize(f, random_resized_crop_box(h, w, generator=generator), self.crop,
                              _uniform(0, 1, generator) < 0.5) for f in frames]
         if self.mode == "pretrain":
-            return {"q": clips[0], "k": clips[1]}
+            return dict(zip(("q", "k", "bg"), clips))
         return {"clip": clips[0], "label": int(self.labels[i])}
 
     def __getitem__(self, key):
@@ -615,7 +634,21 @@ class VideoDataset(torch.utils.data.Dataset):
         return item
 
 
-def build_dataset(args, split, mode):
+def _distinct_starts(last, n, generator=None):
+    """n random start frames in [0, last], all different when the video allows it (last + 1 >= n)."""
+    starts = []
+    for _ in range(n):
+        if len(starts) > last:
+            starts.append(_randint(0, last, generator))
+            continue
+        s = _randint(0, last - len(starts), generator)
+        for taken in sorted(starts):  # the s-th value not taken yet
+            s += s >= taken
+        starts.append(s)
+    return starts
+
+
+def build_dataset(args, split, mode, background_clip=False):
     """VideoDataset of `split` ("train" / "test"; synthetic also "test_swapped", "balanced_train",
     "balanced_test") in `mode` (MODES). Unreadable videos are warned about once and left out."""
     root, rel, labels, classes, scenes, infos = index_split(args, split)
@@ -633,7 +666,8 @@ def build_dataset(args, split, mode):
         labels, classes = scenes, list(synthetic.SCENES)
     return VideoDataset(root, [rel[k] for k in ok], [labels[k] for k in ok], classes, [infos[k] for k in ok],
                         mode, args.frames, args.stride, args.crop, getattr(args, "clips", 1),
-                        None if scenes is None else [scenes[k] for k in ok], name=f"{args.dataset}/{split}")
+                        None if scenes is None else [scenes[k] for k in ok], name=f"{args.dataset}/{split}",
+                        test_crop=getattr(args, "test_crop", "resize"), background_clip=background_clip)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -699,10 +733,7 @@ def build_test_loader(dataset, args):
 # ----------------------------------------------------------------------------------------------------------
 # Device-side batched augmentation (A.2): one parameter draw per clip, applied to all its frames
 
-PRESETS = {  # probabilities; 0 disables
-    "pretrain": {"jitter": 0.8, "gray": 0.2, "blur": 0.5},
-    "finetune": {"jitter": 0.8, "gray": 0.2, "blur": 0.0},
-}
+AUGMENTATION = {"gray": 0.2, "jitter": 0.8, "blur": 0.5}  # probabilities of A.2's basic augmentation
 JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
 BLUR_SIGMA = (0.1, 2.0)
 _RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
@@ -722,14 +753,52 @@ def normalize(clips):
     return (clips - mean) / std
 
 
+def augment(clips, generator=None):
+    """A.2's basic augmentation, the same for all frames of a clip, then normalization: (B, 3, T, H, W) uint8 or
+    float in [0, 1] -> normalized float clips on the same device. RandomGrayscale (p 0.2), then ColorJitter
+    (p 0.8), then GaussianBlur (p 0.5), in the authors' order; the loader did the crop and flip. Every parameter
+    is drawn per clip, from `generator` (else torch's global RNG)."""
+    x = _unit_float(clips)
+    return normalize(apply_augmentation(x, augmentation_params(len(x), generator, x.device)))
+
+
+def augmentation_params(B, generator=None, device=None):
+    """Per-clip parameters of augment() (B,) each, the identity where an augmentation is not drawn, and the order
+    of the four jitter operations (one random order per batch, as kornia's ColorJitter draws it)."""
+    draw_device = generator.device if generator is not None else device
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=generator, device=draw_device).to(device)
+
+    gray = rand(B) < AUGMENTATION["gray"]
+    jitter = (rand(B) < AUGMENTATION["jitter"]).float()
+    brightness, contrast, saturation = ((1 + (2 * rand(B) - 1) * f) * jitter + (1 - jitter) for f in JITTER[:3])
+    hue = (2 * rand(B) - 1) * JITTER[3] * jitter
+    order = torch.randperm(4, generator=generator, device=draw_device).tolist()
+    blur = rand(B) < AUGMENTATION["blur"]
+    sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * rand(B)
+    return {"gray": gray, "brightness": brightness, "contrast": contrast, "saturation": saturation, "hue": hue,
+            "order": order, "blur": blur, "sigma": sigma}
+
+
+def apply_augmentation(x, p):
+    """augment() with given parameters (augmentation_params) on float clips in [0, 1], before normalization."""
+    x = torch.where(p["gray"].view(-1, 1, 1, 1, 1), _gray(x).expand_as(x), x)
+    x = color_jitter(x, p["brightness"], p["contrast"], p["saturation"], p["hue"], p["order"])
+    if bool(p["blur"].any()):
+        x = x.clone()
+        x[p["blur"]] = gaussian_blur(x[p["blur"]], p["sigma"][p["blur"]])
+    return x
+
+
 def _gray(x):
     w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1, 1)
-    return (x * w).sum(1, keepdim=True)  # (B,1,T,H,W)
+    return (x * w).sum(1, keepdim=True)  # (B, 1, T, H, W)
 
 
 def _hue_matrices(h):
-    """(B,3,3) RGB->RGB hue rotations by h turns: rotation of the chroma plane of YIQ (a linear stand-in for an
-    HSV hue shift, so all clips are done in one batched matmul)."""
+    """(B, 3, 3) RGB -> RGB hue rotations by h turns: a rotation of the chroma plane of YIQ (a linear stand-in for
+    kornia's HSV hue shift, so that all clips take one batched matmul)."""
     a = 2 * math.pi * h.double()
     rot = torch.zeros(len(h), 3, 3, dtype=torch.float64, device=h.device)
     rot[:, 0, 0] = 1
@@ -738,61 +807,39 @@ def _hue_matrices(h):
     return torch.linalg.inv(yiq) @ rot @ yiq
 
 
-def color_jitter(x, b, c, s, h):
-    """Brightness, contrast, saturation, hue, in this fixed order, with per-clip factors (B,) (identity:
-    1, 1, 1, 0). Contrast blends towards the clip's mean grey over all frames, so it is constant in time."""
+def color_jitter(x, b, c, s, h, order=(0, 1, 2, 3)):
+    """Brightness, contrast, saturation and hue, applied in `order` (0-3 in that list), with per-clip factors (B,)
+    (identity: 1, 1, 1, 0); each result is clamped to [0, 1]. Contrast blends towards the clip's mean grey over
+    all frames, so that it is constant in time."""
     v = (-1, 1, 1, 1, 1)
-    x = (x * b.view(v)).clamp_(0, 1)
-    m = _gray(x).mean(dim=(1, 2, 3, 4), keepdim=True)
-    x = (c.view(v) * x + (1 - c.view(v)) * m).clamp_(0, 1)
-    x = (s.view(v) * x + (1 - s.view(v)) * _gray(x)).clamp_(0, 1)
-    return torch.einsum("bij,bjthw->bithw", _hue_matrices(h).to(x.dtype), x).clamp_(0, 1)
+
+    def contrast(x):
+        m = _gray(x).mean(dim=(1, 2, 3, 4), keepdim=True)
+        return c.view(v) * x + (1 - c.view(v)) * m
+
+    ops = (lambda x: x * b.view(v), contrast, lambda x: s.view(v) * x + (1 - s.view(v)) * _gray(x),
+           lambda x: torch.einsum("bij,bjthw->bithw", _hue_matrices(h).to(x.dtype), x))
+    for k in order:
+        x = ops[k](x).clamp_(0, 1)
+    return x
 
 
 def gaussian_blur(x, sigma):
-    """Separable Gaussian blur of (B,C,T,H,W) with per-clip sigma (B,) via grouped convolutions; kernel size 23
-    at 224 pixels (A.2), scaled with the frame size (13 at 112, 5 at 32)."""
+    """Separable Gaussian blur of (B, C, T, H, W) with a per-clip sigma (B,), by grouped convolutions with a
+    reflected border. The kernel size follows the authors' moco/loader.py (Augment_GPU_pre): int(0.1 * crop) // 2
+    * 2 + 1, i.e. 11 at 112 px and 23 at 224 (the paper's "radius 23"), as FAME's smoothing."""
     B, C, T, H, W = x.shape
-    r = max(1, min(round(11 * min(H, W) / 224), min(H, W) - 1))
+    r = min(fame.gaussian_kernel_size(min(H, W)) // 2, min(H, W) - 1)
+    if r == 0:
+        return x
     k = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
     w = torch.exp(-(k[None] ** 2) / (2 * sigma.to(x.dtype)[:, None] ** 2))
-    w = (w / w.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B*C, 2r+1)
+    w = (w / w.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B * C, 2r + 1)
     y = F.pad(x.reshape(1, B * C, T * H, W), (r, r, 0, 0), mode="reflect")
     y = F.conv2d(y, w.view(B * C, 1, 1, -1), groups=B * C).view(B, C, T, H, W)  # along W
     y = F.pad(y.transpose(3, 4).reshape(1, B * C, T * W, H), (r, r, 0, 0), mode="reflect")
     y = F.conv2d(y, w.view(B * C, 1, 1, -1), groups=B * C).view(B, C, T, W, H)  # along H
     return y.transpose(3, 4)
-
-
-def augment(clips, preset="pretrain", generator=None):
-    """(B, 3, T, H, W) uint8 clips, or float in [0, 1] -> colour-augmented, Kinetics-normalized float clips on
-    the same device, each clip's parameters drawn once for all its frames (from `generator`, else torch's global
-    RNG). Order: ColorJitter (p=0.8), RandomGrayscale (p=0.2), GaussianBlur (p=0.5), normalize; the probabilities
-    of each preset are in PRESETS."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
-    clips = _unit_float(clips)
-    p, B = PRESETS[preset], clips.shape[0]
-    dev = generator.device if generator is not None else clips.device
-
-    def rand(n=B):
-        return torch.rand(n, generator=generator, device=dev).to(clips.device)
-
-    x = clips
-    if p["jitter"]:
-        on = (rand() < p["jitter"]).to(x.dtype)
-        b, c, s = ((1 + (2 * rand() - 1) * f) * on + (1 - on) for f in JITTER[:3])
-        h = (2 * rand() - 1) * JITTER[3] * on
-        x = color_jitter(x, b, c, s, h)
-    if p["gray"]:
-        on = (rand() < p["gray"]).view(-1, 1, 1, 1, 1)
-        x = torch.where(on, _gray(x).expand_as(x), x)
-    if p["blur"]:
-        on, sigma = rand() < p["blur"], BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * rand()
-        if bool(on.any()):
-            x = x.clone() if x is clips else x
-            x[on] = gaussian_blur(x[on], sigma[on])
-    return normalize(x)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 METHODS = ("fame", "seed", "grid", "gauss")
 FOREGROUND_SHARE = 0.5  # N^(F) = [0.5 H W] pixels with the largest S
 BACKGROUND_SHARE = 0.1  # N^(B) = [0.1 H W] pixels with the smallest S
-LEVELS = 10  # quantization levels of each colour coordinate: 10^3 colours (the authors' moco/loader.py)
+LEVELS = 10  # levels of each colour coordinate, 10^3 colours: the authors' moco/loader.py, FAME.getSeg (dimH, dimS, dimV)
 GRID = 4  # the "grid" variant splits the frame into GRID x GRID cells
 # clip_statistics() converts this many bytes of clips to float32 at a time: on CPU one 112 px clip (4 MiB) keeps
 # the frame differences in cache, several times faster than one pass over a batch (`python bench.py fame --parts`).
@@ -71,13 +71,15 @@ def seed_region(clips):
 
 
 def gaussian_kernel_size(H):
-    """Odd Gaussian size for frames of height H: 11 at 112, 23 at 224 (the authors' int(0.1 * crop) // 2 * 2 + 1)."""
+    """Odd Gaussian size for frames of height H: 11 at 112, 23 at 224. The paper gives none; this is the authors'
+    moco/loader.py, FAME.__init__: gauss_size = int(0.1 * crop_size) // 2 * 2 + 1."""
     return int(0.1 * H) // 2 * 2 + 1
 
 
 def smooth(maps):
-    """Gaussian smoothing of (B, H, W) maps: size gaussian_kernel_size(H) in both directions, sigma size / 3,
-    reflected border (kornia's GaussianBlur2d defaults, which the authors' code uses). -> (B, H, W)
+    """Gaussian smoothing of (B, H, W) maps: size gaussian_kernel_size(H) in both directions, sigma size / 3 and a
+    reflected border, as the authors' kornia.filters.GaussianBlur2d((size, size), (size / 3, size / 3)), which
+    their FAME.getmask applies to S and FAME.getSeg to M (the paper smooths neither). -> (B, H, W)
 
     Computed as A_H @ maps @ A_W^T with banded Gaussian matrices: on CPU about 15x faster than a one-channel
     conv2d (`python bench.py fame --parts`).
@@ -130,7 +132,8 @@ def colour_mask(S, image):
 
     S: (B, H, W) smoothed seed region; image: (B, 3, H, W) mean image -> M: (B, H, W) in [0, 1].
     P(x | F) counts the colours of the [0.5 H W] pixels with the largest S, P(x | B) those of the [0.1 H W]
-    with the smallest; P(x | B) is add-one smoothed, as in the authors' code, so that M is defined everywhere.
+    with the smallest; P(x | B) is add-one smoothed (the authors' FAME.getSeg: dict_bg + 1), so that M is
+    defined everywhere.
     """
     B, H, W = S.shape
     x = colour_bins(image).flatten(1)  # (B, HW): the colour of each pixel

@@ -110,7 +110,7 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args, checkpointing
     last = time.perf_counter()
     for batch in bar:
         utils.seed_everything(args.seed, epoch, step)  # this step's colour augmentation and dropout
-        x = data.augment(batch["clip"].to(device, non_blocking=True), "finetune")  # (B, 3, T, S, S)
+        x = data.augment(batch["clip"].to(device, non_blocking=True))  # (B, 3, T, S, S)
         y = batch["label"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(x)  # (B, num_classes)

@@ -193,7 +193,7 @@ class I3D(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool3d(1)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(1024, num_classes)
-        _init_weights(self)
+        # PyTorch's default initialization, as the authors' backbone/i3d.py (their R(2+1)D has _init_weights)
 
     def last_conv_features(self, x):
         for name, mod in self.named_children():
@@ -314,11 +314,6 @@ def _concat_all_gather(x):
     return torch.cat(out)
 
 
-def _projection_head(D, dim):
-    """MoCo v2's 2-layer MLP projection head (paper A.1): D -> D -> dim."""
-    return nn.Sequential(nn.Linear(D, D), nn.ReLU(inplace=True), nn.Linear(D, dim))
-
-
 @torch.no_grad()
 def key_similarity(queue):
     """Mean cosine similarity between two different keys of a MoCo queue (dim, K) of unit vectors: near 0 when the
@@ -333,7 +328,13 @@ class MoCo(nn.Module):
     """Query/key encoders, projection heads, and the queue of K negative keys.
 
     forward(im_q, im_k) -> (logits (2B, 1+K), labels (2B,) zeros): both clips of a pair act once as query and once
-    as key; `F.cross_entropy(logits, labels)` is the InfoNCE loss of Eq. (1) averaged over both directions.
+    as key ("we also swap the key/queue samples", A.1); `F.cross_entropy(logits, labels)` is the InfoNCE loss of
+    Eq. (1) averaged over both directions. Both directions meet the queue as it was before the step. (The
+    authors' moco/builder.py runs the second direction after the first has enqueued its keys, so that the second
+    query finds the key of its own clip among its negatives; README, "Where we differ".)
+
+    backbone_fn(num_classes=dim) builds an encoder; its classifier becomes the head's last layer, initialized as
+    the backbone initializes its classifier (as the authors' builder does).
     """
 
     # Single process: the shuffled key batch goes through the key encoder in this many sub-batches, so its
@@ -343,12 +344,13 @@ class MoCo(nn.Module):
     def __init__(self, backbone_fn, dim=128, K=65536, m=0.999, T=0.1):
         super().__init__()
         self.K, self.m, self.T = K, m, T
-        self.encoder_q, self.encoder_k = backbone_fn(), backbone_fn()
-        # The classifier is unused in pretraining; removing it keeps DDP free of parameters without gradients.
+        self.encoder_q, self.encoder_k = backbone_fn(num_classes=dim), backbone_fn(num_classes=dim)
+        D = self.encoder_q.feature_dim
+        self.head_q = nn.Sequential(nn.Linear(D, D), nn.ReLU(inplace=True), self.encoder_q.fc)  # A.1: a 2-layer MLP
+        self.head_k = nn.Sequential(nn.Linear(D, D), nn.ReLU(inplace=True), self.encoder_k.fc)
+        # The encoders end at the pooled feature; their classifiers are the heads' last layers.
         self.encoder_q.fc = nn.Identity()
         self.encoder_k.fc = nn.Identity()
-        D = self.encoder_q.feature_dim
-        self.head_q, self.head_k = _projection_head(D, dim), _projection_head(D, dim)
         self.encoder_k.load_state_dict(self.encoder_q.state_dict())
         self.head_k.load_state_dict(self.head_q.state_dict())
         for p in self._key_params():

@@ -17,6 +17,7 @@ Outputs in --output-dir: checkpoint.pth (written atomically at every epoch end, 
 and after SIGTERM/SIGUSR1; rerunning the same command resumes from it, inside an epoch too), checkpoint_NNNN.pth
 every --save-every epochs, log.jsonl (one line per epoch), args.json.
 """
+import functools
 import os
 import time
 from pathlib import Path
@@ -54,7 +55,8 @@ def get_args_parser():
     g.add_argument("--fame-method", default="fame", choices=fame.METHODS,
                    help="foreground mask: the paper's, or the variants of Table 4")
     g.add_argument("--background", default="inter", choices=("inter", "intra"),
-                   help="inter: the background of another video of the batch; intra: of the same video (Table 3)")
+                   help="inter: the background of another video of the batch; intra: of a third clip of the same "
+                        "video, at another time (Table 3)")
     g.add_argument("--fame-branches", default="one", choices=("one", "both"),
                    help="FAME on the query clip only, or on both clips (Table 1)")
     g = parser.add_argument_group("MoCo")
@@ -82,7 +84,8 @@ def main(args):
     out.mkdir(parents=True, exist_ok=True)
     commit = utils.git_commit()
 
-    dataset = data.build_dataset(args, "train", "pretrain")
+    intra = args.background == "intra" and args.beta < 1  # a third clip per video for the intra background
+    dataset = data.build_dataset(args, "train", "pretrain", background_clip=intra)
     loader = data.build_loader(dataset, args.batch_size // world, args, train=True, seed=args.seed)
     K = queue_size(args.moco_k, args.batch_size, len(loader) * args.batch_size)
     if K != args.moco_k and utils.is_main_process():
@@ -95,7 +98,7 @@ def main(args):
         print("\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
 
     torch.manual_seed(args.seed)  # the same initial weights and queue on every process
-    model = models.MoCo(lambda: models.build_backbone(args.arch), dim=args.moco_dim, K=K, m=args.moco_m,
+    model = models.MoCo(functools.partial(models.build_backbone, args.arch), dim=args.moco_dim, K=K, m=args.moco_m,
                         T=args.moco_t).to(device)
     ddp_model = model
     if world > 1:  # the queue agrees on every process by construction (all-gathered keys): no buffer broadcasts
@@ -174,12 +177,12 @@ def fame_views(batch, fame_op, args, device):
     q = batch["q"].to(device, non_blocking=True)
     k = batch["k"].to(device, non_blocking=True)
     if fame_op is not None:  # on uint8, before the float conversion: a quarter of the bytes to merge
-        intra = args.background == "intra"  # the background of the other clip of the same video (Table 3)
-        q_merged = fame_op(q, background=k if intra else None)  # Eq. (4); None: other clips of the batch
+        # intra (Table 3): a third clip of the same video at another time; inter: other clips of the batch
+        background = batch["bg"].to(device, non_blocking=True) if args.background == "intra" else None
+        q = fame_op(q, background=background)  # Eq. (4)
         if args.fame_branches == "both":
-            k = fame_op(k, background=q if intra else None)
-        q = q_merged
-    return data.augment(q, "pretrain"), data.augment(k, "pretrain")
+            k = fame_op(k, background=background)
+    return data.augment(q), data.augment(k)
 
 
 def train_step(model, q, k, optimizer, scaler, amp):

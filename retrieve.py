@@ -6,11 +6,12 @@ Reproduces the paper's retrieval protocol (Table 6) on UCF101 split 1:
         --pretrained runs/pretrain_k400_r2plus1d_18_beta0.5_seed0/checkpoint.pth \
         --clips 10 --visualize 8
 
-No training. A video's feature is the mean over --clips uniformly sampled centre-cropped clips of the pooled
-backbone feature (before any projection head). Queries are the --test-split videos, the gallery the
---train-split videos. As in the authors' protocol, each set's own mean feature is subtracted, features are
-L2-normalized and compared by cosine similarity; a query is a hit at k if any of its k nearest gallery videos
-has its label. Reports R@1, 5, 10, 20, 50 (k larger than the gallery is clipped to the gallery size).
+No training. A video's feature is the mean over --clips uniformly spaced centre-cropped clips of the
+L2-normalized pooled backbone feature (before any projection head; the paper: "we average ten uniformly
+sampled clips"). Queries are the --test-split videos, the gallery the --train-split videos. As in the authors'
+main_retrieve.py, the clip features are L2-normalized before the average, each set's own mean feature is
+subtracted, and the features are L2-normalized again and compared by cosine similarity; a query is a hit at
+k if any of its k nearest gallery videos has its label. Reports R@1, 5, 10, 20, 50 (k larger than the gallery is clipped to the gallery size).
 `--visualize N` writes retrieval.png: N queries with their top-3 neighbours (middle frames, labels,
 similarities; green = same label), like the paper's Fig. 8.
 
@@ -59,7 +60,7 @@ def main(args):
     sets, feats = {}, {}
     for split in dict.fromkeys([args.train_split, *utils.eval_splits(args)]):  # each split once
         sets[split] = data.build_dataset(args, split, "test")
-        feats[split] = utils.clip_outputs(features, data.build_test_loader(sets[split], args), device).mean(1)  # (V, D)
+        feats[split] = video_features(utils.clip_outputs(features, data.build_test_loader(sets[split], args), device))
     gallery = sets[args.train_split]
     results, similarities = {}, {}
     for split in utils.eval_splits(args):
@@ -75,9 +76,15 @@ def main(args):
     utils.finish_distributed()
 
 
+def video_features(clip_feats):
+    """A video's feature: the mean of its clips' L2-normalized features, as the authors' main_retrieve.py takes it
+    (its backbone ends in an L2 normalization). (V, N, D) -> (V, D)"""
+    return F.normalize(clip_feats, dim=2).mean(1)
+
+
 def similarity(query, gallery):
-    """Cosine similarity after subtracting each set's own mean feature (authors' protocol): (Q, D), (G, D) ->
-    (Q, G)."""
+    """Cosine similarity after subtracting each set's own mean feature (the authors' main_retrieve.py):
+    (Q, D), (G, D) -> (Q, G)."""
     query = F.normalize(query - query.mean(0, keepdim=True), dim=1)
     gallery = F.normalize(gallery - gallery.mean(0, keepdim=True), dim=1)
     return query @ gallery.T

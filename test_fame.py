@@ -454,6 +454,25 @@ def test_models_r2plus1d_width_and_layers_scale():
         models.build_backbone("resnet50")
 
 
+def test_models_initialization_follows_the_authors():
+    torch.manual_seed(0)
+    # I3D keeps PyTorch's default init (the authors' backbone/i3d.py): weights uniform within 1/sqrt(fan_in)
+    i3d = models.I3D(num_classes=5)
+    w = i3d.conv3d_1a_7x7.conv3d.weight
+    assert w.abs().max() <= 1 / math.sqrt(3 * 7 ** 3) and w.std() > 0.5 / math.sqrt(3 * 3 * 7 ** 3)
+    # R(2+1)D: kaiming normal (fan out) convs and a N(0, 0.01) classifier (the authors' backbone/r2plus1d.py)
+    r21d = models.build_backbone("r2plus1d_18")
+    w = r21d.stem[0].weight  # (45, 3, 1, 7, 7)
+    assert abs(w.std().item() / math.sqrt(2 / (45 * 49)) - 1) < 0.05
+    # MoCo's head: its last layer is the backbone's classifier as the backbone initializes it
+    moco = models.MoCo(functools.partial(models.build_backbone, "r2plus1d_18"), K=128)
+    last = moco.head_q[2]
+    assert last.out_features == 128 and abs(last.weight.std().item() - 0.01) < 0.001 and not last.bias.any()
+    assert moco.head_q[0].weight.abs().max() <= 1 / math.sqrt(512)  # PyTorch's default for the first layer
+    moco = models.MoCo(functools.partial(models.build_backbone, "i3d"), K=128)
+    assert 0.5 / math.sqrt(3 * 1024) < moco.head_q[2].weight.std() and moco.head_q[2].weight.abs().max() <= 1 / 32
+
+
 def test_models_i3d_keys_match_authors_release():
     spec = _models_spec_rows()
     ours = [(k, tuple(v.shape)) for k, v in models.I3D(num_classes=101).state_dict().items()]
@@ -525,7 +544,7 @@ def test_models_load_backbone_authors_format(tmp_path):
 
 def test_models_load_backbone_our_formats_and_errors(tmp_path):
     torch.manual_seed(0)
-    moco = models.MoCo(lambda: models.build_backbone("r2plus1d_tiny"), dim=8, K=16)
+    moco = models.MoCo(functools.partial(models.build_backbone, "r2plus1d_tiny"), dim=8, K=16)
     with torch.no_grad():
         for p in moco.encoder_q.parameters():
             p.add_(torch.randn_like(p))
@@ -743,7 +762,7 @@ def test_models_moco_ddp_two_processes(tmp_path):
 
 def test_models_moco_real_backbone_trains():
     torch.manual_seed(0)
-    moco = models.MoCo(lambda: models.build_backbone("r2plus1d_tiny"), K=32)
+    moco = models.MoCo(functools.partial(models.build_backbone, "r2plus1d_tiny"), K=32)
     assert moco.queue.shape == (128, 32) and isinstance(moco.encoder_q.fc, nn.Identity)
     torch.testing.assert_close(moco.queue.norm(dim=0), torch.ones(32))
     x = torch.rand(4, 3, 4, 32, 32)
@@ -931,6 +950,28 @@ def test_data_pretrain_two_clips_differ_in_time(tmp_path):
         q, k = (torch.round(item[n].float().mean(dim=(0, 2, 3)) / 6).long() for n in ("q", "k"))
         assert (q.diff() == 2).all() and (k.diff() == 2).all()  # consecutive frames at stride 2 of one video
         assert q[0] != k[0]
+    # with an intra-video background (Table 3): a third clip, at a third time, never the key's frames
+    ds = data.build_dataset(_data_args(tmp_path, root, "folder"), "train", "pretrain", background_clip=True)
+    for seed in range(20):
+        item = ds[(0, seed, 0)]
+        q, k, bg = (torch.round(item[n].float().mean(dim=(0, 2, 3)) / 6).long() for n in ("q", "k", "bg"))
+        assert (bg.diff() == 2).all() and len({q[0].item(), k[0].item(), bg[0].item()}) == 3
+    short = data._distinct_starts(1, 3, torch.Generator().manual_seed(0))  # two start frames for three clips
+    assert len(short) == 3 and set(short) == {0, 1}
+
+
+def test_data_test_crop_raw_centre(tmp_path):
+    # --test-crop center: the centre crop x crop pixels of the frame as it is (the authors' eval.py); resize: the
+    # centre of the frame resized to 8/7 x crop on its short side (the default)
+    root = tmp_path / "f"
+    frames = np.zeros((6, 48, 64, 3), np.uint8)
+    frames[:, 16:32, 24:40] = 255  # a white 16x16 square in the middle
+    _data_write(str(root / "a" / "square.mp4"), frames)
+    raw = data.build_dataset(_data_args(tmp_path, root, "folder", "--test-crop", "center"), "test", "test")[0]
+    resized = data.build_dataset(_data_args(tmp_path, root, "folder"), "test", "test")[0]
+    assert raw["clip"].shape == resized["clip"].shape == (3, 3, 4, 16, 16)
+    assert raw["clip"].float().mean() > 240  # all of the 16x16 crop is the square
+    assert 20 < resized["clip"].float().mean() < 60  # the square is a seventh of the resized centre
 
 
 def test_data_test_mode_clips(tmp_path):
@@ -947,19 +988,64 @@ def test_data_augment_consistent_in_time(tmp_path):
     g = torch.Generator().manual_seed(0)
     frame = torch.rand(1, 3, 1, 24, 24, generator=g)
     clips = frame.expand(16, 3, 6, 24, 24).contiguous()  # 16 identical clips with identical frames
-    out = data.augment(clips, "pretrain", generator=torch.Generator().manual_seed(1))
+    out = data.augment(clips, generator=torch.Generator().manual_seed(1))
     assert out.shape == clips.shape and torch.isfinite(out).all()
     assert torch.allclose(out, out[:, :, :1].expand_as(out), atol=1e-5)  # constant over frames
     distinct = {tuple(o[:, 0].flatten()[:50].round(decimals=4).tolist()) for o in out}
     assert len(distinct) > 8  # parameters drawn per clip
-    again = data.augment(clips, "pretrain", generator=torch.Generator().manual_seed(1))
+    again = data.augment(clips, generator=torch.Generator().manual_seed(1))
     assert torch.equal(out, again)
     plain = data.normalize(clips)
     assert torch.allclose(plain, (clips - torch.tensor(data.KINETICS_MEAN).view(3, 1, 1, 1))
                           / torch.tensor(data.KINETICS_STD).view(3, 1, 1, 1))
     assert torch.equal(data.normalize((clips * 255).round().byte()), data.normalize((clips * 255).round() / 255))
-    with pytest.raises(ValueError):
-        data.augment(clips, "nope")
+
+
+def test_data_augment_order_and_blur_size():
+    # RandomGrayscale before ColorJitter (the authors' order): a red pixel made grey (0.299) and then brightened
+    # by 1.4 is 0.419; brightened first it would clip at 1 and turn grey at 0.299.
+    red = torch.zeros(1, 3, 2, 8, 8)
+    red[:, 0] = 1.0
+    p = data.augmentation_params(1)
+    p.update(gray=torch.tensor([True]), brightness=torch.tensor([1.4]), contrast=torch.ones(1),
+             saturation=torch.ones(1), hue=torch.zeros(1), blur=torch.tensor([False]))
+    out = data.apply_augmentation(red, p)
+    assert torch.allclose(out, torch.full_like(red, 0.299 * 1.4), atol=1e-4)
+    # the four jitter operations in a random order per batch (kornia's ColorJitter), all four of them
+    orders = {tuple(data.augmentation_params(2, torch.Generator().manual_seed(s))["order"]) for s in range(30)}
+    assert len(orders) > 3 and all(sorted(o) == [0, 1, 2, 3] for o in orders)
+    # the blur kernel: int(0.1 * crop) // 2 * 2 + 1 taps (the authors' rule): 11 at 112, 23 at 224
+    for size, taps in ((112, 11), (224, 23)):
+        x = torch.zeros(1, 1, 1, size, size)
+        x[..., size // 2, size // 2] = 1.0
+        spread = data.gaussian_blur(x, torch.tensor([50.0]))[0, 0, 0, size // 2]
+        assert int((spread > 0).sum()) == taps
+
+
+def test_data_training_frames_never_shrink_below_the_smallest_crop(tmp_path, monkeypatch):
+    # 480x360 frames stay as they are; 1920x1080 ones are decoded smaller, but never so small that the smallest
+    # RandomResizedCrop (20% of the frame) has fewer than --crop pixels on its short side.
+    root = tmp_path / "f"
+    for w, h in ((480, 360), (1920, 1080)):
+        _data_write(str(root / "c" / f"v{w}.mp4"), _data_noise(6, 1, w)[:, :1, :1].repeat(h, 1).repeat(w, 2))
+    args = _data_args(tmp_path, root, "folder", "--crop", "112", "--frames", "2", "--stride", "1")
+    seen = {}
+    crop_resize = data.crop_resize
+
+    def spy(frames, box, size, flip=False):
+        seen.setdefault(frames.shape[1:3], []).append(box)
+        return crop_resize(frames, box, size, flip)
+
+    monkeypatch.setattr(data, "crop_resize", spy)
+    dataset = data.build_dataset(args, "train", "pretrain")
+    for seed in range(40):
+        for i in range(len(dataset)):
+            dataset[(i, seed, 0)]
+    assert set(seen) == {(360, 480), (217, 386)}  # 1080p: short side 217 = ceil(112 / sqrt(0.2 * 3/4 * 16/9))
+    smallest = min(min(h, w) for boxes in seen.values() for _, _, h, w in boxes)
+    assert 112 <= smallest < 125, smallest  # the small crops come close to the bound, never below it
+    test = data.build_dataset(args, "train", "test")
+    assert test[1]["clip"].shape[-1] == 112 and test.short_side == 128  # tests: short side 8/7 x crop
 
 
 def _data_sampler(n, rank, world, monkeypatch, **kwargs):
@@ -1443,6 +1529,18 @@ def test_eval_retrieve_end_to_end(eval_tiny, tmp_path):
     results = _eval_run(retrieve, flags + ["--pretrained", ckpt, "--clips", "2", "--train-split", "test",
                                            "--output-dir", str(tmp_path / "self")])
     assert results["splits"]["test"]["R@1"] == 100.0
+
+
+def test_eval_retrieval_features_normalized_per_clip():
+    # A video's feature is the mean of its clips' L2-normalized features (the authors' main_retrieve.py), so one
+    # clip of large norm does not decide the video's direction alone.
+    x, y, z = torch.eye(3)
+    gallery = torch.stack([torch.stack([v] * 3) for v in (x, y, z)])  # (3 videos, 3 clips, D): along x, y, z
+    queries = torch.stack([torch.stack([10 * x, y, y]), torch.stack([z] * 3)])  # one loud clip along x, two along y
+    assert torch.allclose(retrieve.video_features(queries)[0], torch.tensor([1 / 3, 2 / 3, 0]))
+    nearest = retrieve.similarity(retrieve.video_features(queries), retrieve.video_features(gallery)).argmax(1)
+    nearest_raw = retrieve.similarity(queries.mean(1), gallery.mean(1)).argmax(1)
+    assert nearest.tolist() == [1, 2] and nearest_raw.tolist() == [0, 2]  # the ranking the normalization changes
 
 
 def test_eval_recall_unit():

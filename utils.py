@@ -549,3 +549,7 @@ def add_eval_args(parser):
     parser.add_argument("--target", default="action", choices=("action", "scene"),
                         help="label to predict; scene: the synthetic benchmark's background family")
     parser.add_argument("--clips", type=int, default=10, help="uniformly spaced clips per test video (paper: 10)")
+    parser.add_argument("--test-crop", default="resize", choices=("resize", "center"),
+                        help="test clips: resize the short side to 8/7 x --crop and take the centre (the paper's "
+                             "\"crop and resize\"), or take the centre --crop pixels of the frames as they are (the "
+                             "authors' eval.py)")

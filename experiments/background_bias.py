@@ -436,10 +436,10 @@ def measure_findable(args, batches=4, batch_size=64, betas=(1.0, 0.3, 0.5, 0.7))
         hits = {beta: [] for beta in betas}
         for batch in itertools.islice(loader, batches):
             q0, k0 = batch["q"].float().div(255), batch["k"].float().div(255)  # (B, 3, T, S, S)
-            k = F.normalize(backbone.forward_features(data.augment(k0, "pretrain")), dim=1)  # (B, D)
+            k = F.normalize(backbone.forward_features(data.augment(k0)), dim=1)  # (B, D)
             for beta in betas:
                 q = q0 if beta == 1 else fame.FAME(beta=beta)(q0)  # Eq. (4), backgrounds from the batch
-                q = F.normalize(backbone.forward_features(data.augment(q, "pretrain")), dim=1)  # (B, D)
+                q = F.normalize(backbone.forward_features(data.augment(q)), dim=1)  # (B, D)
                 hits[beta] += ((q @ k.t()).argmax(1) == torch.arange(len(q))).tolist()
         out["top1"][name] = {str(beta): 100 * sum(h) / len(h) for beta, h in hits.items()}
     return out
