@@ -5,12 +5,14 @@
     python bench.py loader --data DIR     # loader samples/s per worker and with --workers, decode rate, index speed
     python bench.py loader --make-videos DIR   # first write 320x240 H.264 test videos to DIR
     python bench.py pretrain              # one pretraining step's parts: data, FAME, augmentation, encoders
+    python bench.py gpu --out gpu.json    # the GPU check: FAME CUDA = CPU, step speed and MFU, DDP, loader
 
 Times are medians of interleaved repeats; on CPU they move with whatever else the machine runs, so each line
 prints the load average it saw.
 """
 import argparse
 import functools
+import gc
 import os
 import resource
 import shutil
@@ -364,6 +366,158 @@ def _book(parts, name, start, device):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# gpu
+
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0,
+                    "A10": 125.0}  # dense bf16 tensor-core peaks of NVIDIA's data sheets (H100: SXM)
+
+
+def bench_gpu(args):
+    """The check to run when a GPU is lent, in about 5 minutes: FAME's masks on the GPU against the CPU's and its
+    speed at 16x224x224; pretraining steps of R(2+1)D-18 at 16x112x112, batch 64, bf16 autocast, with and without
+    channels_last_3d and torch.compile (clips/s, peak memory, share of the step outside the encoders, model FLOPs
+    utilization); one nccl DDP step; the loader with this machine's cores. Without a GPU (or with --small) it runs
+    the same parts at toy sizes on the CPU. Prints one table; --out writes it as JSON."""
+    device = torch.device(args.device)
+    small = args.small or device.type == "cpu"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    rows = [dict(part="device", value=name, torch=torch.__version__, small=small)]
+    rows += _gpu_fame(device, small)
+    flops = None
+    for channels_last in (False, True):
+        for compiled in (False, True):
+            row, flops = _gpu_pretrain(device, small, channels_last, compiled, flops, name)
+            rows.append(row)
+    rows.append(_gpu_ddp(device, small))
+    rows.append(_gpu_loader(small))
+    print(f"\nGPU check on {name} (torch {torch.__version__}{', small sizes' if small else ''}):")
+    for row in rows[1:]:
+        print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+    if args.out:
+        utils.write_json(args.out, rows)
+        print(f"wrote {args.out}")
+    return rows
+
+
+def _gpu_fame(device, small):
+    """FAME's masks on `device` against the CPU's on the same clips, and its clips/s (uint8 and float)."""
+    B, T, S = (8, 4, 32) if small else (64, 16, 224)
+    u8 = torch.randint(0, 256, (B, 3, T, S, S), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    cpu = fame.foreground_mask(u8[:8], 0.5).bool()
+    dev = fame.foreground_mask(u8[:8].to(device), 0.5).bool().cpu()
+    rows = [dict(part="FAME masks, device vs cpu", clips_equal=int((cpu == dev).flatten(1).all(1).sum()),
+                 of=len(cpu), pixels_equal=float((cpu == dev).float().mean()))]
+    op = fame.FAME(0.5)
+    for x in (u8.to(device), u8.to(device).float().div(255)):
+        t = medians({"fame": lambda: op(x), "clone": x.float().clone}, device, 5)
+        rows.append(dict(part=f"FAME {T}x{S}x{S} {x.dtype}".replace("torch.", ""), clips_per_s=B / t["fame"],
+                         ms=1e3 * t["fame"], float_clone_ms=1e3 * t["clone"]))
+    return rows
+
+
+def _gpu_pretrain(device, small, channels_last, compiled, flops, name):
+    """Pretraining steps on random uint8 clips already on the device (no loader): FAME, augmentation, MoCo."""
+    arch, B, T, S, K = ("r2plus1d_tiny", 4, 4, 32, 64) if small else ("r2plus1d_18", 64, 16, 112, 65536)
+    part = f"pretrain {arch} {T}x{S}x{S} batch {B}" + (", channels_last_3d" if channels_last else "") + \
+        (", compiled" if compiled else "")
+    try:
+        torch.manual_seed(0)
+        model = models.MoCo(functools.partial(models.build_backbone, arch), K=K, m=0.999).to(device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)
+        if compiled:
+            model.encoder_q, model.encoder_k = torch.compile(model.encoder_q), torch.compile(model.encoder_k)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+        amp = torch.bfloat16 if device.type == "cuda" else None
+        scaler = utils.grad_scaler(amp, device)
+        op = fame.FAME(0.5)
+        g = torch.Generator().manual_seed(1)
+        q, k = (torch.randint(0, 256, (B, 3, T, S, S), generator=g, dtype=torch.uint8).to(device) for _ in "qk")
+        layout = torch.channels_last_3d if channels_last else torch.contiguous_format
+
+        def views():
+            return (data.augment(op(q)).contiguous(memory_format=layout),
+                    data.augment(k).contiguous(memory_format=layout))
+
+        if flops is None:  # model FLOPs of one step (forward and backward), counted once in eager mode
+            from torch.utils.flop_counter import FlopCounterMode
+
+            a, b = views()
+            with FlopCounterMode(display=False) as counter:
+                pretrain.train_step(model, a, b, optimizer, scaler, amp)
+            flops = counter.get_total_flops()
+        for _ in range(3 if small else 10):  # warm-up, compilation included
+            pretrain.train_step(model, *views(), optimizer, scaler, amp)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        steps = 3 if small else 20
+        t_views = timed(views, device, steps)
+        a, b = views()
+        t_step = timed(lambda: pretrain.train_step(model, a, b, optimizer, scaler, amp), device, steps)
+        total = t_views + t_step
+        peak = next((v for key, v in BF16_PEAK_TFLOPS.items() if key in name), None)
+        return dict(part=part, clips_per_s=2 * B / total, ms_per_step=1e3 * total,
+                    outside_encoders=t_views / total,
+                    peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else
+                    _rss_mib() / 1024,
+                    tflops=flops / t_step / 1e12,
+                    mfu=flops / t_step / (peak * 1e12) if peak else "unknown peak"), flops
+    except Exception as e:  # one variant failing (e.g. the compiler) must not hide the others
+        return dict(part=part, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"), flops
+
+
+def _gpu_ddp(device, small):
+    """One DDP training step of MoCo in a one-process group (nccl on a GPU), as torchrun would set it up."""
+    import socket
+    from torch.nn.parallel import DistributedDataParallel
+
+    arch, B, T, S = ("r2plus1d_tiny", 4, 4, 32) if small else ("r2plus1d_18", 8, 16, 112)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    try:
+        torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+        model = models.MoCo(functools.partial(models.build_backbone, arch), K=64).to(device)
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      broadcast_buffers=False)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        x = torch.rand(B, 3, T, S, S, device=device)
+        amp = torch.bfloat16 if device.type == "cuda" else None
+        t = timed(lambda: pretrain.train_step(ddp, x, x.flip(-1), optimizer, utils.grad_scaler(amp, device), amp),
+                  device, 3)
+        return dict(part=f"DDP step ({backend}, 1 process, {arch} batch {B})", ms_per_step=1e3 * t)
+    except Exception as e:
+        return dict(part=f"DDP step ({backend})", error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _gpu_loader(small):
+    """The pretraining loader with this machine's cores on 320x240 H.264 videos (16x112x112 clips)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_videos(tmp, 4 if small else 16, length=40 if small else 100)
+        workers = os.cpu_count() or 1
+        parser = pretrain.get_args_parser()
+        pargs = parser.parse_args(["--dataset", "folder", "--data", tmp, "--workers", str(workers),
+                                   *(["--frames", "4", "--crop", "32"] if small else [])])
+        dataset = data.build_dataset(pargs, "train", "pretrain")
+        loader = data.build_loader(dataset, 1, pargs, train=True)
+        batches = _forever(loader)
+        next(batches)
+        count = 8 if small else 40 * workers
+        t0 = time.perf_counter()
+        for _ in range(count):
+            next(batches)
+        seconds = time.perf_counter() - t0
+        del batches, loader  # the workers stop before their videos are deleted
+        gc.collect()
+    return dict(part=f"loader, {workers} workers, {pargs.frames}x{pargs.crop}x{pargs.crop} from 320x240",
+                clips_per_s=2 * count / seconds)
+
+
+# ---------------------------------------------------------------------------------------------------------
 
 
 def get_args_parser():
@@ -402,6 +556,11 @@ def get_args_parser():
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--warmup", type=int, default=2, help="steps before timing")
 
+    p = sub.add_parser("gpu", help="the GPU check (toy sizes on a CPU)",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--small", action="store_true", help="toy sizes also on a GPU")
+    p.add_argument("--out", default=None, help="JSON file for the table")
+
     for p in sub.choices.values():
         p.add_argument("--device", default=default_device, help="device to time on")
         p.add_argument("--repeats", type=int, default=7, help="timed repeats (median)")
@@ -423,8 +582,9 @@ def parse_args(argv=None):
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    return {"fame": bench_fame, "models": bench_models, "loader": bench_loader, "pretrain": bench_pretrain}[args.command](
-        args)
+    benches = {"fame": bench_fame, "models": bench_models, "loader": bench_loader, "pretrain": bench_pretrain,
+               "gpu": bench_gpu}
+    return benches[args.command](args)
 
 
 if __name__ == "__main__":

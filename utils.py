@@ -240,8 +240,9 @@ def load_resume(path, args, keys):
     changed = {k: (v, plain(getattr(args, k, None))) for k, v in old.items()
                if k not in ignored and k not in keys and plain(getattr(args, k, None)) != v}
     if is_main_process():
-        where = f"epoch {ckpt['epoch'] + 1}, step {ckpt['step']}" if ckpt.get("step") else f"epoch {ckpt['epoch']}"
-        print(f"resuming from {path} (after {where})"
+        where = f"in epoch {ckpt['epoch'] + 1} after step {ckpt['step']}" if ckpt.get("step") else \
+            f"after epoch {ckpt['epoch']}"
+        print(f"resuming from {path} ({where})"
               + (f"; settings that differ from the checkpoint's (old, new): {changed}" if changed else ""))
     return ckpt
 
