@@ -61,8 +61,8 @@ INDEX_VERSION = 1
 MAX_RETRIES = 10
 MIN_CROP_SCALE = 0.2  # RandomResizedCrop's area share is in [0.2, 1] (A.2)
 DECODE_THREADS_MIN_PIXELS = 640 * 480  # below this, frame threading costs more than it gains
-SYNTHETIC_FLAGS = {"synthetic_videos": 800, "synthetic_size": 64, "synthetic_length": 48, "synthetic_seed": 0,
-                   "synthetic_sprite": "video"}
+SYNTHETIC_FLAGS = {"synthetic_version": 2, "synthetic_videos": 800, "synthetic_size": 64, "synthetic_length": 48,
+                   "synthetic_seed": 0, "synthetic_sprite": "video"}
 
 
 def add_data_args(parser):
@@ -79,6 +79,9 @@ def add_data_args(parser):
     g.add_argument("--crop", type=int, default=112, help="crop size S (S x S pixels)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="loader worker processes per process (and index probing processes)")
+    g.add_argument("--synthetic-version", type=int, default=SYNTHETIC_FLAGS["synthetic_version"], choices=(1, 2),
+                   help="synthetic: benchmark version; 2: one object look in every video, per-video motion parameters "
+                        "(synthetic.render)")
     g.add_argument("--synthetic-videos", type=int, default=SYNTHETIC_FLAGS["synthetic_videos"],
                    help="synthetic: training videos per training split (test splits get half as many)")
     g.add_argument("--synthetic-size", type=int, default=SYNTHETIC_FLAGS["synthetic_size"],
@@ -88,8 +91,8 @@ def add_data_args(parser):
     g.add_argument("--synthetic-seed", type=int, default=SYNTHETIC_FLAGS["synthetic_seed"],
                    help="synthetic: generator seed")
     g.add_argument("--synthetic-sprite", default=SYNTHETIC_FLAGS["synthetic_sprite"], choices=("video", "shared"),
-                   help="synthetic: video: each video draws its object's shape, colour and size; shared: one white "
-                        "disc of one size in every video (texture still per video)")
+                   help="synthetic version 1: video: each video draws its object's shape, colour and size; shared: one "
+                        "white disc of one size in every video (texture still per video)")
     return parser
 
 
@@ -107,6 +110,8 @@ def check_data_args(args):
             raise ValueError(f"--synthetic-size must be even and >= 16, got {args.synthetic_size}")
         if args.synthetic_videos < 8 or args.synthetic_length < 2:
             raise ValueError("--synthetic-videos must be >= 8 and --synthetic-length >= 2")
+        if args.synthetic_version != 1 and args.synthetic_sprite != "video":
+            raise ValueError("--synthetic-sprite applies to --synthetic-version 1 (version 2 has one look for all)")
         return args
     given = [f"--{k.replace('_', '-')}" for k, v in SYNTHETIC_FLAGS.items() if getattr(args, k) != v]
     if given:
@@ -394,7 +399,8 @@ def synthetic_root(args):
     import synthetic
 
     return synthetic.ensure(args.data or cache_dir(), args.synthetic_videos, args.synthetic_size,
-                            args.synthetic_length, args.synthetic_seed, args.synthetic_sprite, max(1, args.workers))
+                            args.synthetic_length, args.synthetic_seed, args.synthetic_sprite, max(1, args.workers),
+                            args.synthetic_version)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -239,10 +239,12 @@ def merge(X, mask, Y, out=None):
     """
     if Y.shape != X.shape:
         raise ValueError(f"background {tuple(Y.shape)} must match clips {tuple(X.shape)}")
-    M = mask[:, None, None] if mask.dim() == 3 else mask[:, None]  # (B, 1, 1 or T, H, W)
+    M = (mask[:, None, None] if mask.dim() == 3 else mask[:, None]).to(X.dtype)  # (B, 1, 1 or T, H, W)
     if X.is_floating_point():
-        return torch.lerp(Y, X, M.to(X.dtype), out=out)  # Y + M (X - Y): exact at M = 0 and M = 1
-    return torch.where(M.bool(), X, Y, out=out)
+        return torch.lerp(Y, X, M, out=out)  # Y + M (X - Y), computed so that it is exact at M = 0 and M = 1
+    # Integers: Y + M (X - Y) with wrap-around arithmetic is exactly X or Y for M in {0, 1}, and on CPU about 10x
+    # faster than torch.where with the mask broadcast over channels and frames (`python bench.py fame --parts`).
+    return torch.add(Y, (X - Y) * (M != 0), out=out)
 
 
 def derangement(n, generator=None, device=None):

@@ -36,9 +36,10 @@ PRESETS = {  # defaults that depend on --dataset; the paper's A.1 values are the
     "synthetic": dict(arch="r2plus1d_tiny", frames=8, crop=32, batch_size=32, epochs=12, moco_k=512, moco_m=0.99),
     **{name: dict(moco_k=2048) for name in ("ucf101", "hmdb51", "diving48", "folder")},  # A.1: 2048 for UCF101
 }
-RESUME_KEYS = ("arch", "dataset", "data", "split", "frames", "stride", "crop", "synthetic_videos", "synthetic_size",
-               "synthetic_length", "synthetic_seed", "synthetic_sprite", "batch_size", "seed", "beta", "fame_method",
-               "background", "fame_branches", "moco_dim", "moco_k", "moco_m", "moco_t")  # what defines a run
+RESUME_KEYS = ("arch", "dataset", "data", "split", "frames", "stride", "crop", "synthetic_version",
+               "synthetic_videos", "synthetic_size", "synthetic_length", "synthetic_seed", "synthetic_sprite",
+               "batch_size", "seed", "beta", "fame_method", "background", "fame_branches", "moco_dim", "moco_k",
+               "moco_m", "moco_t")  # what defines a run
 
 
 def get_args_parser():
@@ -113,6 +114,8 @@ def main(args):
     if utils.is_main_process():
         utils.write_json(out / "args.json", {**vars(args), "git_commit": commit, "world_size": world})
     log = utils.Log(out / "log.jsonl", start_epoch)
+    key_sims = [e["key_sim"] for e in log.entries()]  # the collapse monitor's history, over resumes too
+    warned = collapse_warning(key_sims) is not None
 
     with utils.Checkpointing(args.save_every_steps, args.save_every_minutes) as checkpointing:
         for epoch in range(start_epoch, args.epochs):
@@ -122,6 +125,11 @@ def main(args):
             step, sums = 0, None
             key_sim = model.key_similarity()  # collapse monitor: 1.0 = every video embedded alike
             log.write({"epoch": epoch + 1, "lr": lr, **stats, "key_sim": round(key_sim, 4)})
+            key_sims.append(key_sim)
+            warning = collapse_warning(key_sims)
+            if warning and not warned and utils.is_main_process():
+                print(warning, flush=True)
+                warned = True
             save_state(model, optimizer, scaler, args, epoch + 1, 0, None, out / "checkpoint.pth")
             if args.save_every and (epoch + 1) % args.save_every == 0:
                 save_state(model, optimizer, scaler, args, epoch + 1, 0, None, out / f"checkpoint_{epoch + 1:04d}.pth")
@@ -206,6 +214,19 @@ def save_state(model, optimizer, scaler, args, epoch, step, sums, path):
         "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "sums": None if sums is None else sums.tolist(),
         "world_size": utils.get_world_size(), "args": utils.plain(vars(args)), "git_commit": utils.git_commit()},
         path)
+
+
+COLLAPSE_KEY_SIM = 0.9  # mean cosine between two queue keys above which the embedding treats all videos alike
+
+
+def collapse_warning(key_sims, after=3):
+    """A warning when the last two epochs' key_sim are above COLLAPSE_KEY_SIM from epoch `after` on, else None."""
+    if len(key_sims) < after or min(key_sims[-2:]) <= COLLAPSE_KEY_SIM:
+        return None
+    return (f"WARNING: key_sim is {key_sims[-1]:.2f} after epoch {len(key_sims)} (over {COLLAPSE_KEY_SIM} for two "
+            f"epochs): the keys have collapsed onto one direction, so every video looks alike and the loss stays near "
+            f"chance, ln(K + 1). Try a backbone that suits the clip size (README, 'The CPU stand-in'), a lower --lr, "
+            f"a larger --moco-m or --batch-size.")
 
 
 def check_args(args):

@@ -26,7 +26,7 @@ MOTIONS = ("up", "down", "sweep", "circle", "approach", "recede", "bounce", "zig
 SCENES = ("red-stripes", "orange-checker", "olive-waves", "green-dots",
           "teal-stripes", "blue-checker", "violet-waves", "pink-dots")
 SPLITS = ("train", "test", "test_swapped", "balanced_train", "balanced_test")
-VERSION = 1
+VERSIONS = (1, 2)  # 2 is the default; see render()
 FPS = 25
 MATCH = 0.9  # fraction of train/test videos whose scene family equals their class
 OBJECT_AREA = (0.10, 0.16)  # object area / frame area (approach/recede sweep 0.55x..1.45x of this in side)
@@ -35,6 +35,7 @@ _SHARED_SPRITE = (("disc",), ((1.0, 1.0, 1.0),), (0.13, 0.13))  # shapes, colour
 _SPRITE_COLORS = ((1.0, 0.15, 0.1), (1.0, 0.9, 0.1), (0.1, 0.95, 1.0), (1.0, 0.2, 0.95), (1.0, 1.0, 1.0),
                   (1.0, 0.55, 0.0))
 _SHAPES = ("disc", "square", "diamond", "triangle", "cross")
+V2_OBJECT_AREA = 0.13  # version 2: one look for every object (a white disc of 13% of the frame, fixed stripes)
 _SHAPE_FILL = {"disc": math.pi / 4, "square": 0.85 ** 2, "diamond": 1.15 ** 2 / 2, "triangle": 0.5 * 1.7 * 1.0 / 2,
                "cross": (2 * 2 * 0.7 - 0.7 ** 2) / 4}
 
@@ -121,6 +122,56 @@ def _trajectory(motion, rng, S, L, R):
     return x.astype(np.float32), y.astype(np.float32), grow
 
 
+def _trajectory_v2(motion, rng, S, L, R):
+    """Version 2: object centre (x, y) and size factor per frame, in pixels. Each video draws its motion's
+    parameters from continuous ranges, so that two clips of it share a motion signature; the centre stays within
+    R / 2 of the frame (at least half of the object in view)."""
+    t = np.arange(L, dtype=np.float32)
+    k = S / 64
+    lo, hi = R / 2, S - R / 2  # where a centre may be
+    grow = np.ones(L, np.float32)
+
+    def place(extent):  # a start coordinate for a path of this extent (pixels), uniformly where it fits
+        return rng.uniform(lo, max(lo, hi - extent))
+
+    if motion in ("up", "down", "sweep"):
+        v = rng.uniform(0.45, 1.0) * k * (L - 1)  # travel over the video, up to the room there is
+        v = min(v, hi - lo) / (L - 1)
+        along = place(v * (L - 1)) + v * t
+        across = np.full(L, rng.uniform(lo + R / 2, hi - R / 2), np.float32)
+        if motion == "up":
+            x, y = across, along[::-1].copy()
+        elif motion == "down":
+            x, y = across, along
+        else:
+            x, y = (along if rng.integers(2) else along[::-1].copy()), across
+    elif motion == "circle":
+        rho = rng.uniform(0.1, 0.22) * S
+        cx, cy = (rng.uniform(lo + rho, hi - rho) for _ in range(2))
+        a = rng.uniform(0, 2 * np.pi) + rng.choice((-1, 1)) * 2 * np.pi * t / rng.uniform(14, 36)
+        x, y = cx + rho * np.cos(a), cy + rho * np.sin(a)
+    elif motion in ("approach", "recede"):
+        small, large = rng.uniform(0.5, 0.75), rng.uniform(1.25, 1.6)
+        grow = (small + (large - small) * t / max(1, L - 1)).astype(np.float32)
+        if motion == "recede":
+            grow = grow[::-1].copy()
+        m = R * large
+        x, y = (np.full(L, rng.uniform(m, S - m), np.float32) for _ in range(2))
+    elif motion == "bounce":
+        amp = rng.uniform(0.1, 0.22) * S
+        cy = rng.uniform(lo + amp, hi - amp)
+        x = np.full(L, rng.uniform(lo + R / 2, hi - R / 2), np.float32)
+        y = cy + amp * np.sin(2 * np.pi * t / rng.uniform(10, 26) + rng.uniform(0, 2 * np.pi))
+    else:  # zigzag: a horizontal drift with a triangle-wave vertical swing
+        v = min(rng.uniform(0.3, 0.8) * k * (L - 1), hi - lo) / (L - 1)
+        amp, period = rng.uniform(0.08, 0.16) * S, rng.uniform(10, 22)
+        x = place(v * (L - 1)) + v * t
+        x = x if rng.integers(2) else x[::-1].copy()
+        cy = rng.uniform(lo + amp, hi - amp)
+        y = cy + amp * (4 * np.abs((t / period + rng.uniform(0, 1)) % 1 - 0.5) - 1)
+    return x.astype(np.float32), y.astype(np.float32), grow
+
+
 def _background(scene, rng, X, Y, S):
     """Scene family = hue family x pattern type; per-video palette, orientation, scale and phase.
     X, Y: float32 pixel coordinates (broadcastable); returns float32 RGB image and the lighter palette colour."""
@@ -144,9 +195,17 @@ def _background(scene, rng, X, Y, S):
     return c1 + (c2 - c1) * p[..., None], c2
 
 
-def render(motion, scene, video_seed, size=64, length=48, sprite="video"):
-    """Frames (L,S,S,3) uint8 and ground-truth object masks (L,S,S) bool of one synthetic video; sprite: see
-    --synthetic-sprite."""
+def render(motion, scene, video_seed, size=64, length=48, sprite="video", version=2):
+    """Frames (L, S, S, 3) uint8 and ground-truth object masks (L, S, S) bool of one synthetic video.
+
+    The scene (a per-video palette, orientation, scale and phase of its family's pattern, camera jitter and a
+    drifting distractor disc) is the same in both versions. Version 1: the object's shape, colour, texture and
+    size are drawn per video (sprite "video"; "shared": one white disc, texture still per video), and its
+    translations wrap around the frame. Version 2: every object looks the same (a white disc with fixed
+    stripes), so that only its motion tells videos apart beyond their scene; each video draws its motion's
+    parameters (speed, direction, radius, period, amplitude, phase, growth) from continuous ranges, and the
+    object stays at least half inside the frame (no wrapping).
+    """
     rng = np.random.default_rng(video_seed)
     S, L = size, length
     t = np.arange(L, dtype=np.float32)
@@ -164,15 +223,20 @@ def render(motion, scene, video_seed, size=64, length=48, sprite="video"):
     speed, heading = rng.uniform(0.3, 0.7) * S / 64, rng.uniform(0, 2 * math.pi)
     dx_, dy_ = d0x + speed * math.cos(heading) * t - jx, d0y + speed * math.sin(heading) * t - jy
     light = (np.minimum(light * 1.3, 1.0) * 255).astype(np.uint8)
-    # foreground sprite: shape, colour and texture independent of the class
-    shapes, colors, area = (_SHAPES, _SPRITE_COLORS, OBJECT_AREA) if sprite == "video" else _SHARED_SPRITE
-    shape = shapes[rng.integers(len(shapes))]
-    color = np.array(colors[rng.integers(len(colors))], np.float32)
+    if version == 1:  # foreground sprite: shape, colour and texture independent of the class
+        shapes, colors, area = (_SHAPES, _SPRITE_COLORS, OBJECT_AREA) if sprite == "video" else _SHARED_SPRITE
+        shape = shapes[rng.integers(len(shapes))]
+        color = np.array(colors[rng.integers(len(colors))], np.float32)
+        R = math.sqrt(rng.uniform(*area) * S * S / (4 * _SHAPE_FILL[shape]))
+        cx, cy, grow = _trajectory(motion, rng, S, L, R)
+        ta, tf = rng.uniform(0, math.pi), math.pi * rng.uniform(2.0, 3.5)
+        checker = bool(rng.integers(2))
+    else:  # one look for every object; only the motion's parameters are drawn
+        shape, color = "disc", np.ones(3, np.float32)
+        R = math.sqrt(V2_OBJECT_AREA * S * S / (4 * _SHAPE_FILL[shape]))
+        cx, cy, grow = _trajectory_v2(motion, rng, S, L, R)
+        ta, tf, checker = math.pi / 4, math.pi * 2.5, False
     shades = (np.stack([color, color * 0.35, np.full(3, 0.02, np.float32)]) * 255).astype(np.uint8)
-    R = math.sqrt(rng.uniform(*area) * S * S / (4 * _SHAPE_FILL[shape]))
-    cx, cy, grow = _trajectory(motion, rng, S, L, R)
-    ta, tf = rng.uniform(0, math.pi), math.pi * rng.uniform(2.0, 3.5)
-    checker = bool(rng.integers(2))
     # every frame at once: per-frame centres and radii broadcast against (L,1,S) / (L,S,1) pixel offsets;
     # colours are then computed and written only at the covered pixels (flat indices into (L,S,S))
     pixels = _rgb_items(img).reshape(-1)  # (L*S*S,) view of img
@@ -180,7 +244,7 @@ def render(motion, scene, video_seed, size=64, length=48, sprite="video"):
     u, v = _offsets(dx_, dy_, radius + 1, S)
     pixels[np.flatnonzero(u * u + v * v <= radius * radius)] = _rgb_items(light)  # the disc goes under the sprite
     r = R * grow  # (L,) float32
-    u, v = _offsets(cx - jx, cy - jy, r * 1.5 + 2, S)  # the camera moves the object too
+    u, v = _offsets(cx - jx, cy - jy, r * 1.5 + 2, S, wrap=version == 1)  # the camera moves the object too
     u, v = u / r[:, None, None], v / r[:, None, None]
     masks = _shape_mask(shape, u, v)  # (L,S,S)
     idx = np.flatnonzero(masks)
@@ -198,13 +262,15 @@ def _rgb_items(a):
     return np.ascontiguousarray(a).view(np.dtype((np.void, 3)))[..., 0]
 
 
-def _offsets(cx, cy, half, S):
-    """Float32 offsets u (L,1,S) of the pixel columns and v (L,S,1) of the rows from the centres (cx, cy) (L,)
-    on the wrapping frame: a pixel takes its position in the S-wide window starting at floor(c - half), so
+def _offsets(cx, cy, half, S, wrap=True):
+    """Float32 offsets u (L,1,S) of the pixel columns and v (L,S,1) of the rows from the centres (cx, cy) (L,).
+    wrap: on the wrapping frame, a pixel takes its position in the S-wide window starting at floor(c - half), so
     pixels within `half` of a centre get their offset across the seam; farther ones are outside any shape."""
     g = np.arange(S)
 
     def axis(c):
+        if not wrap:
+            return (g - c[:, None]).astype(np.float32)
         c0 = np.floor(c - half).astype(np.int64)[:, None]
         return (c0 + (g - c0) % S - c[:, None]).astype(np.float32)
 
@@ -243,15 +309,15 @@ def _relpath(split, i, cls, scene):
 
 
 def _write_chunk(job):
-    root, size, length, sprite, items = job
+    root, size, length, sprite, version, items = job
     t0 = time.process_time()
     for split, i, (cls, scene, vseed) in items:
-        frames, _ = render(MOTIONS[cls], scene, vseed, size, length, sprite)
+        frames, _ = render(MOTIONS[cls], scene, vseed, size, length, sprite, version)
         _write_mp4(os.path.join(root, _relpath(split, i, cls, scene)), frames)
     return time.process_time() - t0
 
 
-def make(root, num_videos=800, size=64, length=48, seed=0, workers=1, sprite="video"):
+def make(root, num_videos=800, size=64, length=48, seed=0, workers=1, sprite="video", version=2):
     """Writes the benchmark (H.264 mp4s, splits/<split>.txt with "path class scene", meta.json) to root, unless
     a complete copy is there. It is written into root.inprogress-<pid> and renamed into place when complete, so
     an interrupted generation never leaves a half-written benchmark that would be reused."""
@@ -274,10 +340,10 @@ def make(root, num_videos=800, size=64, length=48, seed=0, workers=1, sprite="vi
             items += [(split, i, spec) for i, spec in enumerate(split_specs)]
         chunks = [items[k::workers * 8] for k in range(workers * 8)]
         t0 = time.time()
-        cpu = utils.parallel_map(_write_chunk, [(tmp, size, length, sprite, c) for c in chunks if c], workers)
-        meta = {"version": VERSION, "num_videos": num_videos, "size": size, "length": length, "seed": seed,
+        cpu = utils.parallel_map(_write_chunk, [(tmp, size, length, sprite, version, c) for c in chunks if c], workers)
+        meta = {"version": version, "num_videos": num_videos, "size": size, "length": length, "seed": seed,
                 "sprite": sprite, "fps": FPS, "motions": MOTIONS, "scenes": SCENES, "match": MATCH,
-                "object_area": OBJECT_AREA, "splits": split_sizes(num_videos), "seconds": round(time.time() - t0, 2),
+                "object_area": OBJECT_AREA if version == 1 else V2_OBJECT_AREA, "splits": split_sizes(num_videos), "seconds": round(time.time() - t0, 2),
                 "cpu_seconds": round(sum(cpu), 2), "workers": workers}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
@@ -285,12 +351,12 @@ def make(root, num_videos=800, size=64, length=48, seed=0, workers=1, sprite="vi
     return root
 
 
-def ensure(base, num_videos=800, size=64, length=48, seed=0, sprite="video", workers=1):
+def ensure(base, num_videos=800, size=64, length=48, seed=0, sprite="video", workers=1, version=2):
     """The root of the benchmark with these parameters under `base`, generated there on first use (its folder
     name is a hash of the parameters, so benchmarks of other parameters live side by side)."""
-    params = (VERSION, num_videos, size, length, seed, sprite)
+    params = (version, num_videos, size, length, seed, sprite)
     root = os.path.join(base, "synthetic_" + hashlib.sha1(repr(params).encode()).hexdigest()[:10])
-    return make(root, num_videos, size, length, seed, workers, sprite)
+    return make(root, num_videos, size, length, seed, workers, sprite, version)
 
 
 def clip(path, indices=None):
@@ -302,7 +368,7 @@ def clip(path, indices=None):
     split = os.path.basename(os.path.dirname(os.path.dirname(path)))
     i = int(os.path.basename(path)[len(split) + 1:].split("_")[0])
     cls, scene, vseed = specs(split, meta["num_videos"], meta["seed"])[i]
-    frames, masks = render(MOTIONS[cls], scene, vseed, meta["size"], meta["length"], meta["sprite"])
+    frames, masks = render(MOTIONS[cls], scene, vseed, meta["size"], meta["length"], meta["sprite"], meta["version"])
     if indices is not None:
         frames, masks = frames[indices], masks[indices]
     return frames, masks
@@ -316,12 +382,14 @@ def get_args_parser():
     parser.add_argument("--size", type=int, default=64, help="frame size (square, even)")
     parser.add_argument("--length", type=int, default=48, help="frames per video")
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
-    parser.add_argument("--sprite", default="video", choices=SPRITES, help="object look: drawn per video, or shared")
+    parser.add_argument("--version", type=int, default=2, choices=VERSIONS, help="benchmark version (see render())")
+    parser.add_argument("--sprite", default="video", choices=SPRITES,
+                        help="version 1's object look: drawn per video, or shared")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="writer processes")
     return parser
 
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
-    root = make(args.out, args.videos, args.size, args.length, args.seed, args.workers, args.sprite)
+    root = make(args.out, args.videos, args.size, args.length, args.seed, args.workers, args.sprite, args.version)
     print(f"wrote {root}: " + json.dumps(json.load(open(os.path.join(root, "meta.json")))["splits"]))

@@ -1204,11 +1204,37 @@ def test_synthetic_splits_and_determinism():
     f1, m1 = synthetic.render("circle", 2, 1234, 64, 24)
     f2, m2 = synthetic.render("circle", 2, 1234, 64, 24)
     assert np.array_equal(f1, f2) and np.array_equal(m1, m2) and f1.shape == (24, 64, 64, 3)
+    for version in synthetic.VERSIONS:
+        for motion in synthetic.MOTIONS:
+            _, m = synthetic.render(motion, 0, 7, 64, 24, version=version)
+            area = m.mean(axis=(1, 2))
+            assert 0.03 < area.mean() < 0.3
+            assert (m[0] != m[15]).mean() > 0.04  # the object moves clearly within a 8x2 clip span
+
+
+def test_synthetic_v2_one_look_and_per_video_motion():
+    # Version 2: every object looks the same (the pixels inside its mask take the same few colours, a disc of
+    # 13% of the frame when its size does not change), it stays at least half in view, and each video draws
+    # its motion's parameters, so that two videos of a class differ in how they move.
+    looks, speeds = set(), []
+    for seed in range(16):
+        frames, masks = synthetic.render("sweep", seed % 8, 300 + seed, 64, 48)
+        assert abs(masks.mean((1, 2)).max() - synthetic.V2_OBJECT_AREA) < 0.01  # whole in some frame
+        looks.add(frozenset(map(tuple, np.unique(frames[masks].reshape(-1, 3), axis=0).tolist())))
+        xs = np.array([np.nonzero(m.any(0))[0].mean() for m in masks])  # the object's mean column per frame
+        speeds.append(abs(np.polyfit(np.arange(48), xs, 1)[0]))
+    assert len(looks) == 1
+    assert max(speeds) > 1.5 * min(speeds) and min(speeds) > 0.3  # per-video speeds, from a continuous range
     for motion in synthetic.MOTIONS:
-        _, m = synthetic.render(motion, 0, 7, 64, 24)
-        area = m.mean(axis=(1, 2))
-        assert 0.04 < area.mean() < 0.3
-        assert (m[0] != m[15]).mean() > 0.05  # the object moves clearly within a 8x2 clip span
+        for seed in range(12):
+            _, masks = synthetic.render(motion, seed % 8, seed, 64, 48)
+            cols, rows = masks.any(1), masks.any(2)  # (L, S): columns / rows the object covers
+            centre_x = np.array([np.nonzero(c)[0].mean() for c in cols])
+            centre_y = np.array([np.nonzero(r)[0].mean() for r in rows])
+            assert (centre_x > 3).all() and (centre_x < 61).all() and (centre_y > 3).all() and (centre_y < 61).all()
+    # version 1 is still generated as it was: each video draws its own look
+    v1 = {synthetic.render("up", 0, s, 64, 8, version=1)[0][0, 32, :].tobytes() for s in range(4)}
+    assert len(v1) == 4
 
 
 def test_synthetic_dataset_and_presets(tmp_path):
@@ -1240,14 +1266,14 @@ def test_synthetic_shared_sprite(tmp_path):
     cached in its own folder, and synthetic.clip re-renders it the same way."""
     looks = set()
     for seed in range(6):
-        shared, smask = synthetic.render("up", seed % 8, seed, 64, 16, sprite="shared")
-        own, omask = synthetic.render("up", seed % 8, seed, 64, 16)
+        shared, smask = synthetic.render("up", seed % 8, seed, 64, 16, sprite="shared", version=1)
+        own, omask = synthetic.render("up", seed % 8, seed, 64, 16, version=1)
         assert abs(smask[0].mean() - 0.13) < 0.02  # a disc of 13% of the frame ("up" keeps its size)
         assert np.array_equal(shared[~(smask | omask)], own[~(smask | omask)])  # the scene is untouched
         looks.add(frozenset(map(tuple, np.unique(shared[smask].reshape(-1, 3), axis=0).tolist())))
     assert len(looks) == 1 and len(looks.pop()) == 3  # the same body, texture and outline colours in every video
     common = ["--data", str(tmp_path), "--dataset", "synthetic", "--synthetic-videos", "8", "--synthetic-size", "32",
-              "--synthetic-length", "16", "--workers", "1"]
+              "--synthetic-length", "16", "--workers", "1", "--synthetic-version", "1"]
     roots = [data.synthetic_root(data.check_data_args(_data_parser().parse_args(common + flags)))
              for flags in ([], ["--synthetic-sprite", "shared"])]
     assert roots[0] != roots[1]
@@ -1257,7 +1283,7 @@ def test_synthetic_shared_sprite(tmp_path):
     frames, masks = synthetic.clip(path)
     cls = synthetic.MOTIONS.index(Path(path).parent.name)
     spec = synthetic.specs("train", 8, 0)[0]
-    assert np.array_equal(frames, synthetic.render(synthetic.MOTIONS[cls], spec[1], spec[2], 32, 16, "shared")[0])
+    assert np.array_equal(frames, synthetic.render(synthetic.MOTIONS[cls], spec[1], spec[2], 32, 16, "shared", 1)[0])
 
 
 def test_synthetic_balanced_split_scene_independent_of_class():
@@ -1596,6 +1622,13 @@ def test_pretrain_unknown_arch_dataset_or_data_rejected(pretrain_env, capsys):
     with pytest.raises(FileNotFoundError, match="UCF-101"):
         pretrain.main(pretrain.get_args_parser().parse_args(["--dataset", "ucf101", "--data", "nowhere"]))
     assert not Path("runs").exists()
+
+
+def test_pretrain_collapse_warning():
+    assert pretrain.collapse_warning([0.95, 0.97]) is None  # not before epoch 3
+    assert pretrain.collapse_warning([0.8, 0.95, 0.6]) is None and pretrain.collapse_warning([0.5, 0.93, 0.89]) is None
+    assert "collapsed" in pretrain.collapse_warning([0.8, 0.95, 0.97]) and "--moco-m" in pretrain.collapse_warning(
+        [0.99] * 5)
 
 
 def test_pretrain_queue_size_rules():

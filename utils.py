@@ -199,6 +199,10 @@ class Log:
                     pass
             atomic_write(self.path, lambda f: f.write("".join(kept)), mode="w")
 
+    def entries(self):
+        """The epochs logged so far, as dicts."""
+        return [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+
     def write(self, entry):
         """Appends one epoch's entry (on the main process) and prints it."""
         if is_main_process():
