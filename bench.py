@@ -145,7 +145,8 @@ def bench_models(args):
         x = torch.randn(args.batch_size, 3, args.frames, args.crops[0], args.crops[0], device=device)
         y = torch.randint(0, 400, (args.batch_size,), device=device)
         if args.channels_last:
-            model, x = model.to(memory_format=torch.channels_last_3d), x.contiguous(memory_format=torch.channels_last_3d)
+            model = model.to(memory_format=torch.channels_last_3d)
+            x = x.contiguous(memory_format=torch.channels_last_3d)
 
         def forward():
             with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -185,7 +186,8 @@ def write_videos(root, num_videos=16, width=320, height=240, length=250, classes
             continue
         if sources:
             with av.open(sources[k % len(sources)]) as c:
-                frames = [f.reformat(width=width, height=height, format="rgb24").to_ndarray() for f in c.decode(video=0)]
+                frames = [f.reformat(width=width, height=height, format="rgb24").to_ndarray()
+                          for f in c.decode(video=0)]
             frames = np.stack([frames[(j + 7 * k) % len(frames)] for j in range(length)])
         else:
             frames = synthetic.render(synthetic.MOTIONS[k % 8], k % 8, k, max(width, height), length)[0]
@@ -543,7 +545,8 @@ def get_args_parser():
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     p.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format")
 
-    p = sub.add_parser("loader", help="loader and decoder speed", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = sub.add_parser("loader", help="loader and decoder speed",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data.add_data_args(p)
     p.add_argument("--samples", type=int, default=48, help="pretraining samples to time")
     p.add_argument("--rss", type=int, default=0, metavar="N", help="also follow the resident memory over N samples")

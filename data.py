@@ -704,7 +704,8 @@ class ShardedSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         if self.shuffle:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(utils.derive_seed(self.seed, self.epoch)))
+            g = torch.Generator().manual_seed(utils.derive_seed(self.seed, self.epoch))
+            order = torch.randperm(self.n, generator=g)
         else:
             order = torch.arange(self.n)
         lo, hi = self._bounds()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 METHODS = ("fame", "seed", "grid", "gauss")
 FOREGROUND_SHARE = 0.5  # N^(F) = [0.5 H W] pixels with the largest S
 BACKGROUND_SHARE = 0.1  # N^(B) = [0.1 H W] pixels with the smallest S
-LEVELS = 10  # levels of each colour coordinate, 10^3 colours: the authors' moco/loader.py, FAME.getSeg (dimH, dimS, dimV)
+LEVELS = 10  # levels per colour coordinate, 10^3 colours: the authors' moco/loader.py, FAME.getSeg (dimH, dimS, dimV)
 GRID = 4  # the "grid" variant splits the frame into GRID x GRID cells
 # clip_statistics() converts this many bytes of clips to float32 at a time: on CPU one 112 px clip (4 MiB) keeps
 # the frame differences in cache, several times faster than one pass over a batch (`python bench.py fame --parts`).

@@ -14,7 +14,7 @@ epoch) and best.pth (the best --test-split top-1) are kept there too.
 
 Without --data the synthetic benchmark is used with the CPU preset that --help lists:
 
-    python finetune.py --pretrained runs/pretrain_synthetic_r2plus1d_tiny_beta0.5_seed0/checkpoint.pth
+    python finetune.py --pretrained runs/pretrain_synthetic_cnn3d_beta0.5_seed0/checkpoint.pth
 """
 import time
 
@@ -28,7 +28,7 @@ import models
 import utils
 
 PRESETS = {
-    "synthetic": dict(arch="r2plus1d_tiny", frames=8, crop=32, batch_size=16, epochs=12),
+    "synthetic": dict(arch="cnn3d", frames=8, crop=32, batch_size=16, epochs=15, lr=0.05, cos=True, dropout=0.0),
     "ucf101": dict(dropout=0.7),  # A.3: 0.7 for UCF101, 0.5 for HMDB51
 }
 RESUME_KEYS = ("pretrained", "arch", "dataset", "data", "split", "target", "train_split", "frames", "stride", "crop",

@@ -19,7 +19,7 @@ Without --data the synthetic benchmark is used with the CPU preset that --help l
 on both test and test_swapped (the background-bias gap):
 
     python linear_probe.py --cache-features \
-        --pretrained runs/pretrain_synthetic_r2plus1d_tiny_beta0.5_seed0/checkpoint.pth
+        --pretrained runs/pretrain_synthetic_cnn3d_beta0.5_seed0/checkpoint.pth
 """
 import time
 
@@ -33,7 +33,7 @@ import data
 import models
 import utils
 
-PRESETS = {"synthetic": dict(arch="r2plus1d_tiny", frames=8, crop=32, batch_size=32, epochs=30)}
+PRESETS = {"synthetic": dict(arch="cnn3d", frames=8, crop=32, batch_size=32, epochs=30)}
 RESUME_KEYS = ("pretrained", "arch", "dataset", "data", "split", "target", "train_split", "frames", "stride", "crop",
                "synthetic_version", "synthetic_videos", "synthetic_size", "synthetic_length", "synthetic_seed",
                "synthetic_sprite", "batch_size", "seed", "cache_features", "clips")

@@ -93,7 +93,8 @@ def r2plus1d_18(num_classes=400, width=64, layers=(2, 2, 2, 2), dropout=0.0):
 
 
 def r2plus1d_tiny(num_classes=400, dropout=0.0):
-    """The CPU-sized variant used by the synthetic benchmark and the tests (width 16, one block per stage)."""
+    """A small R(2+1)D (width 16, one block per stage) for quick tests. It is not the CPU stand-in: at 32 px its
+    last stage sees a 2x2 map, and it does not learn instance discrimination there (README, "The CPU stand-in")."""
     return R2Plus1D(num_classes, width=16, layers=(1, 1, 1, 1), dropout=dropout)
 
 
@@ -209,7 +210,40 @@ class I3D(nn.Module):
         return self.fc(self.dropout(self.forward_features(x)))  # (B, num_classes)
 
 
-ARCHS = {"r2plus1d_18": r2plus1d_18, "r2plus1d_tiny": r2plus1d_tiny, "i3d": I3D}
+# ----------------------------------------------------------------------------------------------------------------
+# The CPU stand-in: a plain 3D CNN for the synthetic benchmark
+# ----------------------------------------------------------------------------------------------------------------
+
+class Plain3D(nn.Module):
+    """The CPU stand-in ("cnn3d"): a stack of 3x3x3 conv + BatchNorm + ReLU layers, then global average pooling;
+    `layers` lists each layer's (channels, temporal stride, spatial stride). At 8x32x32 its last map is 2x4x4, and
+    it learns instance discrimination where R(2+1)D variants of its cost do not (README, "The CPU stand-in")."""
+
+    def __init__(self, num_classes=400, layers=((32, 1, 2), (64, 2, 2), (128, 2, 2), (256, 1, 1)), dropout=0.0):
+        super().__init__()
+        convs, width = [], 3
+        for channels, t_stride, s_stride in layers:
+            convs += [nn.Conv3d(width, channels, 3, stride=(t_stride, s_stride, s_stride), padding=1, bias=False),
+                      nn.BatchNorm3d(channels), nn.ReLU(inplace=True)]
+            width = channels
+        self.features = nn.Sequential(*convs)
+        self.feature_dim = width
+        self.avgpool = nn.AdaptiveAvgPool3d(1)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(width, num_classes)
+        _init_weights(self)
+
+    def last_conv_features(self, x):
+        return self.features(x)  # (B, D, T/4, H/8, W/8)
+
+    def forward_features(self, x):
+        return self.avgpool(self.last_conv_features(x)).flatten(1)  # (B, D)
+
+    def forward(self, x):
+        return self.fc(self.dropout(self.forward_features(x)))  # (B, num_classes)
+
+
+ARCHS = {"r2plus1d_18": r2plus1d_18, "r2plus1d_tiny": r2plus1d_tiny, "i3d": I3D, "cnn3d": Plain3D}
 
 
 def build_backbone(arch, num_classes=400, dropout=0.0):

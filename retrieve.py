@@ -11,13 +11,14 @@ L2-normalized pooled backbone feature (before any projection head; the paper: "w
 sampled clips"). Queries are the --test-split videos, the gallery the --train-split videos. As in the authors'
 main_retrieve.py, the clip features are L2-normalized before the average, each set's own mean feature is
 subtracted, and the features are L2-normalized again and compared by cosine similarity; a query is a hit at
-k if any of its k nearest gallery videos has its label. Reports R@1, 5, 10, 20, 50 (k larger than the gallery is clipped to the gallery size).
+k if any of its k nearest gallery videos has its label. Reports R@1, 5, 10, 20, 50 (k larger than the gallery
+is clipped to the gallery size).
 `--visualize N` writes retrieval.png: N queries with their top-3 neighbours (middle frames, labels,
 similarities; green = same label), like the paper's Fig. 8.
 
 Without --data the synthetic benchmark is used with the CPU preset that --help lists, and both test and
 test_swapped are used as queries (the background-bias gap):
-    python retrieve.py --pretrained runs/pretrain_synthetic_r2plus1d_tiny_beta0.5_seed0/checkpoint.pth --visualize 6
+    python retrieve.py --pretrained runs/pretrain_synthetic_cnn3d_beta0.5_seed0/checkpoint.pth --visualize 6
 """
 import os
 
@@ -28,7 +29,7 @@ import data
 import models
 import utils
 
-PRESETS = {"synthetic": dict(arch="r2plus1d_tiny", frames=8, crop=32, batch_size=40)}
+PRESETS = {"synthetic": dict(arch="cnn3d", frames=8, crop=32, batch_size=40)}
 KS = (1, 5, 10, 20, 50)  # paper Table 6
 
 

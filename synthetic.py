@@ -343,7 +343,8 @@ def make(root, num_videos=800, size=64, length=48, seed=0, workers=1, sprite="vi
         cpu = utils.parallel_map(_write_chunk, [(tmp, size, length, sprite, version, c) for c in chunks if c], workers)
         meta = {"version": version, "num_videos": num_videos, "size": size, "length": length, "seed": seed,
                 "sprite": sprite, "fps": FPS, "motions": MOTIONS, "scenes": SCENES, "match": MATCH,
-                "object_area": OBJECT_AREA if version == 1 else V2_OBJECT_AREA, "splits": split_sizes(num_videos), "seconds": round(time.time() - t0, 2),
+                "object_area": OBJECT_AREA if version == 1 else V2_OBJECT_AREA, "splits": split_sizes(num_videos),
+                "seconds": round(time.time() - t0, 2),
                 "cpu_seconds": round(sum(cpu), 2), "workers": workers}
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)

@@ -353,7 +353,8 @@ def load_pretrained(model, path):
     """Loads backbone weights (models.load_backbone refuses another arch's); says so loudly when there are none."""
     if path is None:
         if is_main_process():
-            print("=" * 78 + "\nWARNING: no --pretrained given: evaluating a RANDOMLY INITIALISED backbone\n" + "=" * 78)
+            print("=" * 78 + "\nWARNING: no --pretrained given: evaluating a RANDOMLY INITIALISED backbone\n"
+                  + "=" * 78)
         return
     info = models.load_backbone(model, path)
     if is_main_process():
@@ -496,7 +497,8 @@ class Parser(argparse.ArgumentParser):
             epochs, milestones = self.paper_schedule
             args.schedule = [round(m * args.epochs / epochs) for m in milestones]
         elif self.paper_schedule and args.cos:
-            raise SystemExit(f"{self.prog}: error: --cos and --schedule exclude each other: drop one")
+            raise SystemExit(f"{self.prog}: error: --cos and --schedule exclude each other: drop one (where a preset "
+                             f"sets --cos, pass --no-cos with --schedule)")
         return args, rest
 
 
@@ -530,7 +532,8 @@ def add_training_args(parser, epochs, milestones, lr, momentum, wd):
     parser.add_argument("--schedule", type=int, nargs="+", default=None,
                         help=f"epochs at which the lr is multiplied by 0.1 (default: the paper's "
                              f"{' '.join(map(str, milestones))} of {epochs} epochs, scaled to --epochs)")
-    parser.add_argument("--cos", action="store_true", help="half-cosine lr decay over --epochs instead of --schedule")
+    parser.add_argument("--cos", action=argparse.BooleanOptionalAction, default=False,
+                        help="half-cosine lr decay over --epochs instead of --schedule")
     parser.add_argument("--resume", default="auto", metavar="PATH",
                         help="checkpoint to resume from; auto: <output-dir>/checkpoint.pth when it exists")
     parser.add_argument("--save-every-steps", type=int, default=0, metavar="N",

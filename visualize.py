@@ -7,7 +7,7 @@ Two subcommands, each writing one PNG grid (one block of rows per video, one col
 
   # class-agnostic activation maps (CAAM): the channel-summed last conv feature map, upsampled and overlaid
   # on the frames; give several checkpoints to compare them side by side (rows per video: frames, one per CKPT)
-  python visualize.py caam --arch r2plus1d_tiny --pretrained moco/checkpoint.pth fame/checkpoint.pth \
+  python visualize.py caam --arch cnn3d --pretrained moco/checkpoint.pth fame/checkpoint.pth \
       --output caam.png VIDEO [VIDEO ...]
 
 The pictures in README.md were made on the synthetic benchmark with experiments/background_bias.py --pictures,
@@ -52,7 +52,7 @@ def get_args_parser():
     add_common(p)
     p.add_argument("--pretrained", nargs="+", required=True, metavar="CKPT",
                    help="checkpoints (ours, the authors' MoCo format or a backbone state dict)")
-    p.add_argument("--arch", default="r2plus1d_tiny", choices=sorted(models.ARCHS), help="backbone of CKPT")
+    p.add_argument("--arch", default="cnn3d", choices=sorted(models.ARCHS), help="backbone of CKPT")
     p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity")
     p.add_argument("--device", default="cpu")
     return parser

@@ -1,14 +1,13 @@
-"""The background-bias experiment on the synthetic benchmark (issue 7), end to end and resumable.
+"""The background-bias experiment on the synthetic benchmark (version 2), end to end and resumable.
 
-  python experiments/background_bias.py --steps a        # random-init bias check + supervised ceiling
-  python experiments/background_bias.py --steps b        # vanilla MoCo vs FAME, --seeds each (+ random init)
-  python experiments/background_bias.py --steps c        # ablations, one seed each
-  python experiments/background_bias.py --steps d        # investigation: FAME at lr 0.05 with a cosine schedule
-  python experiments/background_bias.py --steps e        # investigation: one sprite look for all videos
-  python experiments/background_bias.py --masks          # FAME mask quality against the true object masks
-  python experiments/background_bias.py --findable       # is the positive findable after FAME? (after a, b)
-  python experiments/background_bias.py --pictures       # README pictures via visualize.py (after step b)
-  python experiments/background_bias.py --table          # README tables, rendered from experiments/results.json
+  python experiments/background_bias.py --steps a      # random init (3 seeds: the floor), supervised ceiling
+  python experiments/background_bias.py --steps b      # vanilla MoCo (beta 1.0) vs FAME (beta 0.5), --seeds each
+  python experiments/background_bias.py --steps c      # ablations, one seed each
+  python experiments/background_bias.py --masks        # FAME's masks against the true object masks
+  python experiments/background_bias.py --crops        # share of training crops that keep the object in view
+  python experiments/background_bias.py --findable     # is the positive findable among a batch's keys? (after a, b)
+  python experiments/background_bias.py --pictures     # README pictures via visualize.py (after a, b)
+  python experiments/background_bias.py --table        # README tables, rendered from experiments/results.json
 
 Every model is measured three ways with cached-feature linear probes (linear_probe.py --cache-features), plus
 retrieval (retrieve.py):
@@ -18,15 +17,17 @@ retrieval (retrieve.py):
   background - the same balanced probe predicting the scene family (--target scene), tested on balanced_test;
                lower = less background in the representation.
 The floor is random initialisation; the ceiling a supervised model (finetune.py from scratch on balanced_train).
-Each stage runs as a subprocess of the stage scripts with explicit flags and is timed; a finished stage is
-recorded in the JSON and skipped on a rerun (an interrupted pretrain.py resumes from its own checkpoint). The
-settings (sizes, epochs, MoCo hyper-parameters) are stored in the JSON, and a rerun with other settings is
-refused: use another --results file for another regime.
+Each stage runs as a subprocess of a stage script with explicit flags and is timed; a finished stage is recorded
+in the JSON and skipped on a rerun (an interrupted pretrain.py resumes from its own checkpoint, inside an epoch
+too), so the protocol can be run in parts. The shared settings are stored in the JSON, and a rerun with other
+settings is refused: use another --results file for another regime. --device cuda runs every stage on a GPU.
+experiments/results_v1.json holds the earlier protocol on version 1 of the benchmark (another backbone, 32 px).
 """
 import argparse
 import fcntl
 import itertools
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -58,57 +59,60 @@ METHODS = {
     "gauss": ("c", "FAME, gauss mask", ["--beta", "0.5", "--fame-method", "gauss"]),
     "intra": ("c", "FAME, intra-video background", ["--beta", "0.5", "--background", "intra"]),
     "both": ("c", "FAME on both branches", ["--beta", "0.5", "--fame-branches", "both"]),
-    # step d: the investigation; flags given after the shared settings override them (argparse keeps the last)
-    "fame_lr0.05": ("d", "FAME, lr 0.05 cosine", ["--beta", "0.5", "--lr", "0.05", "--cos"]),
-    # step e: the benchmark with --synthetic-sprite shared (see DATA_VARIANTS), an investigation outside the protocol
-    "moco_sprite": ("e", "shared sprite: vanilla MoCo", ["--beta", "1.0"]),
-    "fame_sprite": ("e", "shared sprite: FAME (beta 0.5)", ["--beta", "0.5"]),
 }
-DATA_VARIANTS = {m: ["--synthetic-sprite", "shared"] for m in ("random_sprite", "moco_sprite", "fame_sprite")}
 LABELS = {"random": "random init (floor)", "supervised": "supervised on balanced_train (ceiling)",
-          "random_sprite": "shared sprite: random init",
           **{k: v[1] for k, v in METHODS.items()}}
-TABLE_ORDER = ["random", "moco", "fame", "beta0.3", "beta0.7", "seed", "grid", "gauss", "intra", "both",
-               "fame_lr0.05", "supervised", "random_sprite", "moco_sprite", "fame_sprite"]
+TABLE_ORDER = ["random", "moco", "fame", "beta0.3", "beta0.7", "seed", "grid", "gauss", "intra", "both", "supervised"]
 EVAL_STAGES = ("probe_bias", "probe_motion", "probe_scene", "retrieve")
-SETTINGS = ("synthetic_videos", "epochs", "batch_size", "lr", "moco_k", "moco_m", "moco_t", "probe_epochs",
-            "finetune_epochs", "finetune_lr", "eval_clips")
+SETTINGS = ("synthetic_version", "synthetic_videos", "arch", "frames", "crop", "epochs", "batch_size", "lr", "cos",
+            "moco_k", "moco_m", "moco_t", "probe_epochs", "finetune_epochs", "finetune_lr", "eval_clips")
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--steps", nargs="*", default=[], choices=["a", "b", "c", "d", "e"],
-                        help="protocol steps to run (d, e: the investigation runs)")
+    parser.add_argument("--steps", nargs="*", default=[], choices=["a", "b", "c"], help="protocol steps to run")
     parser.add_argument("--only", nargs="*", default=None, metavar="RUN",
                         help="of the planned runs, only these (e.g. moco_s0 fame_s0)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of step b")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of steps a (random) and b")
     parser.add_argument("--table", action="store_true", help="print the README tables from the JSON and exit")
     parser.add_argument("--masks", action="store_true", help="measure FAME masks against the true object masks")
     parser.add_argument("--mask-videos", type=int, default=200, help="test videos measured by --masks")
+    parser.add_argument("--crops", action="store_true",
+                        help="share of the loader's random crops that keep at least half of the object in view")
     parser.add_argument("--findable", action="store_true",
                         help="instance top-1 of query clips (plain or FAME-merged) among a batch's keys, with the "
-                             "features of random init, MoCo, FAME and the supervised ceiling (seed 0)")
+                             "features of random init, the supervised ceiling, MoCo and FAME (seed 0)")
     parser.add_argument("--pictures", action="store_true",
                         help="write experiments/masks.png and experiments/caam.png (needs moco_s0 and fame_s0)")
     parser.add_argument("--results", default=str(REPO / "experiments" / "results.json"),
                         help="JSON of results (read, then updated after every stage)")
-    parser.add_argument("--runs-dir", default=str(REPO / "runs" / "background_bias"),
+    parser.add_argument("--runs-dir", default=str(REPO / "runs" / "background_bias_v2"),
                         help="the benchmark's videos (<runs-dir>/data) and every stage's --output-dir")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs in parallel; each process gets cpu_count/jobs threads (1-2 on 2 cores)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                        help="auto: the stage scripts' choice (CUDA when available); cpu: hide the GPUs")
     parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
     g = parser.add_argument_group("settings shared by every run (recorded in the JSON)")
+    g.add_argument("--synthetic-version", type=int, default=2, help="benchmark version")
     g.add_argument("--synthetic-videos", type=int, default=800, help="training videos of the generator")
-    g.add_argument("--epochs", type=int, default=20, help="pretraining epochs")
-    g.add_argument("--batch-size", type=int, default=32, help="pretraining batch")
-    g.add_argument("--lr", type=float, default=0.01, help="pretraining learning rate")
-    g.add_argument("--moco-k", type=int, default=512, help="MoCo queue size K")
-    g.add_argument("--moco-m", type=float, default=0.99, help="MoCo key-encoder momentum m")
+    g.add_argument("--arch", default=pretrain.PRESETS["synthetic"]["arch"], help="backbone of every run")
+    g.add_argument("--frames", type=int, default=pretrain.PRESETS["synthetic"]["frames"], help="frames per clip")
+    g.add_argument("--crop", type=int, default=pretrain.PRESETS["synthetic"]["crop"], help="crop size")
+    g.add_argument("--epochs", type=int, default=pretrain.PRESETS["synthetic"]["epochs"], help="pretraining epochs")
+    g.add_argument("--batch-size", type=int, default=pretrain.PRESETS["synthetic"]["batch_size"],
+                   help="pretraining batch")
+    g.add_argument("--lr", type=float, default=pretrain.PRESETS["synthetic"].get("lr", 0.01),
+                   help="pretraining learning rate")
+    g.add_argument("--cos", action=argparse.BooleanOptionalAction,
+                   default=pretrain.PRESETS["synthetic"].get("cos", False),
+                   help="cosine pretraining schedule (else the paper's steps, scaled)")
+    g.add_argument("--moco-k", type=int, default=pretrain.PRESETS["synthetic"]["moco_k"], help="MoCo queue size K")
+    g.add_argument("--moco-m", type=float, default=pretrain.PRESETS["synthetic"]["moco_m"], help="key-encoder momentum")
     g.add_argument("--moco-t", type=float, default=0.1, help="MoCo temperature T")
     g.add_argument("--probe-epochs", type=int, default=30, help="linear-probe epochs (cached features)")
-    g.add_argument("--finetune-epochs", type=int, default=15,
-                   help="epochs of the supervised ceiling (finetune.py's 12 left it at chance here)")
+    g.add_argument("--finetune-epochs", type=int, default=15, help="epochs of the supervised ceiling")
     g.add_argument("--finetune-lr", type=float, default=0.05, help="lr of the supervised ceiling (cosine, no dropout)")
     g.add_argument("--eval-clips", type=int, default=2, help="uniform clips per video in every evaluation")
     return parser
@@ -119,6 +123,8 @@ def main(args):
     if args.table:
         print(render_table(results))
         print()
+        print(render_crop_line(results))
+        print()
         print(render_mask_table(results))
         print(render_findable_table(results))
         return
@@ -126,18 +132,18 @@ def main(args):
     if results.get("settings", settings) != settings:
         sys.exit(f"{args.results} holds runs made with the settings {results['settings']}; pass the same flags, "
                  f"or another --results file for another regime")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no GPU is visible")
     if not args.dry_run:
         results = update_results(args.results, lambda r: r.update(settings=settings))
-    if args.masks and not args.dry_run:
-        t0 = time.time()
-        masks = measure_masks(args)
-        masks["wall_s"] = round(time.time() - t0, 1)
-        results = update_results(args.results, lambda r: r.update(mask_iou=masks))
-    if args.findable and not args.dry_run:
-        t0 = time.time()
-        found = measure_findable(args)
-        found["wall_s"] = round(time.time() - t0, 1)
-        results = update_results(args.results, lambda r: r.update(findable=found))
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    for flag, measure, key in (("masks", measure_masks, "mask_iou"), ("crops", measure_crops, "crops"),
+                               ("findable", measure_findable, "findable")):
+        if getattr(args, flag) and not args.dry_run:
+            t0 = time.time()
+            out = measure(args, device)
+            out["wall_s"] = round(time.time() - t0, 1)
+            results = update_results(args.results, lambda r: r.update({key: out}))
     runs = plan_runs(args)
     if args.only is not None:
         runs = [r for r in runs if r["name"] in args.only]
@@ -150,28 +156,25 @@ def plan_runs(args):
     """One run = one model and its stages (pretrain or finetune, then the evaluations)."""
     runs = []
     if "a" in args.steps:
-        runs += [{"name": "random_s0", "method": "random", "seed": 0},
-                 {"name": "supervised_s0", "method": "supervised", "seed": 0}]
+        runs += [{"name": f"random_s{s}", "method": "random", "seed": s} for s in args.seeds]
+        runs.append({"name": "supervised_s0", "method": "supervised", "seed": 0})
     if "b" in args.steps:
         runs += [{"name": f"{m}_s{s}", "method": m, "seed": s} for s in args.seeds for m in ("moco", "fame")]
-        runs += [{"name": f"random_s{s}", "method": "random", "seed": s} for s in args.seeds if s != 0]
-    if "e" in args.steps:
-        runs.append({"name": "random_sprite_s0", "method": "random_sprite", "seed": 0})
-    for step in "cde":
-        if step in args.steps:
-            runs += [{"name": f"{m}_s0", "method": m, "seed": 0} for m, v in METHODS.items() if v[0] == step]
+    if "c" in args.steps:
+        runs += [{"name": f"{m}_s0", "method": m, "seed": 0} for m, v in METHODS.items() if v[0] == "c"]
     return runs
 
 
 def data_flags(args):
-    return ["--dataset", "synthetic", "--data", str(Path(args.runs_dir) / "data"),
-            "--synthetic-videos", str(args.synthetic_videos), "--workers", "1"]
+    return ["--dataset", "synthetic", "--data", str(Path(args.runs_dir) / "data"), "--synthetic-version",
+            str(args.synthetic_version), "--synthetic-videos", str(args.synthetic_videos), "--workers", "1",
+            "--arch", args.arch, "--frames", str(args.frames), "--crop", str(args.crop)]
 
 
 def stages(args, run):
     """[(stage, argv)] of one run, in order. Each stage writes <output-dir>/results.json (pretrain: log.jsonl)."""
     out = Path(args.runs_dir) / run["name"]
-    py, seed = [sys.executable], ["--seed", str(run["seed"]), *DATA_VARIANTS.get(run["method"], [])]
+    py, seed = [sys.executable], ["--seed", str(run["seed"])]
     todo, ckpt = [], []  # no --pretrained: random initialisation, seeded by --seed
     if run["method"] == "supervised":
         todo.append(("finetune", py + ["finetune.py", *data_flags(args), *seed, "--train-split", "balanced_train",
@@ -179,12 +182,13 @@ def stages(args, run):
                                        "--lr", str(args.finetune_lr), "--cos", "--dropout", "0",
                                        "--clips", str(args.eval_clips), "--output-dir", str(out / "finetune")]))
         ckpt = ["--pretrained", str(out / "finetune" / "checkpoint.pth")]  # the final model, not best-on-test
-    elif not run["method"].startswith("random"):
+    elif run["method"] != "random":
         todo.append(("pretrain", py + ["pretrain.py", *data_flags(args), *seed,
                                        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-                                       "--lr", str(args.lr), "--moco-k", str(args.moco_k),
-                                       "--moco-m", str(args.moco_m), "--moco-t", str(args.moco_t),
-                                       *METHODS[run["method"]][2], "--output-dir", str(out / "pretrain")]))
+                                       "--lr", str(args.lr), *(["--cos"] if args.cos else []),
+                                       "--moco-k", str(args.moco_k), "--moco-m", str(args.moco_m),
+                                       "--moco-t", str(args.moco_t), *METHODS[run["method"]][2],
+                                       "--output-dir", str(out / "pretrain")]))
         ckpt = ["--pretrained", str(out / "pretrain" / "checkpoint.pth")]
     evals = [*data_flags(args), *seed, *ckpt, "--clips", str(args.eval_clips)]
     probe = py + ["linear_probe.py", *evals, "--cache-features", "--epochs", str(args.probe_epochs)]
@@ -203,23 +207,20 @@ def metrics_of(stage, out_dir):
     out_dir = Path(out_dir)
     if stage == "pretrain":
         log = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
-        curves = {"loss": [round(e["loss"], 4) for e in log], "acc": [round(e["acc"], 4) for e in log]}
-        if all("key_sim" in e for e in log):  # the collapse monitor (logged since the seed-2 runs)
-            curves["key_sim"] = [e["key_sim"] for e in log]
-        return {"epochs": log[-1]["epoch"], **curves, "key_sim_final": final_key_similarity(out_dir)}
+        return {"epochs": log[-1]["epoch"], "loss": [round(e["loss"], 4) for e in log],
+                "acc": [round(e["acc"], 2) for e in log], "key_sim": [e["key_sim"] for e in log],
+                "key_sim_final": log[-1]["key_sim"]}
     res = json.loads((out_dir / "results.json").read_text())
     splits = res["splits"]
+    if stage == "finetune":
+        log = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines() if line.strip()]
+        return {"epochs": log[-1]["epoch"], "test_swapped": splits["test_swapped"]["top1"],
+                "test": splits["test"]["top1"]}
     if stage == "retrieve":
         return {"R@1_test": splits["test"]["R@1"], "R@1_test_swapped": splits["test_swapped"]["R@1"]}
     if stage == "probe_scene":
         return {"scene_balanced_test": splits["balanced_test"]["top1"]}
     return {"test": splits["test"]["top1"], "test_swapped": splits["test_swapped"]["top1"], "gap": res["bias_gap"]}
-
-
-def final_key_similarity(pretrain_dir):
-    """Mean cosine between two keys of the saved queue (models.MoCo.key_similarity): near 1 = collapsed."""
-    queue = torch.load(Path(pretrain_dir) / "checkpoint.pth", map_location="cpu", weights_only=True)["model"]["queue"]
-    return round(models.key_similarity(queue), 4)
 
 
 class Runner:
@@ -229,6 +230,8 @@ class Runner:
         self.args, self.results, self.lock = args, results, threading.Lock()
         threads = max(1, (os.cpu_count() or 1) // args.jobs)
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
+        if args.device == "cpu":
+            self.env["CUDA_VISIBLE_DEVICES"] = ""
 
     def run_all(self, runs):
         with ThreadPoolExecutor(max_workers=self.args.jobs) as pool:
@@ -320,22 +323,34 @@ def render_table(results):
         cells = [LABELS[method], ",".join(str(r["seed"]) for r in sorted(done, key=lambda r: r["seed"]))]
         cells += [_mean_std([r["stages"][stage][key] for r in done]) for _, stage, key in COLUMNS]
         train = [r["stages"].get("pretrain") or r["stages"].get("finetune") for r in done]
-        cells.append(_mean_std([t["loss"][-1] for t in train if t and "loss" in t], digits=3))
-        cells.append(_mean_std([t["key_sim_final"] for t in train if t and "key_sim_final" in t], digits=2))
+        pre = [t for t in train if t and "key_sim_final" in t]
+        cells.append(_mean_std([t["loss"][-1] for t in pre], digits=3))
+        cells.append(_mean_std([t["key_sim_final"] for t in pre], digits=2))
         cells.append(_mean_std([t["wall_s"] / 60 for t in train if t]))
         cells.append(_mean_std([sum(r["stages"][s]["wall_s"] for s in EVAL_STAGES) / 60 for r in done]))
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Accuracies and R@1 in %; chance is 12.5% (8 motion classes, 8 scene families). Bias probe: "
-              "trained on `train`; motion content: probe trained on `balanced_train`, tested on `test_swapped`; "
-              "background content: the balanced probe predicting the scene family on `balanced_test`. Final key "
-              "similarity: mean cosine between two keys of the last queue (1 = every video embedded alike). "
-              f"Settings: `{json.dumps(results.get('settings', {}), sort_keys=True)}`."]
+    settings = results.get("settings", {})
+    lines += ["", f"Accuracies and R@1 in %; chance is 12.5% (8 motion classes, 8 scene families), and the pretraining "
+              f"loss's chance is ln(K + 1) = {math.log(settings.get('moco_k', 0) + 1):.2f}. Bias probe: trained on "
+              "`train`; motion content: probe trained on `balanced_train`, tested on `test_swapped`; background "
+              "content: the balanced probe predicting the scene family on `balanced_test`. Final key similarity: "
+              "mean cosine between two keys of the last queue (1 = every video embedded alike). Settings: "
+              f"`{json.dumps(settings, sort_keys=True)}`."]
     sup = [r for r in runs if r["method"] == "supervised" and "finetune" in r["stages"]]
     if sup:
         f = sup[0]["stages"]["finetune"]
         lines.append(f"The supervised ceiling's own classifier (trained on `balanced_train`): test_swapped "
                      f"{f['test_swapped']:.1f}%, test {f['test']:.1f}%; its row above probes its frozen features.")
     return "\n".join(lines)
+
+
+def render_crop_line(results):
+    c = results.get("crops")
+    if not c:
+        return "(no crop measurements: run --crops)"
+    return (f"Training crops that keep at least half of the object in every frame of the clip: "
+            f"{100 * c['kept_half']:.1f}% ({100 * c['kept_any']:.1f}% keep some of it; {c['clips']} clips of `train`, "
+            f"the loader's RandomResizedCrop at scale 0.2-1 on {c['size']}x{c['size']} frames).")
 
 
 def render_mask_table(results):
@@ -362,15 +377,15 @@ def render_mask_table(results):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Mask quality and pictures
+# Measurements and pictures
 
 
 def synthetic_args(args):
-    """The experiment's data flags, parsed as pretrain.py parses them (with its synthetic preset)."""
+    """The experiment's data flags, parsed as pretrain.py parses them."""
     return data.check_data_args(pretrain.get_args_parser().parse_args(data_flags(args)))
 
 
-def measure_masks(args, betas=(0.1, 0.15, 0.2, 0.3, 0.5, 0.7), methods=("fame", "seed", "grid", "gauss")):
+def measure_masks(args, device, betas=(0.1, 0.15, 0.2, 0.3, 0.5, 0.7), methods=("fame", "seed", "grid", "gauss")):
     """FAME's masks against the generator's object masks, on the middle clip of the first --mask-videos test
     videos, at the 64 px frame and resized to the 32 px training crop (a whole-frame crop).
     The mask is constant over the clip, so IoU and precision use the union of the clip's object masks;
@@ -412,8 +427,30 @@ def measure_masks(args, betas=(0.1, 0.15, 0.2, 0.3, 0.5, 0.7), methods=("fame", 
     return out
 
 
+def measure_crops(args, device, clips=800):
+    """Share of the loader's random crops (RandomResizedCrop 0.2-1 of the training frames) that keep at least
+    half of the object's pixels in view in every frame of the clip, on the first `clips` training videos."""
+    ns = synthetic_args(args)
+    root = Path(data.synthetic_root(ns))
+    meta = json.loads((root / "meta.json").read_text())
+    stride, span = data.clip_layout(meta["length"], ns.frames, ns.stride)
+    lines = (root / "splits" / "train.txt").read_text().splitlines()[:clips]
+    half = anything = 0
+    g = torch.Generator().manual_seed(0)
+    for line in lines:
+        _, masks = synthetic.clip(str(root / line.split()[0]))
+        start = int(torch.randint(0, meta["length"] - span + 1, (), generator=g))
+        m = torch.from_numpy(masks[data.clip_indices(start, meta["length"], ns.frames, stride)])  # (T, S, S)
+        top, left, h, w = data.random_resized_crop_box(m.shape[1], m.shape[2], generator=g)
+        inside = m[:, top:top + h, left:left + w].flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)  # (T,)
+        half += bool((inside >= 0.5).all())
+        anything += bool((inside > 0).all())
+    return {"clips": len(lines), "size": meta["size"], "kept_half": half / len(lines),
+            "kept_any": anything / len(lines)}
+
+
 @torch.no_grad()
-def measure_findable(args, batches=4, batch_size=64, betas=(1.0, 0.3, 0.5, 0.7)):
+def measure_findable(args, device, batches=4, batch_size=64, betas=(1.0, 0.3, 0.5, 0.7)):
     """How often a query clip's nearest key (cosine, frozen backbone features in eval mode) is the other clip of
     its own video, among the batch_size videos of a batch: pretraining's two clips of each `train` video (the
     loader's crop and flip), colour augmentation on both, FAME on the query as in pretrain.py (beta 1: none)."""
@@ -421,26 +458,26 @@ def measure_findable(args, batches=4, batch_size=64, betas=(1.0, 0.3, 0.5, 0.7))
     ns.seed = 0
     loader = data.build_loader(data.build_dataset(ns, "train", "pretrain"), batch_size, ns, train=True, seed=0)
     runs = Path(args.runs_dir)
-    sources = {"random": None, "moco": runs / "moco_s0" / "pretrain" / "checkpoint.pth",
-               "fame": runs / "fame_s0" / "pretrain" / "checkpoint.pth",
-               "supervised": runs / "supervised_s0" / "finetune" / "checkpoint.pth"}
+    sources = {"random": None, "supervised": runs / "supervised_s0" / "finetune" / "checkpoint.pth",
+               "moco": runs / "moco_s0" / "pretrain" / "checkpoint.pth",
+               "fame": runs / "fame_s0" / "pretrain" / "checkpoint.pth"}
     out = {"batches": batches, "batch_size": batch_size, "top1": {}}
     for name, ckpt in sources.items():
         if ckpt is not None and not ckpt.is_file():
             continue
         torch.manual_seed(0)  # the same random init, batches, augmentations and backgrounds for every model
-        backbone = models.build_backbone("r2plus1d_tiny")
+        backbone = models.build_backbone(args.arch)
         if ckpt is not None:
             models.load_backbone(backbone, ckpt)
-        backbone.eval()
+        backbone.to(device).eval()
         hits = {beta: [] for beta in betas}
         for batch in itertools.islice(loader, batches):
-            q0, k0 = batch["q"].float().div(255), batch["k"].float().div(255)  # (B, 3, T, S, S)
+            q0, k0 = batch["q"].to(device), batch["k"].to(device)  # (B, 3, T, S, S) uint8
             k = F.normalize(backbone.forward_features(data.augment(k0)), dim=1)  # (B, D)
             for beta in betas:
                 q = q0 if beta == 1 else fame.FAME(beta=beta)(q0)  # Eq. (4), backgrounds from the batch
                 q = F.normalize(backbone.forward_features(data.augment(q)), dim=1)  # (B, D)
-                hits[beta] += ((q @ k.t()).argmax(1) == torch.arange(len(q))).tolist()
+                hits[beta] += ((q @ k.t()).argmax(1).cpu() == torch.arange(len(q))).tolist()
         out["top1"][name] = {str(beta): 100 * sum(h) / len(h) for beta, h in hits.items()}
     return out
 
@@ -455,7 +492,7 @@ def render_findable_table(results):
              "features of the seed-0 models:", "",
              "| features | " + " | ".join("plain query" if b == "1.0" else f"FAME beta {b}" for b in betas) + " |",
              "|" + " --- |" * (len(betas) + 1)]
-    for name in ("random", "moco", "fame", "supervised"):
+    for name in ("random", "supervised", "moco", "fame"):
         if name not in f["top1"]:
             continue
         row = f["top1"][name]
@@ -473,9 +510,9 @@ def make_pictures(args, videos=2):
     ckpts = [runs / "moco_s0" / "pretrain" / "checkpoint.pth", runs / "fame_s0" / "pretrain" / "checkpoint.pth",
              runs / "supervised_s0" / "finetune" / "checkpoint.pth"]
     ckpts = [str(c) for c in ckpts if c.is_file()]
-    common = ["--frames", "8", "--stride", "2", "--crop", "64", "--show", "4"]
+    common = ["--frames", str(args.frames), "--stride", "2", "--crop", "64", "--show", "4"]
     commands = [["masks", *common, "--beta", "0.5", "--output", str(REPO / "experiments" / "masks.png"), *paths],
-                ["caam", *common, "--arch", "r2plus1d_tiny", "--pretrained", *ckpts,
+                ["caam", *common, "--arch", args.arch, "--pretrained", *ckpts,
                  "--output", str(REPO / "experiments" / "caam.png"), *paths]]
     done = []
     for argv in commands:
