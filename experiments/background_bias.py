@@ -6,6 +6,7 @@
   python experiments/background_bias.py --masks        # FAME's masks against the true object masks
   python experiments/background_bias.py --crops        # share of training crops that keep the object in view
   python experiments/background_bias.py --findable     # is the positive findable among a batch's keys? (after a, b)
+  python experiments/background_bias.py --learnability # can MoCo with the backbone learn trivially distinct videos?
   python experiments/background_bias.py --pictures     # README pictures via visualize.py (after a, b)
   python experiments/background_bias.py --table        # README tables, rendered from experiments/results.json
 
@@ -25,6 +26,7 @@ experiments/results_v1.json holds the earlier protocol on version 1 of the bench
 """
 import argparse
 import fcntl
+import functools
 import itertools
 import json
 import math
@@ -80,6 +82,8 @@ def get_args_parser():
     parser.add_argument("--mask-videos", type=int, default=200, help="test videos measured by --masks")
     parser.add_argument("--crops", action="store_true",
                         help="share of the loader's random crops that keep at least half of the object in view")
+    parser.add_argument("--learnability", action="store_true",
+                        help="the learnability check (test_fame.py) for the backbone and for r2plus1d_tiny")
     parser.add_argument("--findable", action="store_true",
                         help="instance top-1 of query clips (plain or FAME-merged) among a batch's keys, with the "
                              "features of random init, the supervised ceiling, MoCo and FAME (seed 0)")
@@ -138,7 +142,8 @@ def main(args):
         results = update_results(args.results, lambda r: r.update(settings=settings))
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     for flag, measure, key in (("masks", measure_masks, "mask_iou"), ("crops", measure_crops, "crops"),
-                               ("findable", measure_findable, "findable")):
+                               ("findable", measure_findable, "findable"),
+                               ("learnability", measure_learnability, "learnability")):
         if getattr(args, flag) and not args.dry_run:
             t0 = time.time()
             out = measure(args, device)
@@ -378,6 +383,64 @@ def render_mask_table(results):
 
 # ---------------------------------------------------------------------------------------------------------
 # Measurements and pictures
+
+
+def _textures(n, size, generator, max_freq=3):
+    """(n, 3, size, size) smooth random textures in [0, 1] that tile seamlessly: random Fourier series with integer
+    frequencies up to max_freq per channel."""
+    k = torch.arange(-max_freq, max_freq + 1, dtype=torch.float32)
+    ky, kx = (f.flatten() for f in torch.meshgrid(k, k, indexing="ij"))
+    keep = (kx != 0) | (ky != 0)
+    ky, kx = ky[keep], kx[keep]  # (F,)
+    pos = torch.arange(size, dtype=torch.float32)
+    phase = 2 * math.pi * (kx.view(-1, 1, 1) * pos.view(1, 1, -1) + ky.view(-1, 1, 1) * pos.view(1, -1, 1)) / size
+    amp = torch.randn(n, 3, len(kx), generator=generator) / (kx ** 2 + ky ** 2).sqrt()
+    shift = 2 * math.pi * torch.rand(n, 3, len(kx), generator=generator)
+    field = (amp[..., None, None] * torch.cos(phase + shift[..., None, None])).sum(2)  # (n, 3, size, size)
+    return (0.5 + 0.22 * field / field.flatten(2).std(2)[..., None, None]).clamp(0, 1)
+
+
+def learnability_check(arch, frames, crop, videos=64, batch=16, K=32, steps=100, seed=0):
+    """Can MoCo with this backbone and clip size learn instance discrimination where it is trivial? Each video is
+    a texture of its own scrolling one pixel per frame in one of four directions; the two clips of a video are
+    two random cyclic shifts of it at random times (no other augmentation, Kinetics normalization). Batches visit
+    the videos in a fixed cyclic order, so that no video of a batch has a key in the queue. SGD lr 0.03,
+    momentum 0.9, m 0.99, T 0.1. Returns the mean loss of the last 10 steps, its chance ln(K + 1), the final key
+    similarity and the seconds taken."""
+    t0 = time.time()
+    g = torch.Generator().manual_seed(seed)
+    textures = _textures(videos, crop, g)
+    direction = torch.tensor([[0, 1], [0, -1], [1, 0], [-1, 0]])[torch.randint(0, 4, (videos,), generator=g)]
+
+    def clips(idx):  # (B, 3, T, S, S): each clip at its own start time and cyclic offset
+        out = []
+        for i in idx.tolist():
+            t, dy, dx = (int(v) for v in torch.randint(0, crop, (3,), generator=g))
+            out.append(torch.stack([textures[i].roll((dy + direction[i, 0] * (t + j), dx + direction[i, 1] * (t + j)),
+                                                     (1, 2)) for j in range(frames)], 1))
+        return data.normalize(torch.stack(out))
+
+    torch.manual_seed(seed)
+    moco = models.MoCo(functools.partial(models.build_backbone, arch), K=K, m=0.99, T=0.1)
+    optimizer = torch.optim.SGD([p for p in moco.parameters() if p.requires_grad], lr=0.03, momentum=0.9,
+                                weight_decay=1e-4)
+    order, losses = torch.randperm(videos, generator=g), []
+    for step in range(steps):
+        idx = order[(step * batch) % videos:][:batch]
+        logits, labels = moco(clips(idx), clips(idx))
+        loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return {"arch": arch, "frames": frames, "crop": crop, "steps": steps, "loss": sum(losses[-10:]) / 10,
+            "chance": math.log(K + 1), "key_sim": moco.key_similarity(), "seconds": round(time.time() - t0, 1)}
+
+
+def measure_learnability(args, device):
+    """learnability_check for the stand-in and for r2plus1d_tiny, the CPU backbone of version 1's protocol."""
+    archs = dict.fromkeys([args.arch, "r2plus1d_tiny"])
+    return {arch: learnability_check(arch, args.frames, args.crop) for arch in archs}
 
 
 def synthetic_args(args):
