@@ -93,8 +93,10 @@ def get_args_parser():
                         help="JSON of results (read, then updated after every stage)")
     parser.add_argument("--runs-dir", default=str(REPO / "runs" / "background_bias_v2"),
                         help="the benchmark's videos (<runs-dir>/data) and every stage's --output-dir")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs in parallel; each process gets cpu_count/jobs threads (1-2 on 2 cores)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs in parallel")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of each stage (default: cpu_count / jobs; use 1 while other jobs share "
+                             "the cores, as several threads then wait on each other)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                         help="auto: the stage scripts' choice (CUDA when available); cpu: hide the GPUs")
     parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
@@ -233,7 +235,7 @@ class Runner:
 
     def __init__(self, args, results):
         self.args, self.results, self.lock = args, results, threading.Lock()
-        threads = max(1, (os.cpu_count() or 1) // args.jobs)
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
         self.env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads))
         if args.device == "cpu":
             self.env["CUDA_VISIBLE_DEVICES"] = ""
