@@ -32,10 +32,8 @@ from fractions import Fraction
 import av
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from av.video.reformatter import VideoReformatter
-from tqdm import tqdm
 
 import fame
 import utils

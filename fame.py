@@ -24,7 +24,6 @@ This file needs torch only and can be copied into another project as it is.
 import math
 
 import torch
-import torch.nn.functional as F
 
 METHODS = ("fame", "seed", "grid", "gauss")
 FOREGROUND_SHARE = 0.5  # N^(F) = [0.5 H W] pixels with the largest S
