@@ -122,6 +122,7 @@ def bench_fame_parts(u8, f32, device, args):
         "binarize": lambda: fame.binarize(S, args.beta),
         "merge uint8, per clip (fame.py)": lambda: per_clip(u8),
         "merge uint8, gathered": lambda: fame.merge(u8, mask, u8[perm]),
+        "merge uint8, gathered, torch.where": lambda: torch.where(mask[:, None, None].bool(), u8, u8[perm]),
         "merge float, per clip (fame.py)": lambda: per_clip(f32),
         "merge float, gathered": lambda: fame.merge(f32, mask, f32[perm]),
     }

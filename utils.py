@@ -473,7 +473,7 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, description, presets=None, paper_schedule=None, **kwargs):
         self.presets, self.paper_schedule = presets or {}, paper_schedule  # paper_schedule: (epochs, milestones)
-        lines = [f"  --dataset {name}: " + " ".join(f"--{k.replace('_', '-')} {_shown(v)}" for k, v in p.items())
+        lines = [f"  --dataset {name}: " + " ".join(_shown(k, v) for k, v in p.items())
                  for name, p in self.presets.items()]
         epilog = "defaults that depend on --dataset:\n" + "\n".join(lines) if lines else None
         super().__init__(description=description, epilog=epilog, formatter_class=_HelpFormatter, **kwargs)
@@ -506,8 +506,12 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
     """Every flag's default, and the epilog's lines as written."""
 
 
-def _shown(value):
-    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+def _shown(key, value):
+    """A preset default as the flags that set it: --cos / --no-cos for booleans."""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} " + (" ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
 
 
 def add_run_args(parser, arch="r2plus1d_18", batch_size=64):

@@ -106,7 +106,8 @@ def get_args_parser():
     g.add_argument("--arch", default=pretrain.PRESETS["synthetic"]["arch"], help="backbone of every run")
     g.add_argument("--frames", type=int, default=pretrain.PRESETS["synthetic"]["frames"], help="frames per clip")
     g.add_argument("--crop", type=int, default=pretrain.PRESETS["synthetic"]["crop"], help="crop size")
-    g.add_argument("--epochs", type=int, default=pretrain.PRESETS["synthetic"]["epochs"], help="pretraining epochs")
+    g.add_argument("--epochs", type=int, default=48,
+                   help="pretraining epochs (twice the quick start's, which must stay within 10 minutes)")
     g.add_argument("--batch-size", type=int, default=pretrain.PRESETS["synthetic"]["batch_size"],
                    help="pretraining batch")
     g.add_argument("--lr", type=float, default=pretrain.PRESETS["synthetic"].get("lr", 0.01),
@@ -133,6 +134,10 @@ def main(args):
         print()
         print(render_mask_table(results))
         print(render_findable_table(results))
+        print()
+        print(render_targets(results))
+        print()
+        print(render_learnability(results))
         return
     settings = {k: getattr(args, k) for k in SETTINGS}
     if results.get("settings", settings) != settings:
@@ -348,6 +353,41 @@ def render_table(results):
         f = sup[0]["stages"]["finetune"]
         lines.append(f"The supervised ceiling's own classifier (trained on `balanced_train`): test_swapped "
                      f"{f['test_swapped']:.1f}%, test {f['test']:.1f}%; its row above probes its frozen features.")
+    return "\n".join(lines)
+
+
+def render_targets(results):
+    """The issue's targets for FAME against vanilla MoCo, from the seed means of step b."""
+    runs = list(results.get("runs", {}).values())
+
+    def mean(method, stage, key):
+        values = [r["stages"][stage][key] for r in runs
+                  if r["method"] == method and all(s in r["stages"] for s in EVAL_STAGES)]
+        return statistics.mean(values) if values else None
+
+    moco, fame_ = ([mean(m, "probe_motion", "test_swapped"), mean(m, "probe_scene", "scene_balanced_test"),
+                    mean(m, "probe_bias", "gap")] for m in ("moco", "fame"))
+    if None in moco + fame_:
+        return "(targets: needs finished moco and fame runs)"
+    d_motion, d_background, gap_ratio = fame_[0] - moco[0], fame_[1] - moco[1], fame_[2] / moco[2]
+    checks = [("motion content at least MoCo's + 10 points", f"{d_motion:+.1f} points", d_motion >= 10),
+              ("background content at most MoCo's - 20 points", f"{d_background:+.1f} points", d_background <= -20),
+              ("bias gap at most half of MoCo's", f"{gap_ratio:.2f} x MoCo's", gap_ratio <= 0.5)]
+    return "\n".join(["| target (FAME against vanilla MoCo, seed means) | measured | met |", "| --- | --- | --- |"]
+                     + [f"| {name} | {value} | {'yes' if met else 'no'} |" for name, value, met in checks])
+
+
+def render_learnability(results):
+    rows = results.get("learnability")
+    if not rows:
+        return "(no learnability measurements: run --learnability)"
+    lines = ["| backbone | clips | steps | final loss (chance) | key similarity | seconds |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for arch, r in rows.items():
+        if arch == "wall_s":
+            continue
+        lines.append(f"| {arch} | {r['frames']}x{r['crop']}x{r['crop']} | {r['steps']} | {r['loss']:.2f} "
+                     f"({r['chance']:.2f}) | {r['key_sim']:.2f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
