@@ -329,7 +329,7 @@ def render_table(results):
              + " | final pretrain loss | final key similarity | train time (min) | eval time (min) |",
              "|" + " --- |" * (len(COLUMNS) + 6)]
     for method in TABLE_ORDER:
-        done = [r for r in runs if r["method"] == method and all(s in r["stages"] for s in EVAL_STAGES)]
+        done = finished(runs, method)
         if not done:
             continue
         cells = [LABELS[method], ",".join(str(r["seed"]) for r in sorted(done, key=lambda r: r["seed"]))]
@@ -356,13 +356,17 @@ def render_table(results):
     return "\n".join(lines)
 
 
+def finished(runs, method):
+    """The runs of `method` whose evaluations all finished."""
+    return [r for r in runs if r["method"] == method and all(s in r["stages"] for s in EVAL_STAGES)]
+
+
 def render_targets(results):
     """The issue's targets for FAME against vanilla MoCo, from the seed means of step b."""
     runs = list(results.get("runs", {}).values())
 
     def mean(method, stage, key):
-        values = [r["stages"][stage][key] for r in runs
-                  if r["method"] == method and all(s in r["stages"] for s in EVAL_STAGES)]
+        values = [r["stages"][stage][key] for r in finished(runs, method)]
         return statistics.mean(values) if values else None
 
     moco, fame_ = ([mean(m, "probe_motion", "test_swapped"), mean(m, "probe_scene", "scene_balanced_test"),
