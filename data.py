@@ -60,7 +60,7 @@ MAX_RETRIES = 10
 MIN_CROP_SCALE = 0.2  # RandomResizedCrop's area share is in [0.2, 1] (A.2)
 DECODE_THREADS_MIN_PIXELS = 640 * 480  # below this, frame threading costs more than it gains
 SYNTHETIC_FLAGS = {"synthetic_version": 2, "synthetic_videos": 800, "synthetic_size": 64, "synthetic_length": 48,
-                   "synthetic_seed": 0, "synthetic_sprite": "video"}
+                   "synthetic_seed": 0, "synthetic_sprite": "video", "synthetic_backdrop": "pattern"}
 
 
 def add_data_args(parser):
@@ -75,6 +75,10 @@ def add_data_args(parser):
     g.add_argument("--frames", type=int, default=16, help="frames per clip T")
     g.add_argument("--stride", type=int, default=2, help="temporal stride between the frames of a clip")
     g.add_argument("--crop", type=int, default=112, help="crop size S (S x S pixels)")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=[MIN_CROP_SCALE, 1.0], metavar=("MIN", "MAX"),
+                   help="area share of the frame that a training RandomResizedCrop takes (A.2: 0.2 1)")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="random horizontal flip of training clips, probability 0.5 (A.2)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="loader worker processes per process (and index probing processes)")
     g.add_argument("--synthetic-version", type=int, default=SYNTHETIC_FLAGS["synthetic_version"], choices=(1, 2),
@@ -91,6 +95,9 @@ def add_data_args(parser):
     g.add_argument("--synthetic-sprite", default=SYNTHETIC_FLAGS["synthetic_sprite"], choices=("video", "shared"),
                    help="synthetic version 1: video: each video draws its object's shape, colour and size; shared: one "
                         "white disc of one size in every video (texture still per video)")
+    g.add_argument("--synthetic-backdrop", default=SYNTHETIC_FLAGS["synthetic_backdrop"], choices=("pattern", "flat"),
+                   help="synthetic: the scene family's pattern, or a flat grey frame under the same motions (the "
+                        "scene-free twin of the benchmark: only the motion tells videos apart)")
     return parser
 
 
@@ -99,6 +106,8 @@ def check_data_args(args):
     for name in ("frames", "stride", "crop"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
+        raise ValueError(f"--crop-scale needs 0 < MIN <= MAX <= 1, got {args.crop_scale[0]} {args.crop_scale[1]}")
     if getattr(args, "clips", 1) < 1:
         raise ValueError(f"--clips must be positive, got {args.clips}")
     if args.split != 1 and args.dataset not in SPLIT_DATASETS:
@@ -398,7 +407,7 @@ def synthetic_root(args):
 
     return synthetic.ensure(args.data or cache_dir(), args.synthetic_videos, args.synthetic_size,
                             args.synthetic_length, args.synthetic_seed, args.synthetic_sprite, max(1, args.workers),
-                            args.synthetic_version)
+                            args.synthetic_version, args.synthetic_backdrop)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -538,11 +547,11 @@ def center_crop_box(h, w, crop, resize=True):
     return (h - side) // 2, (w - side) // 2, side, side
 
 
-def training_short_side(crop):
+def training_short_side(crop, min_scale=MIN_CROP_SCALE):
     """Short side, for frames of width w and height h, below which a training frame is never shrunk: the one at
-    which the smallest RandomResizedCrop box (area share MIN_CROP_SCALE, aspect 3/4) still has `crop` pixels on
-    its short side, so that no crop is upsampled (about 2.24 x crop for 4:3 frames, 1.94 x for 16:9)."""
-    return lambda w, h: math.ceil(crop / math.sqrt(MIN_CROP_SCALE * 3 / 4 * max(w, h) / min(w, h)))
+    which the smallest RandomResizedCrop box (area share min_scale, aspect 3/4) still has `crop` pixels on its
+    short side, so that no crop is upsampled (at 0.2: about 2.24 x crop for 4:3 frames, 1.94 x for 16:9)."""
+    return lambda w, h: math.ceil(crop / math.sqrt(min_scale * 3 / 4 * max(w, h) / min(w, h)))
 
 
 def crop_resize(frames, box, size, flip=False):
@@ -566,7 +575,8 @@ class VideoDataset(torch.utils.data.Dataset):
     because they failed to decode)."""
 
     def __init__(self, root, rel_paths, labels, classes, infos, mode, frames, stride, crop, clips=10,
-                 scenes=None, name="", test_crop="resize", background_clip=False):
+                 scenes=None, name="", test_crop="resize", background_clip=False, crop_scale=(MIN_CROP_SCALE, 1.0),
+                 flip=True):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.root, self.name, self.mode = root, name, mode
@@ -579,8 +589,9 @@ class VideoDataset(torch.utils.data.Dataset):
         self.num_frames = [info["frames"] for info in infos]
         self.frames, self.stride, self.crop, self.clips = frames, stride, crop, clips
         self.test_crop, self.background_clip = test_crop, background_clip
+        self.crop_scale, self.flip = tuple(crop_scale), flip
         if mode != "test":
-            self.short_side = training_short_side(crop)
+            self.short_side = training_short_side(crop, self.crop_scale[0])
         else:  # a raw centre crop needs the frames as they are
             self.short_side = round(crop * 8 / 7) if test_crop == "resize" else None
         self.counter = {}
@@ -610,8 +621,9 @@ class VideoDataset(torch.utils.data.Dataset):
             box = center_crop_box(h, w, self.crop, resize=self.test_crop == "resize")
             return {"clip": torch.stack([crop_resize(f, box, self.crop) for f in frames]),
                     "label": int(self.labels[i])}  # (N, 3, T, S, S)
-        clips = [crop_resize(f, random_resized_crop_box(h, w, generator=generator), self.crop,
-                             _uniform(0, 1, generator) < 0.5) for f in frames]
+        # the flip is drawn with or without --flip, so that --no-flip changes nothing else
+        clips = [crop_resize(f, random_resized_crop_box(h, w, self.crop_scale, generator=generator), self.crop,
+                             (_uniform(0, 1, generator) < 0.5) and self.flip) for f in frames]
         if self.mode == "pretrain":
             return dict(zip(("q", "k", "bg"), clips))
         return {"clip": clips[0], "label": int(self.labels[i])}
@@ -671,7 +683,8 @@ def build_dataset(args, split, mode, background_clip=False):
     return VideoDataset(root, [rel[k] for k in ok], [labels[k] for k in ok], classes, [infos[k] for k in ok],
                         mode, args.frames, args.stride, args.crop, getattr(args, "clips", 1),
                         None if scenes is None else [scenes[k] for k in ok], name=f"{args.dataset}/{split}",
-                        test_crop=getattr(args, "test_crop", "resize"), background_clip=background_clip)
+                        test_crop=getattr(args, "test_crop", "resize"), background_clip=background_clip,
+                        crop_scale=args.crop_scale, flip=args.flip)
 
 
 # ----------------------------------------------------------------------------------------------------------

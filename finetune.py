@@ -32,8 +32,8 @@ PRESETS = {
     "ucf101": dict(dropout=0.7),  # A.3: 0.7 for UCF101, 0.5 for HMDB51
 }
 RESUME_KEYS = ("pretrained", "arch", "dataset", "data", "split", "target", "train_split", "frames", "stride", "crop",
-               "synthetic_version", "synthetic_videos", "synthetic_size", "synthetic_length", "synthetic_seed",
-               "synthetic_sprite", "batch_size", "seed", "dropout")
+               "crop_scale", "flip", "synthetic_version", "synthetic_videos", "synthetic_size", "synthetic_length",
+               "synthetic_seed", "synthetic_sprite", "synthetic_backdrop", "batch_size", "seed", "dropout")
 
 
 def get_args_parser():

@@ -35,8 +35,9 @@ import utils
 
 PRESETS = {"synthetic": dict(arch="cnn3d", frames=8, crop=32, batch_size=32, epochs=30)}
 RESUME_KEYS = ("pretrained", "arch", "dataset", "data", "split", "target", "train_split", "frames", "stride", "crop",
-               "synthetic_version", "synthetic_videos", "synthetic_size", "synthetic_length", "synthetic_seed",
-               "synthetic_sprite", "batch_size", "seed", "cache_features", "clips")
+               "crop_scale", "flip", "synthetic_version", "synthetic_videos", "synthetic_size", "synthetic_length",
+               "synthetic_seed", "synthetic_sprite", "synthetic_backdrop", "batch_size", "seed", "cache_features",
+               "clips")
 
 
 def get_args_parser():

@@ -37,10 +37,10 @@ PRESETS = {  # defaults that depend on --dataset; the paper's A.1 values are the
                       moco_m=0.99),
     **{name: dict(moco_k=2048) for name in ("ucf101", "hmdb51", "diving48", "folder")},  # A.1: 2048 for UCF101
 }
-RESUME_KEYS = ("arch", "dataset", "data", "split", "frames", "stride", "crop", "synthetic_version",
-               "synthetic_videos", "synthetic_size", "synthetic_length", "synthetic_seed", "synthetic_sprite",
-               "batch_size", "seed", "beta", "fame_method", "background", "fame_branches", "moco_dim", "moco_k",
-               "moco_m", "moco_t")  # what defines a run
+RESUME_KEYS = ("arch", "dataset", "data", "split", "frames", "stride", "crop", "crop_scale", "flip",
+               "synthetic_version", "synthetic_videos", "synthetic_size", "synthetic_length", "synthetic_seed",
+               "synthetic_sprite", "synthetic_backdrop", "batch_size", "seed", "beta", "fame_method", "background",
+               "fame_branches", "moco_dim", "moco_k", "moco_m", "moco_t")  # what defines a run
 
 
 def get_args_parser():

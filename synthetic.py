@@ -7,7 +7,7 @@ train / test (scene family = class for 90% of the videos), test_swapped (never),
 (every class-scene pair equally often). Written as H.264 mp4s with splits/<split>.txt ("path class scene") and
 meta.json; stage scripts generate it on first use (--dataset synthetic), or:
 
-    python synthetic.py --out DIR [--videos 800 --size 64 --length 48 --seed 0 --sprite video]
+    python synthetic.py --out DIR [--videos 800 --size 64 --length 48 --seed 0 --sprite video --backdrop pattern]
 """
 import argparse
 import hashlib
@@ -31,6 +31,8 @@ FPS = 25
 MATCH = 0.9  # fraction of train/test videos whose scene family equals their class
 OBJECT_AREA = (0.10, 0.16)  # object area / frame area (approach/recede sweep 0.55x..1.45x of this in side)
 SPRITES = ("video", "shared")  # --synthetic-sprite
+BACKDROPS = ("pattern", "flat")  # --synthetic-backdrop
+FLAT_GREY = 110  # the flat backdrop's level, about the patterns' mean brightness
 _SHARED_SPRITE = (("disc",), ((1.0, 1.0, 1.0),), (0.13, 0.13))  # shapes, colours, area range of "shared"
 _SPRITE_COLORS = ((1.0, 0.15, 0.1), (1.0, 0.9, 0.1), (0.1, 0.95, 1.0), (1.0, 0.2, 0.95), (1.0, 1.0, 1.0),
                   (1.0, 0.55, 0.0))
@@ -195,8 +197,12 @@ def _background(scene, rng, X, Y, S):
     return c1 + (c2 - c1) * p[..., None], c2
 
 
-def render(motion, scene, video_seed, size=64, length=48, sprite="video", version=2):
-    """Frames (L, S, S, 3) uint8 and ground-truth object masks (L, S, S) bool of one synthetic video.
+def render(motion, scene, video_seed, size=64, length=48, sprite="video", version=2, scene_only=False,
+           backdrop="pattern"):
+    """Frames (L, S, S, 3) uint8 and ground-truth object masks (L, S, S) bool of one synthetic video; with
+    scene_only, the frames show the scene alone (the object is not drawn; the masks are those of the video).
+    backdrop "flat": the scene is a flat grey frame with no distractor, and the object moves exactly as over the
+    pattern (the scene-free twin of the video: every random draw is the same).
 
     The scene (a per-video palette, orientation, scale and phase of its family's pattern, camera jitter and a
     drifting distractor disc) is the same in both versions. Version 1: the object's shape, colour, texture and
@@ -217,6 +223,8 @@ def render(motion, scene, video_seed, size=64, length=48, sprite="video", versio
     g = np.arange(n, dtype=np.float32)
     canvas, light = _background(scene, rng, g[None, :], g[:, None], S)  # (n,n,3) float
     canvas = (canvas * 255 + 0.5).clip(0, 255).astype(np.uint8)
+    if backdrop == "flat":
+        canvas[:] = FLAT_GREY
     img = np.stack([canvas[jit + y: jit + y + S, jit + x: jit + x + S] for x, y in zip(jx, jy)])  # (L,S,S,3)
     # drifting distractor: a small disc in the scene's lighter colour, moving with the scene
     d0x, d0y = rng.uniform(0, S, 2).tolist()
@@ -242,7 +250,8 @@ def render(motion, scene, video_seed, size=64, length=48, sprite="video", versio
     pixels = _rgb_items(img).reshape(-1)  # (L*S*S,) view of img
     radius = 0.06 * S
     u, v = _offsets(dx_, dy_, radius + 1, S)
-    pixels[np.flatnonzero(u * u + v * v <= radius * radius)] = _rgb_items(light)  # the disc goes under the sprite
+    if backdrop == "pattern":
+        pixels[np.flatnonzero(u * u + v * v <= radius * radius)] = _rgb_items(light)  # the disc goes under the sprite
     r = R * grow  # (L,) float32
     u, v = _offsets(cx - jx, cy - jy, r * 1.5 + 2, S, wrap=version == 1)  # the camera moves the object too
     u, v = u / r[:, None, None], v / r[:, None, None]
@@ -253,7 +262,8 @@ def render(motion, scene, video_seed, size=64, length=48, sprite="video", versio
     core = _shape_mask(shape, u * (1 + 1.5 / r), v * (1 + 1.5 / r))  # 1.5-pixel dark outline
     su = np.sin(tf * (u * math.cos(ta) + v * math.sin(ta)))
     tex = (su * np.sin(tf * (v * math.cos(ta) - u * math.sin(ta))) if checker else su) > 0
-    pixels[idx] = _rgb_items(shades)[np.where(core, np.where(tex, 0, 1), 2)]
+    if not scene_only:
+        pixels[idx] = _rgb_items(shades)[np.where(core, np.where(tex, 0, 1), 2)]
     return img, masks
 
 
@@ -309,15 +319,15 @@ def _relpath(split, i, cls, scene):
 
 
 def _write_chunk(job):
-    root, size, length, sprite, version, items = job
+    root, size, length, sprite, version, backdrop, items = job
     t0 = time.process_time()
     for split, i, (cls, scene, vseed) in items:
-        frames, _ = render(MOTIONS[cls], scene, vseed, size, length, sprite, version)
+        frames, _ = render(MOTIONS[cls], scene, vseed, size, length, sprite, version, backdrop=backdrop)
         _write_mp4(os.path.join(root, _relpath(split, i, cls, scene)), frames)
     return time.process_time() - t0
 
 
-def make(root, num_videos=800, size=64, length=48, seed=0, workers=1, sprite="video", version=2):
+def make(root, num_videos=800, size=64, length=48, seed=0, workers=1, sprite="video", version=2, backdrop="pattern"):
     """Writes the benchmark (H.264 mp4s, splits/<split>.txt with "path class scene", meta.json) to root, unless
     a complete copy is there. It is written into root.inprogress-<pid> and renamed into place when complete, so
     an interrupted generation never leaves a half-written benchmark that would be reused."""
@@ -340,9 +350,11 @@ def make(root, num_videos=800, size=64, length=48, seed=0, workers=1, sprite="vi
             items += [(split, i, spec) for i, spec in enumerate(split_specs)]
         chunks = [items[k::workers * 8] for k in range(workers * 8)]
         t0 = time.time()
-        cpu = utils.parallel_map(_write_chunk, [(tmp, size, length, sprite, version, c) for c in chunks if c], workers)
+        jobs = [(tmp, size, length, sprite, version, backdrop, c) for c in chunks if c]
+        cpu = utils.parallel_map(_write_chunk, jobs, workers)
         meta = {"version": version, "num_videos": num_videos, "size": size, "length": length, "seed": seed,
-                "sprite": sprite, "fps": FPS, "motions": MOTIONS, "scenes": SCENES, "match": MATCH,
+                "sprite": sprite, "backdrop": backdrop, "fps": FPS, "motions": MOTIONS, "scenes": SCENES,
+                "match": MATCH,
                 "object_area": OBJECT_AREA if version == 1 else V2_OBJECT_AREA, "splits": split_sizes(num_videos),
                 "seconds": round(time.time() - t0, 2),
                 "cpu_seconds": round(sum(cpu), 2), "workers": workers}
@@ -352,24 +364,26 @@ def make(root, num_videos=800, size=64, length=48, seed=0, workers=1, sprite="vi
     return root
 
 
-def ensure(base, num_videos=800, size=64, length=48, seed=0, sprite="video", workers=1, version=2):
+def ensure(base, num_videos=800, size=64, length=48, seed=0, sprite="video", workers=1, version=2,
+           backdrop="pattern"):
     """The root of the benchmark with these parameters under `base`, generated there on first use (its folder
     name is a hash of the parameters, so benchmarks of other parameters live side by side)."""
-    params = (version, num_videos, size, length, seed, sprite)
+    params = (version, num_videos, size, length, seed, sprite) + ((backdrop,) if backdrop != "pattern" else ())
     root = os.path.join(base, "synthetic_" + hashlib.sha1(repr(params).encode()).hexdigest()[:10])
-    return make(root, num_videos, size, length, seed, workers, sprite, version)
+    return make(root, num_videos, size, length, seed, workers, sprite, version, backdrop)
 
 
-def clip(path, indices=None):
+def clip(path, indices=None, scene_only=False):
     """Re-renders the video at `path` (a file of a benchmark folder): frames (L, S, S, 3) uint8 and ground-truth
-    object masks (L, S, S) bool, optionally only at frame `indices` (e.g. a clip's)."""
+    object masks (L, S, S) bool, optionally only at frame `indices` (e.g. a clip's); scene_only: see render()."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(path))))
     with open(os.path.join(root, "meta.json")) as f:
         meta = json.load(f)
     split = os.path.basename(os.path.dirname(os.path.dirname(path)))
     i = int(os.path.basename(path)[len(split) + 1:].split("_")[0])
     cls, scene, vseed = specs(split, meta["num_videos"], meta["seed"])[i]
-    frames, masks = render(MOTIONS[cls], scene, vseed, meta["size"], meta["length"], meta["sprite"], meta["version"])
+    frames, masks = render(MOTIONS[cls], scene, vseed, meta["size"], meta["length"], meta["sprite"], meta["version"],
+                           scene_only, meta.get("backdrop", "pattern"))
     if indices is not None:
         frames, masks = frames[indices], masks[indices]
     return frames, masks
@@ -386,11 +400,14 @@ def get_args_parser():
     parser.add_argument("--version", type=int, default=2, choices=VERSIONS, help="benchmark version (see render())")
     parser.add_argument("--sprite", default="video", choices=SPRITES,
                         help="version 1's object look: drawn per video, or shared")
+    parser.add_argument("--backdrop", default="pattern", choices=BACKDROPS,
+                        help="the scene: its family's pattern, or a flat grey frame (the scene-free twin)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="writer processes")
     return parser
 
 
 if __name__ == "__main__":
     args = get_args_parser().parse_args()
-    root = make(args.out, args.videos, args.size, args.length, args.seed, args.workers, args.sprite, args.version)
+    root = make(args.out, args.videos, args.size, args.length, args.seed, args.workers, args.sprite, args.version,
+                args.backdrop)
     print(f"wrote {root}: " + json.dumps(json.load(open(os.path.join(root, "meta.json")))["splits"]))

@@ -989,6 +989,30 @@ def test_data_decode_indices_and_short_videos(tmp_path):
         assert got[0].tolist() == frames_expected
 
 
+def test_data_crop_scale_and_flip_flags(tmp_path, monkeypatch):
+    root = tmp_path / "f"
+    _data_write(str(root / "a" / "noise.mp4"), _data_noise(12))
+    flip, no_flip = (data.build_dataset(_data_args(tmp_path, root, "folder", *extra), "train", "pretrain")
+                     for extra in ([], ["--no-flip"]))
+    mirrored = 0
+    for key in range(8):  # the same item key: the same draws, so --no-flip only leaves the flips out
+        a, b = flip[(0, key, 0)], no_flip[(0, key, 0)]
+        for n in ("q", "k"):
+            mirrored += not torch.equal(a[n], b[n])
+            assert torch.equal(a[n], b[n]) or torch.equal(a[n].flip(-1), b[n])
+    assert mirrored > 0
+    # --crop-scale reaches the crop boxes and the decode size (a larger smallest crop needs fewer pixels)
+    scales = []
+    box = data.random_resized_crop_box
+    monkeypatch.setattr(data, "random_resized_crop_box", lambda h, w, scale, **kw: scales.append(scale) or
+                        box(h, w, scale, **kw))
+    mild = data.build_dataset(_data_args(tmp_path, root, "folder", "--crop-scale", "0.5", "1"), "train", "pretrain")
+    mild[(0, 0, 0)]
+    assert scales == [(0.5, 1.0)] * 2 and mild.short_side(320, 240) < flip.short_side(320, 240)
+    with pytest.raises(ValueError, match="--crop-scale"):
+        _data_args(tmp_path, root, "folder", "--crop-scale", "0.5", "0.2")
+
+
 def test_data_pretrain_two_clips_differ_in_time(tmp_path):
     root = tmp_path / "f"
     _data_write(str(root / "a" / "ramp.mp4"), _data_ramp(40))
@@ -1251,6 +1275,34 @@ def test_synthetic_v2_one_look_and_per_video_motion():
     # version 1 is still generated as it was: each video draws its own look
     v1 = {synthetic.render("up", 0, s, 64, 8, version=1)[0][0, 32, :].tobytes() for s in range(4)}
     assert len(v1) == 4
+
+
+def test_synthetic_scene_only_and_flat_backdrop_split_object_from_scene():
+    # The scene alone (for composites of one video's object over another's scene): the same frames outside the
+    # object's masks, none of the object's pixels inside them, the same masks.
+    frames, masks = synthetic.render("circle", 3, 99, 64, 16)
+    scene, scene_masks = synthetic.render("circle", 3, 99, 64, 16, scene_only=True)
+    assert np.array_equal(masks, scene_masks)
+    assert np.array_equal(frames[~masks], scene[~masks])
+    assert (frames[masks] != scene[masks]).any(-1).all()
+    # The flat backdrop is the scene-free twin: the same object pixels, one grey level everywhere else.
+    flat, flat_masks = synthetic.render("circle", 3, 99, 64, 16, backdrop="flat")
+    assert np.array_equal(masks, flat_masks) and np.array_equal(frames[masks], flat[masks])
+    assert (flat[~masks] == synthetic.FLAT_GREY).all()
+
+
+def test_synthetic_flat_backdrop_benchmark(tmp_path):
+    # --synthetic-backdrop flat: its own folder (the default's name is unchanged), recorded in meta.json, and
+    # synthetic.clip re-renders the flat twin
+    common = ["--data", str(tmp_path), "--dataset", "synthetic", "--synthetic-videos", "8", "--synthetic-size", "32",
+              "--synthetic-length", "16", "--workers", "1"]
+    roots = [data.synthetic_root(data.check_data_args(_data_parser().parse_args(common + flags)))
+             for flags in ([], ["--synthetic-backdrop", "flat"])]
+    assert roots[0] == synthetic.ensure(str(tmp_path), 8, 32, 16) != roots[1]
+    assert json.loads((Path(roots[1]) / "meta.json").read_text())["backdrop"] == "flat"
+    path = os.path.join(roots[1], open(os.path.join(roots[1], "splits", "train.txt")).readline().split()[0])
+    frames, masks = synthetic.clip(path)
+    assert (frames[~masks] == synthetic.FLAT_GREY).all() and masks.any()
 
 
 def test_synthetic_dataset_and_presets(tmp_path):

@@ -3,11 +3,14 @@
   python experiments/background_bias.py --steps a      # random init (3 seeds: the floor), supervised ceiling
   python experiments/background_bias.py --steps b      # vanilla MoCo (beta 1.0) vs FAME (beta 0.5), --seeds each
   python experiments/background_bias.py --steps c      # ablations, one seed each
+  python experiments/background_bias.py --steps d      # FAME at beta 0.2, where the mask keeps little own scene
+  python experiments/background_bias.py --steps e      # MoCo on the scene-free twin: can motion alone be learned?
   python experiments/background_bias.py --masks        # FAME's masks against the true object masks
   python experiments/background_bias.py --crops        # share of training crops that keep the object in view
-  python experiments/background_bias.py --findable     # is the positive findable among a batch's keys? (after a, b)
+  python experiments/background_bias.py --findable     # is the positive findable among a batch's keys?
+  python experiments/background_bias.py --composites   # does an embedding follow the motion or the scene?
   python experiments/background_bias.py --learnability # can MoCo with the backbone learn trivially distinct videos?
-  python experiments/background_bias.py --pictures     # README pictures via visualize.py (after a, b)
+  python experiments/background_bias.py --pictures     # README pictures via visualize.py (moco_s0, fame_s0)
   python experiments/background_bias.py --table        # README tables, rendered from experiments/results.json
 
 Every model is measured three ways with cached-feature linear probes (linear_probe.py --cache-features), plus
@@ -18,6 +21,7 @@ retrieval (retrieve.py):
   background - the same balanced probe predicting the scene family (--target scene), tested on balanced_test;
                lower = less background in the representation.
 The floor is random initialisation; the ceiling a supervised model (finetune.py from scratch on balanced_train).
+--findable, --composites and --pictures use the checkpoints under --runs-dir (not committed: rerun the steps).
 Each stage runs as a subprocess of a stage script with explicit flags and is timed; a finished stage is recorded
 in the JSON and skipped on a rerun (an interrupted pretrain.py resumes from its own checkpoint, inside an epoch
 too), so the protocol can be run in parts. The shared settings are stored in the JSON, and a rerun with other
@@ -39,6 +43,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -61,19 +66,24 @@ METHODS = {
     "gauss": ("c", "FAME, gauss mask", ["--beta", "0.5", "--fame-method", "gauss"]),
     "intra": ("c", "FAME, intra-video background", ["--beta", "0.5", "--background", "intra"]),
     "both": ("c", "FAME on both branches", ["--beta", "0.5", "--fame-branches", "both"]),
+    "beta0.2": ("d", "FAME beta 0.2", ["--beta", "0.2"]),
+    "flat": ("e", "MoCo on the scene-free twin", ["--beta", "1.0", "--synthetic-backdrop", "flat"]),
 }
 LABELS = {"random": "random init (floor)", "supervised": "supervised on balanced_train (ceiling)",
           **{k: v[1] for k, v in METHODS.items()}}
-TABLE_ORDER = ["random", "moco", "fame", "beta0.3", "beta0.7", "seed", "grid", "gauss", "intra", "both", "supervised"]
+TABLE_ORDER = ["random", "moco", "fame", "beta0.2", "beta0.3", "beta0.7", "seed", "grid", "gauss", "intra", "both",
+               "flat", "supervised"]
 EVAL_STAGES = ("probe_bias", "probe_motion", "probe_scene", "retrieve")
-SETTINGS = ("synthetic_version", "synthetic_videos", "arch", "frames", "crop", "epochs", "batch_size", "lr", "cos",
-            "moco_k", "moco_m", "moco_t", "probe_epochs", "finetune_epochs", "finetune_lr", "eval_clips")
+SETTINGS = ("synthetic_version", "synthetic_videos", "arch", "frames", "crop", "crop_scale", "flip", "epochs",
+            "batch_size", "lr", "cos", "moco_k", "moco_m", "moco_t", "probe_epochs", "finetune_epochs", "finetune_lr",
+            "eval_clips")
 
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--steps", nargs="*", default=[], choices=["a", "b", "c"], help="protocol steps to run")
+    parser.add_argument("--steps", nargs="*", default=[], choices=["a", "b", "c", "d", "e"],
+                        help="protocol steps to run")
     parser.add_argument("--only", nargs="*", default=None, metavar="RUN",
                         help="of the planned runs, only these (e.g. moco_s0 fame_s0)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of steps a (random) and b")
@@ -87,6 +97,9 @@ def get_args_parser():
     parser.add_argument("--findable", action="store_true",
                         help="instance top-1 of query clips (plain or FAME-merged) among a batch's keys, with the "
                              "features of random init, the supervised ceiling, MoCo and FAME (seed 0)")
+    parser.add_argument("--composites", action="store_true",
+                        help="motion preference: is the clip of one video's object moving over another video's scene "
+                             "nearer the first video (motion) or the second (scene)? With every seed-0 model present")
     parser.add_argument("--pictures", action="store_true",
                         help="write experiments/masks.png and experiments/caam.png (needs moco_s0 and fame_s0)")
     parser.add_argument("--results", default=str(REPO / "experiments" / "results.json"),
@@ -106,6 +119,10 @@ def get_args_parser():
     g.add_argument("--arch", default=pretrain.PRESETS["synthetic"]["arch"], help="backbone of every run")
     g.add_argument("--frames", type=int, default=pretrain.PRESETS["synthetic"]["frames"], help="frames per clip")
     g.add_argument("--crop", type=int, default=pretrain.PRESETS["synthetic"]["crop"], help="crop size")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=[data.MIN_CROP_SCALE, 1.0], metavar=("MIN", "MAX"),
+                   help="area share of the training crops (pretraining and the supervised ceiling)")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
+                   help="random horizontal flips of the training clips")
     g.add_argument("--epochs", type=int, default=48,
                    help="pretraining epochs (twice the quick start's, which must stay within 10 minutes)")
     g.add_argument("--batch-size", type=int, default=pretrain.PRESETS["synthetic"]["batch_size"],
@@ -135,6 +152,8 @@ def main(args):
         print(render_mask_table(results))
         print(render_findable_table(results))
         print()
+        print(render_composites_table(results))
+        print()
         print(render_targets(results))
         print()
         print(render_learnability(results))
@@ -150,6 +169,7 @@ def main(args):
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     for flag, measure, key in (("masks", measure_masks, "mask_iou"), ("crops", measure_crops, "crops"),
                                ("findable", measure_findable, "findable"),
+                               ("composites", measure_composites, "composites"),
                                ("learnability", measure_learnability, "learnability")):
         if getattr(args, flag) and not args.dry_run:
             t0 = time.time()
@@ -172,15 +192,17 @@ def plan_runs(args):
         runs.append({"name": "supervised_s0", "method": "supervised", "seed": 0})
     if "b" in args.steps:
         runs += [{"name": f"{m}_s{s}", "method": m, "seed": s} for s in args.seeds for m in ("moco", "fame")]
-    if "c" in args.steps:
-        runs += [{"name": f"{m}_s0", "method": m, "seed": 0} for m, v in METHODS.items() if v[0] == "c"]
+    for step in ("c", "d", "e"):
+        if step in args.steps:
+            runs += [{"name": f"{m}_s0", "method": m, "seed": 0} for m, v in METHODS.items() if v[0] == step]
     return runs
 
 
 def data_flags(args):
     return ["--dataset", "synthetic", "--data", str(Path(args.runs_dir) / "data"), "--synthetic-version",
             str(args.synthetic_version), "--synthetic-videos", str(args.synthetic_videos), "--workers", "1",
-            "--arch", args.arch, "--frames", str(args.frames), "--crop", str(args.crop)]
+            "--arch", args.arch, "--frames", str(args.frames), "--crop", str(args.crop),
+            "--crop-scale", *map(str, args.crop_scale), "--flip" if args.flip else "--no-flip"]
 
 
 def stages(args, run):
@@ -401,7 +423,8 @@ def render_crop_line(results):
         return "(no crop measurements: run --crops)"
     return (f"Training crops that keep at least half of the object in every frame of the clip: "
             f"{100 * c['kept_half']:.1f}% ({100 * c['kept_any']:.1f}% keep some of it; {c['clips']} clips of `train`, "
-            f"the loader's RandomResizedCrop at scale 0.2-1 on {c['size']}x{c['size']} frames).")
+            f"the loader's RandomResizedCrop at scale {'-'.join(f'{v:g}' for v in c['scale'])} on "
+            f"{c['size']}x{c['size']} frames).")
 
 
 def render_mask_table(results):
@@ -417,11 +440,11 @@ def render_mask_table(results):
                   f"the object covers {100 * res['object_area_frame']:.1f}% of a frame and "
                   f"{100 * res['object_area_union']:.1f}% of the frame over the whole clip):", "",
                   "| beta | FAME IoU | FAME precision | object kept | own background kept (% of frame) | "
-                  "seed IoU | grid IoU | gauss IoU |", "|" + " --- |" * 8]
+                  "donor's object shown | seed IoU | grid IoU | gauss IoU |", "|" + " --- |" * 9]
         for beta in betas:
             f = res[f"fame_beta{beta}"]
             lines.append(f"| {beta} | {f['iou']:.2f} | {f['precision']:.2f} | {100 * f['recall']:.0f}% | "
-                         f"{100 * f['own_background']:.1f} | " + " | ".join(
+                         f"{100 * f['own_background']:.1f} | {100 * f['donor_object']:.0f}% | " + " | ".join(
                              f"{res[f'{k}_beta{beta}']['iou']:.2f}" for k in ("seed", "grid", "gauss")) + " |")
         lines.append("")
     return "\n".join(lines)
@@ -499,7 +522,8 @@ def measure_masks(args, device, betas=(0.1, 0.15, 0.2, 0.3, 0.5, 0.7), methods=(
     videos, at the 64 px frame and resized to the 32 px training crop (a whole-frame crop).
     The mask is constant over the clip, so IoU and precision use the union of the clip's object masks;
     recall = share of each frame's object pixels inside the mask (what the merged clip keeps of the object);
-    own_background = share of the frame that is the clip's own background and survives the merge (Eq. 4)."""
+    own_background = share of the frame that is the clip's own background and survives the merge (Eq. 4);
+    donor_object = share of the background donor's object (the previous clip's) that the merged clip shows."""
     ns = synthetic_args(args)
     root = Path(data.synthetic_root(ns))
     length = json.loads((root / "meta.json").read_text())["length"]
@@ -531,13 +555,21 @@ def measure_masks(args, device, betas=(0.1, 0.15, 0.2, 0.3, 0.5, 0.7), methods=(
                     "iou": (inter / (m + union - m * union).flatten(1).sum(1)).mean().item(),
                     "precision": (inter / m.flatten(1).sum(1)).mean().item(),
                     "recall": recall.mean().item(),
-                    "own_background": (m * (1 - union)).mean().item()}
+                    "own_background": (m * (1 - union)).mean().item(),
+                    "donor_object": donor_kept(m, obj.roll(1, 0)).mean().item()}
         out["results"][f"{size}px"] = res
     return out
 
 
+def donor_kept(mask, donor_objects):
+    """(B,) share of each background donor's object pixels outside the foreground mask (B, s, s), i.e. shown in
+    the merged clip, over the frames of donor_objects (B, T, s, s)."""
+    outside = (1 - mask[:, None]) * donor_objects  # (B, T, s, s)
+    return outside.flatten(1).sum(1) / donor_objects.flatten(1).sum(1).clamp_min(1)
+
+
 def measure_crops(args, device, clips=800):
-    """Share of the loader's random crops (RandomResizedCrop 0.2-1 of the training frames) that keep at least
+    """Share of the loader's random crops (RandomResizedCrop at --crop-scale of the training frames) that keep at least
     half of the object's pixels in view in every frame of the clip, on the first `clips` training videos."""
     ns = synthetic_args(args)
     root = Path(data.synthetic_root(ns))
@@ -550,71 +582,180 @@ def measure_crops(args, device, clips=800):
         _, masks = synthetic.clip(str(root / line.split()[0]))
         start = int(torch.randint(0, meta["length"] - span + 1, (), generator=g))
         m = torch.from_numpy(masks[data.clip_indices(start, meta["length"], ns.frames, stride)])  # (T, S, S)
-        top, left, h, w = data.random_resized_crop_box(m.shape[1], m.shape[2], generator=g)
+        top, left, h, w = data.random_resized_crop_box(m.shape[1], m.shape[2], tuple(ns.crop_scale), generator=g)
         inside = m[:, top:top + h, left:left + w].flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)  # (T,)
         half += bool((inside >= 0.5).all())
         anything += bool((inside > 0).all())
-    return {"clips": len(lines), "size": meta["size"], "kept_half": half / len(lines),
+    return {"clips": len(lines), "size": meta["size"], "scale": ns.crop_scale, "kept_half": half / len(lines),
             "kept_any": anything / len(lines)}
 
 
+def frozen_backbones(args, device):
+    """(method, seed, frozen backbone in eval mode) of every model here, in the tables' order: random init for each
+    of --seeds (the weights linear_probe.py draws for that seed), then every run of steps a-d whose checkpoint
+    exists. The global RNG is reseeded after each is built, so that every model meets the same random draws."""
+    runs = Path(args.runs_dir)
+    for method in TABLE_ORDER:
+        stage = "finetune" if method == "supervised" else "pretrain"
+        seeds = args.seeds if method == "random" else sorted(int(p.name.rsplit("_s", 1)[1]) for p in
+                                                              runs.glob(f"{method}_s*")
+                                                              if (p / stage / "checkpoint.pth").is_file())
+        for seed in seeds:
+            torch.manual_seed(seed)
+            backbone = models.build_backbone(args.arch)
+            if method != "random":
+                models.load_backbone(backbone, runs / f"{method}_s{seed}" / stage / "checkpoint.pth")
+            torch.manual_seed(0)
+            yield method, seed, backbone.to(device).eval()
+
+
+FINDABLE_VIEWS = {  # column key: header
+    "pretrain": "pretraining's views", "fame0.3": "FAME beta 0.3", "fame0.5": "FAME beta 0.5",
+    "fame0.7": "FAME beta 0.7", "no_colour": "no colour augmentation", "whole": "whole frames, no flip",
+    "whole_no_colour": "whole frames, no flip, no colour augmentation"}
+
+
 @torch.no_grad()
-def measure_findable(args, device, batches=4, batch_size=64, betas=(1.0, 0.3, 0.5, 0.7)):
+def measure_findable(args, device, batches=4, batch_size=64):
     """How often a query clip's nearest key (cosine, frozen backbone features in eval mode) is the other clip of
-    its own video, among the batch_size videos of a batch: pretraining's two clips of each `train` video (the
-    loader's crop and flip), colour augmentation on both, FAME on the query as in pretrain.py (beta 1: none)."""
+    its own video, among the batch_size videos of a batch of `train`. Views: pretraining's two clips of each video
+    (the loader's crop and flip) with colour augmentation on both; the same with FAME on the query as in
+    pretrain.py (beta 0.3, 0.5, 0.7); the same without the colour augmentation; and the whole frames of two random
+    clip spans (no crop, no flip) with and without it."""
     ns = synthetic_args(args)
     ns.seed = 0
     loader = data.build_loader(data.build_dataset(ns, "train", "pretrain"), batch_size, ns, train=True, seed=0)
-    runs = Path(args.runs_dir)
-    sources = {"random": None, "supervised": runs / "supervised_s0" / "finetune" / "checkpoint.pth",
-               "moco": runs / "moco_s0" / "pretrain" / "checkpoint.pth",
-               "fame": runs / "fame_s0" / "pretrain" / "checkpoint.pth"}
-    out = {"batches": batches, "batch_size": batch_size, "top1": {}}
-    for name, ckpt in sources.items():
-        if ckpt is not None and not ckpt.is_file():
-            continue
-        torch.manual_seed(0)  # the same random init, batches, augmentations and backgrounds for every model
-        backbone = models.build_backbone(args.arch)
-        if ckpt is not None:
-            models.load_backbone(backbone, ckpt)
-        backbone.to(device).eval()
-        hits = {beta: [] for beta in betas}
-        for batch in itertools.islice(loader, batches):
-            q0, k0 = batch["q"].to(device), batch["k"].to(device)  # (B, 3, T, S, S) uint8
-            k = F.normalize(backbone.forward_features(data.augment(k0)), dim=1)  # (B, D)
-            for beta in betas:
-                q = q0 if beta == 1 else fame.FAME(beta=beta)(q0)  # Eq. (4), backgrounds from the batch
-                q = F.normalize(backbone.forward_features(data.augment(q)), dim=1)  # (B, D)
-                hits[beta] += ((q @ k.t()).argmax(1).cpu() == torch.arange(len(q))).tolist()
-        out["top1"][name] = {str(beta): 100 * sum(h) / len(h) for beta, h in hits.items()}
+    pairs = [(b["q"], b["k"]) for b in itertools.islice(loader, batches)]  # (B, 3, T, S, S) uint8 each
+    root = Path(data.synthetic_root(ns))
+    meta = json.loads((root / "meta.json").read_text())
+    stride, span = data.clip_layout(meta["length"], ns.frames, ns.stride)
+    rows = (root / "splits" / "train.txt").read_text().splitlines()[:batches * batch_size]
+    g = torch.Generator().manual_seed(0)
+    whole = [[], []]
+    for line in rows:
+        frames, _ = synthetic.clip(str(root / line.split()[0]))
+        for view, start in zip(whole, torch.randperm(meta["length"] - span + 1, generator=g)[:2].tolist()):
+            clip = frames[data.clip_indices(start, meta["length"], ns.frames, stride)]
+            view.append(data.crop_resize(clip, (0, 0, meta["size"], meta["size"]), ns.crop))  # (3, T, s, s)
+    whole = [tuple(torch.stack(view[i:i + batch_size]) for view in whole) for i in range(0, len(rows), batch_size)]
+    out = {"batches": batches, "batch_size": batch_size, "models": {}}
+    for method, seed, backbone in frozen_backbones(args, device):
+
+        def top1(q, k, colour=True):  # (B,) hits of uint8 query and key clips
+            views = [data.augment(x) if colour else data.normalize(x) for x in (q.to(device), k.to(device))]
+            q, k = (F.normalize(backbone.forward_features(x), dim=1) for x in views)  # (B, D)
+            return ((q @ k.t()).argmax(1).cpu() == torch.arange(len(q))).tolist()
+
+        hits = {view: [] for view in FINDABLE_VIEWS}
+        for q, k in pairs:
+            hits["pretrain"] += top1(q, k)
+            for beta in (0.3, 0.5, 0.7):
+                hits[f"fame{beta}"] += top1(fame.FAME(beta=beta)(q), k)  # Eq. (4), backgrounds from the batch
+            hits["no_colour"] += top1(q, k, colour=False)
+        for q, k in whole:
+            hits["whole"] += top1(q, k)
+            hits["whole_no_colour"] += top1(q, k, colour=False)
+        out["models"][f"{method}_s{seed}"] = {"method": method, "seed": seed,
+                                              **{view: 100 * sum(h) / len(h) for view, h in hits.items()}}
     return out
+
+
+def test_swapped_rows(root):
+    """[path, class, scene] of every test_swapped video of the benchmark at root."""
+    return [line.split() for line in (Path(root) / "splits" / "test_swapped.txt").read_text().splitlines()]
+
+
+def other_video(rows, i):
+    """The first row after row i (cyclically) of another class and another scene family."""
+    return next(r for r in rows[i + 1:] + rows[:i] if r[1] != rows[i][1] and r[2] != rows[i][2])
+
+
+@torch.no_grad()
+def measure_composites(args, device, pairs=200):
+    """Does an embedding follow the motion or the scene? For pairs (A, B) of test_swapped videos of other classes
+    and other scene families: the composite X, A's object (its true masks) moving over B's scene alone in the
+    video's last clip span, and the first clips of A and of B (no frame in common with X, so that X does not
+    match A by where the object happens to be), all with the test-time centre crop. Motion preference: the share
+    of pairs whose composite is nearer A (same motion, other scene) than B (same scene, other motion), in cosine
+    of the frozen backbone's features centred by their mean over the three sets of clips."""
+    ns = synthetic_args(args)
+    root = Path(data.synthetic_root(ns))
+    meta = json.loads((root / "meta.json").read_text())
+    stride, span = data.clip_layout(meta["length"], ns.frames, ns.stride)
+    first = data.clip_indices(0, meta["length"], ns.frames, stride)
+    last = data.clip_indices(meta["length"] - span, meta["length"], ns.frames, stride)
+    box = data.center_crop_box(meta["size"], meta["size"], ns.crop)
+    rows = test_swapped_rows(root)
+    clips = {"A": [], "B": [], "X": []}
+    for i, a in enumerate(rows[:pairs]):
+        b = other_video(rows, i)
+        object_a, mask_a = synthetic.clip(str(root / a[0]), last)  # (T, S, S, 3) uint8, (T, S, S) bool
+        scene_b, _ = synthetic.clip(str(root / b[0]), last, scene_only=True)
+        for key, frames in (("A", synthetic.clip(str(root / a[0]), first)[0]),
+                            ("B", synthetic.clip(str(root / b[0]), first)[0]),
+                            ("X", np.where(mask_a[..., None], object_a, scene_b))):
+            clips[key].append(data.crop_resize(frames, box, ns.crop))  # (3, T, s, s) uint8
+    clips = {key: data.normalize(torch.stack(v)) for key, v in clips.items()}  # (N, 3, T, s, s)
+    out = {"pairs": len(rows[:pairs]), "models": {}}
+    for method, seed, backbone in frozen_backbones(args, device):
+        f = {key: backbone.forward_features(x.to(device)).cpu() for key, x in clips.items()}  # (N, D) each
+        mean = torch.cat(list(f.values())).mean(0)  # centred, as retrieve.py centres: else every cosine is near 1
+        f = {key: F.normalize(v - mean, dim=1) for key, v in f.items()}
+        to_motion, to_scene = (f["X"] * f["A"]).sum(1), (f["X"] * f["B"]).sum(1)  # (N,) cosines
+        nearer = 100 * (to_motion > to_scene).float().mean().item()
+        out["models"][f"{method}_s{seed}"] = {"method": method, "seed": seed, "motion_preference": nearer,
+                                              "cos_motion": to_motion.mean().item(),
+                                              "cos_scene": to_scene.mean().item()}
+    return out
+
+
+def by_method(models_):
+    """{method: [entries]} of a measurement's per-model entries, in the tables' order."""
+    groups = {}
+    for entry in sorted(models_.values(), key=lambda e: (TABLE_ORDER.index(e["method"]), e["seed"])):
+        groups.setdefault(entry["method"], []).append(entry)
+    return groups
 
 
 def render_findable_table(results):
     f = results.get("findable")
     if not f:
         return "(no findability measurements: run --findable)"
-    betas = sorted(next(iter(f["top1"].values())), key=lambda b: -float(b) if b == "1.0" else float(b))
     lines = [f"Is the positive findable? Instance top-1 (%) of a query clip among the {f['batch_size']} keys of a "
-             f"batch ({f['batches']} batches of `train`, chance {100 / f['batch_size']:.1f}%), with the frozen "
-             "features of the seed-0 models:", "",
-             "| features | " + " | ".join("plain query" if b == "1.0" else f"FAME beta {b}" for b in betas) + " |",
-             "|" + " --- |" * (len(betas) + 1)]
-    for name in ("random", "supervised", "moco", "fame"):
-        if name not in f["top1"]:
-            continue
-        row = f["top1"][name]
-        lines.append(f"| {LABELS[name]} | " + " | ".join(f"{row[b]:.1f}" for b in betas) + " |")
+             f"batch ({f['batches']} batches of `train`, chance {100 / f['batch_size']:.1f}%), with frozen features "
+             "(mean ± std over the seeds):", "",
+             "| features | seeds | " + " | ".join(FINDABLE_VIEWS.values()) + " |",
+             "|" + " --- |" * (len(FINDABLE_VIEWS) + 2)]
+    for method, entries in by_method(f["models"]).items():
+        lines.append(f"| {LABELS[method]} | {','.join(str(e['seed']) for e in entries)} | "
+                     + " | ".join(_mean_std([e[v] for e in entries]) for v in FINDABLE_VIEWS) + " |")
     return "\n".join(lines)
 
 
-def make_pictures(args, videos=2):
+def render_composites_table(results):
+    c = results.get("composites")
+    if not c:
+        return "(no composite measurements: run --composites)"
+    lines = [f"Motion or scene? {c['pairs']} composites, each one test_swapped video's object (its true masks) moving "
+             "over another video's scene, compared with the first clips of the two videos, with frozen features "
+             "(mean ± std over the seeds):", "",
+             "| features | seeds | nearer the motion's video (%) | cosine to the motion's video | cosine to the "
+             "scene's video |", "|" + " --- |" * 5]
+    for method, entries in by_method(c["models"]).items():
+        lines.append(f"| {LABELS[method]} | {','.join(str(e['seed']) for e in entries)} | "
+                     + " | ".join(_mean_std([e[k] for e in entries], digits)
+                                  for k, digits in (("motion_preference", 1), ("cos_motion", 2), ("cos_scene", 2)))
+                     + " |")
+    return "\n".join(lines)
+
+
+def make_pictures(args):
     """experiments/masks.png (FAME masks, merged clips) and experiments/caam.png (CAAM of vanilla MoCo, FAME and,
-    when present, the supervised ceiling) on the first test_swapped videos; the commands go into the JSON."""
+    when present, the supervised ceiling) on the first test_swapped video and the next one of another class and
+    scene family (so that each merged clip shows the other's scene); the commands go into the JSON."""
     root = Path(data.synthetic_root(synthetic_args(args)))
-    paths = [str(root / line.split()[0])
-             for line in (root / "splits" / "test_swapped.txt").read_text().splitlines()[:videos]]
+    rows = test_swapped_rows(root)
+    paths = [str(root / rows[0][0]), str(root / other_video(rows, 0)[0])]
     runs = Path(args.runs_dir)
     ckpts = [runs / "moco_s0" / "pretrain" / "checkpoint.pth", runs / "fame_s0" / "pretrain" / "checkpoint.pth",
              runs / "supervised_s0" / "finetune" / "checkpoint.pth"]
