@@ -4,7 +4,9 @@
   python experiments/background_bias.py --steps b      # vanilla MoCo (beta 1.0) vs FAME (beta 0.5), --seeds each
   python experiments/background_bias.py --steps c      # ablations, one seed each
   python experiments/background_bias.py --steps d      # FAME at beta 0.2, where the mask keeps little own scene
-  python experiments/background_bias.py --steps e      # MoCo on the scene-free twin: can motion alone be learned?
+  python experiments/background_bias.py --steps e      # the scene-free twin: can motion alone be learned? (MoCo,
+                                                       # and FAME at beta 0.2, whose backgrounds then hold only
+                                                       # the donors' objects)
   python experiments/background_bias.py --masks        # FAME's masks against the true object masks
   python experiments/background_bias.py --crops        # share of training crops that keep the object in view
   python experiments/background_bias.py --findable     # is the positive findable among a batch's keys?
@@ -68,11 +70,12 @@ METHODS = {
     "both": ("c", "FAME on both branches", ["--beta", "0.5", "--fame-branches", "both"]),
     "beta0.2": ("d", "FAME beta 0.2", ["--beta", "0.2"]),
     "flat": ("e", "MoCo on the scene-free twin", ["--beta", "1.0", "--synthetic-backdrop", "flat"]),
+    "flat_beta0.2": ("e", "FAME beta 0.2 on the scene-free twin", ["--beta", "0.2", "--synthetic-backdrop", "flat"]),
 }
 LABELS = {"random": "random init (floor)", "supervised": "supervised on balanced_train (ceiling)",
           **{k: v[1] for k, v in METHODS.items()}}
 TABLE_ORDER = ["random", "moco", "fame", "beta0.2", "beta0.3", "beta0.7", "seed", "grid", "gauss", "intra", "both",
-               "flat", "supervised"]
+               "flat", "flat_beta0.2", "supervised"]
 EVAL_STAGES = ("probe_bias", "probe_motion", "probe_scene", "retrieve")
 SETTINGS = ("synthetic_version", "synthetic_videos", "arch", "frames", "crop", "crop_scale", "flip", "epochs",
             "batch_size", "lr", "cos", "moco_k", "moco_m", "moco_t", "probe_epochs", "finetune_epochs", "finetune_lr",
@@ -512,9 +515,13 @@ def measure_learnability(args, device):
     return {arch: learnability_check(arch, args.frames, args.crop) for arch in archs}
 
 
-def synthetic_args(args):
-    """The experiment's data flags, parsed as pretrain.py parses them."""
-    return data.check_data_args(pretrain.get_args_parser().parse_args(data_flags(args)))
+def benchmark(args):
+    """The experiment's benchmark: its data flags parsed as pretrain.py parses them, its root and meta.json, and
+    the (stride, span) of a clip of its videos."""
+    ns = data.check_data_args(pretrain.get_args_parser().parse_args(data_flags(args)))
+    root = Path(data.synthetic_root(ns))
+    meta = json.loads((root / "meta.json").read_text())
+    return ns, root, meta, *data.clip_layout(meta["length"], ns.frames, ns.stride)
 
 
 def measure_masks(args, device, betas=(0.1, 0.15, 0.2, 0.3, 0.5, 0.7), methods=("fame", "seed", "grid", "gauss")):
@@ -524,10 +531,8 @@ def measure_masks(args, device, betas=(0.1, 0.15, 0.2, 0.3, 0.5, 0.7), methods=(
     recall = share of each frame's object pixels inside the mask (what the merged clip keeps of the object);
     own_background = share of the frame that is the clip's own background and survives the merge (Eq. 4);
     donor_object = share of the background donor's object (the previous clip's) that the merged clip shows."""
-    ns = synthetic_args(args)
-    root = Path(data.synthetic_root(ns))
-    length = json.loads((root / "meta.json").read_text())["length"]
-    stride, span = data.clip_layout(length, ns.frames, ns.stride)
+    ns, root, meta, stride, span = benchmark(args)
+    length = meta["length"]
     idx = data.clip_indices((length - span) // 2, length, ns.frames, stride)
     paths = [line.split()[0] for line in (root / "splits" / "test.txt").read_text().splitlines()][: args.mask_videos]
     clips, objects = [], []
@@ -571,10 +576,7 @@ def donor_kept(mask, donor_objects):
 def measure_crops(args, device, clips=800):
     """Share of the loader's random crops (RandomResizedCrop at --crop-scale of the training frames) that keep at least
     half of the object's pixels in view in every frame of the clip, on the first `clips` training videos."""
-    ns = synthetic_args(args)
-    root = Path(data.synthetic_root(ns))
-    meta = json.loads((root / "meta.json").read_text())
-    stride, span = data.clip_layout(meta["length"], ns.frames, ns.stride)
+    ns, root, meta, stride, span = benchmark(args)
     lines = (root / "splits" / "train.txt").read_text().splitlines()[:clips]
     half = anything = 0
     g = torch.Generator().manual_seed(0)
@@ -592,7 +594,7 @@ def measure_crops(args, device, clips=800):
 
 def frozen_backbones(args, device):
     """(method, seed, frozen backbone in eval mode) of every model here, in the tables' order: random init for each
-    of --seeds (the weights linear_probe.py draws for that seed), then every run of steps a-d whose checkpoint
+    of --seeds (the weights linear_probe.py draws for that seed), then every run of steps a-e whose checkpoint
     exists. The global RNG is reseeded after each is built, so that every model meets the same random draws."""
     runs = Path(args.runs_dir)
     for method in TABLE_ORDER:
@@ -622,13 +624,10 @@ def measure_findable(args, device, batches=4, batch_size=64):
     (the loader's crop and flip) with colour augmentation on both; the same with FAME on the query as in
     pretrain.py (beta 0.3, 0.5, 0.7); the same without the colour augmentation; and the whole frames of two random
     clip spans (no crop, no flip) with and without it."""
-    ns = synthetic_args(args)
+    ns, root, meta, stride, span = benchmark(args)
     ns.seed = 0
     loader = data.build_loader(data.build_dataset(ns, "train", "pretrain"), batch_size, ns, train=True, seed=0)
     pairs = [(b["q"], b["k"]) for b in itertools.islice(loader, batches)]  # (B, 3, T, S, S) uint8 each
-    root = Path(data.synthetic_root(ns))
-    meta = json.loads((root / "meta.json").read_text())
-    stride, span = data.clip_layout(meta["length"], ns.frames, ns.stride)
     rows = (root / "splits" / "train.txt").read_text().splitlines()[:batches * batch_size]
     g = torch.Generator().manual_seed(0)
     whole = [[], []]
@@ -678,10 +677,7 @@ def measure_composites(args, device, pairs=200):
     match A by where the object happens to be), all with the test-time centre crop. Motion preference: the share
     of pairs whose composite is nearer A (same motion, other scene) than B (same scene, other motion), in cosine
     of the frozen backbone's features centred by their mean over the three sets of clips."""
-    ns = synthetic_args(args)
-    root = Path(data.synthetic_root(ns))
-    meta = json.loads((root / "meta.json").read_text())
-    stride, span = data.clip_layout(meta["length"], ns.frames, ns.stride)
+    ns, root, meta, stride, span = benchmark(args)
     first = data.clip_indices(0, meta["length"], ns.frames, stride)
     last = data.clip_indices(meta["length"] - span, meta["length"], ns.frames, stride)
     box = data.center_crop_box(meta["size"], meta["size"], ns.crop)
@@ -753,7 +749,7 @@ def make_pictures(args):
     """experiments/masks.png (FAME masks, merged clips) and experiments/caam.png (CAAM of vanilla MoCo, FAME and,
     when present, the supervised ceiling) on the first test_swapped video and the next one of another class and
     scene family (so that each merged clip shows the other's scene); the commands go into the JSON."""
-    root = Path(data.synthetic_root(synthetic_args(args)))
+    root = benchmark(args)[1]
     rows = test_swapped_rows(root)
     paths = [str(root / rows[0][0]), str(root / other_video(rows, 0)[0])]
     runs = Path(args.runs_dir)
