@@ -524,6 +524,12 @@ def benchmark(args):
     return ns, root, meta, *data.clip_layout(meta["length"], ns.frames, ns.stride)
 
 
+def split_rows(root, split):
+    """(path, class, scene family) of every video of `split` of the benchmark at root, as data.py lists them."""
+    paths, labels, _, scenes = data.list_videos("synthetic", str(root), split)
+    return list(zip(paths, labels, scenes))
+
+
 def measure_masks(args, device, betas=(0.1, 0.15, 0.2, 0.3, 0.5, 0.7), methods=("fame", "seed", "grid", "gauss")):
     """FAME's masks against the generator's object masks, on the middle clip of the first --mask-videos test
     videos, at the 64 px frame and resized to the 32 px training crop (a whole-frame crop).
@@ -534,7 +540,7 @@ def measure_masks(args, device, betas=(0.1, 0.15, 0.2, 0.3, 0.5, 0.7), methods=(
     ns, root, meta, stride, span = benchmark(args)
     length = meta["length"]
     idx = data.clip_indices((length - span) // 2, length, ns.frames, stride)
-    paths = [line.split()[0] for line in (root / "splits" / "test.txt").read_text().splitlines()][: args.mask_videos]
+    paths = [row[0] for row in split_rows(root, "test")][: args.mask_videos]
     clips, objects = [], []
     for path in paths:
         frames, masks = synthetic.clip(str(root / path), idx)  # (T, S, S, 3) uint8, (T, S, S) bool
@@ -577,19 +583,19 @@ def measure_crops(args, device, clips=800):
     """Share of the loader's random crops (RandomResizedCrop at --crop-scale of the training frames) that keep at least
     half of the object's pixels in view in every frame of the clip, on the first `clips` training videos."""
     ns, root, meta, stride, span = benchmark(args)
-    lines = (root / "splits" / "train.txt").read_text().splitlines()[:clips]
+    rows = split_rows(root, "train")[:clips]
     half = anything = 0
     g = torch.Generator().manual_seed(0)
-    for line in lines:
-        _, masks = synthetic.clip(str(root / line.split()[0]))
+    for path, _, _ in rows:
+        _, masks = synthetic.clip(str(root / path))
         start = int(torch.randint(0, meta["length"] - span + 1, (), generator=g))
         m = torch.from_numpy(masks[data.clip_indices(start, meta["length"], ns.frames, stride)])  # (T, S, S)
         top, left, h, w = data.random_resized_crop_box(m.shape[1], m.shape[2], tuple(ns.crop_scale), generator=g)
         inside = m[:, top:top + h, left:left + w].flatten(1).sum(1) / m.flatten(1).sum(1).clamp_min(1)  # (T,)
         half += bool((inside >= 0.5).all())
         anything += bool((inside > 0).all())
-    return {"clips": len(lines), "size": meta["size"], "scale": ns.crop_scale, "kept_half": half / len(lines),
-            "kept_any": anything / len(lines)}
+    return {"clips": len(rows), "size": meta["size"], "scale": ns.crop_scale, "kept_half": half / len(rows),
+            "kept_any": anything / len(rows)}
 
 
 def frozen_backbones(args, device):
@@ -628,11 +634,11 @@ def measure_findable(args, device, batches=4, batch_size=64):
     ns.seed = 0
     loader = data.build_loader(data.build_dataset(ns, "train", "pretrain"), batch_size, ns, train=True, seed=0)
     pairs = [(b["q"], b["k"]) for b in itertools.islice(loader, batches)]  # (B, 3, T, S, S) uint8 each
-    rows = (root / "splits" / "train.txt").read_text().splitlines()[:batches * batch_size]
+    rows = split_rows(root, "train")[:batches * batch_size]
     g = torch.Generator().manual_seed(0)
     whole = [[], []]
-    for line in rows:
-        frames, _ = synthetic.clip(str(root / line.split()[0]))
+    for path, _, _ in rows:
+        frames, _ = synthetic.clip(str(root / path))
         for view, start in zip(whole, torch.randperm(meta["length"] - span + 1, generator=g)[:2].tolist()):
             clip = frames[data.clip_indices(start, meta["length"], ns.frames, stride)]
             view.append(data.crop_resize(clip, (0, 0, meta["size"], meta["size"]), ns.crop))  # (3, T, s, s)
@@ -659,11 +665,6 @@ def measure_findable(args, device, batches=4, batch_size=64):
     return out
 
 
-def test_swapped_rows(root):
-    """[path, class, scene] of every test_swapped video of the benchmark at root."""
-    return [line.split() for line in (Path(root) / "splits" / "test_swapped.txt").read_text().splitlines()]
-
-
 def other_video(rows, i):
     """The first row after row i (cyclically) of another class and another scene family."""
     return next(r for r in rows[i + 1:] + rows[:i] if r[1] != rows[i][1] and r[2] != rows[i][2])
@@ -681,7 +682,7 @@ def measure_composites(args, device, pairs=200):
     first = data.clip_indices(0, meta["length"], ns.frames, stride)
     last = data.clip_indices(meta["length"] - span, meta["length"], ns.frames, stride)
     box = data.center_crop_box(meta["size"], meta["size"], ns.crop)
-    rows = test_swapped_rows(root)
+    rows = split_rows(root, "test_swapped")
     clips = {"A": [], "B": [], "X": []}
     for i, a in enumerate(rows[:pairs]):
         b = other_video(rows, i)
@@ -750,7 +751,7 @@ def make_pictures(args):
     when present, the supervised ceiling) on the first test_swapped video and the next one of another class and
     scene family (so that each merged clip shows the other's scene); the commands go into the JSON."""
     root = benchmark(args)[1]
-    rows = test_swapped_rows(root)
+    rows = split_rows(root, "test_swapped")
     paths = [str(root / rows[0][0]), str(root / other_video(rows, 0)[0])]
     runs = Path(args.runs_dir)
     ckpts = [runs / "moco_s0" / "pretrain" / "checkpoint.pth", runs / "fame_s0" / "pretrain" / "checkpoint.pth",
