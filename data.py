@@ -120,6 +120,8 @@ def check_data_args(args):
     if args.split != 1 and args.dataset not in SPLIT_DATASETS:
         raise utils.UsageError(f"--split has no effect for {args.dataset} (only {' and '.join(SPLIT_DATASETS)} have "
                                f"splits)")
+    if args.data is not None and os.path.exists(args.data) and not os.path.isdir(args.data):
+        raise utils.UsageError(f"--data {args.data} is a file; give the dataset's root folder")
     if args.dataset == "synthetic":
         if args.synthetic_size % 2 or args.synthetic_size < 16:
             raise utils.UsageError(f"--synthetic-size must be even and >= 16, got {args.synthetic_size}")
@@ -136,8 +138,6 @@ def check_data_args(args):
         raise utils.UsageError("--target scene needs --dataset synthetic (only it has scene labels)")
     if args.data is None:
         raise utils.UsageError(f"--data is required with --dataset {args.dataset} (layout: {LAYOUTS[args.dataset]})")
-    if os.path.exists(args.data) and not os.path.isdir(args.data):
-        raise utils.UsageError(f"--data {args.data} is a file; give the dataset's root folder")
     if not os.path.isdir(args.data):
         raise utils.UsageError(f"--data {args.data}: no such folder (expected layout: {LAYOUTS[args.dataset]})")
     for split in ("train", "test"):
@@ -211,8 +211,12 @@ def _class_dirs(folder):
 
 
 def _scan_classes(folder, classes, prefix=""):
-    """The videos of class folders; warns about empty class folders and counts files that are not taken as videos
-    (another extension)."""
+    """The videos of class folders; refuses a class folder the training split lacks, warns about empty class
+    folders and counts files that are not taken as videos (another extension)."""
+    unknown = sorted(e.name for e in os.scandir(folder) if e.is_dir() and e.name not in classes)
+    if unknown:
+        raise _LayoutError(f"{folder} has class folders that the training split does not have: "
+                           f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}")
     rel, labels, empty, others = [], [], [], []
     for label, name in enumerate(classes):
         d = os.path.join(folder, name)

@@ -76,6 +76,9 @@ def main(args):
     nn.init.normal_(fc.weight, std=0.01)
     nn.init.zeros_(fc.bias)
     optimizer = torch.optim.SGD(fc.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    # before the feature extraction, so that a refused resume stops at once
+    start_epoch, step, sums, ckpt = utils.resume(args, RESUME_KEYS, model=fc, optimizer=optimizer)
+    best, metrics = ckpt["best"] if ckpt else {"top1": -1.0, "epoch": None}, None
 
     def features(clips):  # (n, 3, T, S, S) uint8 -> (n, D), unit length (A.3)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -94,9 +97,6 @@ def main(args):
     else:
         batches = data.build_loader(train_set, args.batch_size // world, args, train=True, seed=args.seed)
         model = DistributedDataParallel(fc) if world > 1 else fc
-
-    start_epoch, step, sums, ckpt = utils.resume(args, RESUME_KEYS, model=fc, optimizer=optimizer)
-    best, metrics = ckpt["best"] if ckpt else {"top1": -1.0, "epoch": None}, None
     log = utils.Log(out / "log.jsonl", start_epoch)
 
     with utils.Checkpointing(args.save_every_steps, args.save_every_minutes) as checkpointing:

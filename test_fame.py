@@ -1014,6 +1014,19 @@ def test_data_folder_warnings_and_no_test_split(tmp_path):
         data.check_held_out(args)
     args.test_split = "train"
     data.check_held_out(args)
+    # train/ and test/ folders: a test class folder that training lacks is named
+    (tmp_path / "s" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "s" / "test" / "b").mkdir(parents=True)
+    with pytest.raises(data.LayoutError, match="class folders that the training split does not have: b"):
+        data.list_videos("folder", str(tmp_path / "s"), "test")
+
+
+def test_data_frames_smaller_than_the_crop_are_said(tmp_path):
+    root = tmp_path / "f"
+    _data_write(str(root / "a" / "v.mp4"), _data_noise(8, 32))
+    dataset = data.build_dataset(_data_args(tmp_path, root, "folder", "--crop", "48"), "train", "train")
+    with pytest.warns(RuntimeWarning, match="frames of 32x32 .* are smaller than --crop 48: clips are upsampled"):
+        assert dataset[0]["clip"].shape == (3, 4, 48, 48)
 
 
 def test_data_scan_report_lists_unreadable_and_never_overwrites_other_files(tmp_path, capsys):

@@ -64,6 +64,8 @@ def make_output_dir(path):
         os.makedirs(path, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise UsageError(f"--output-dir {path}: a file is in the way (it must be a folder)") from None
+    except PermissionError as err:
+        raise UsageError(f"--output-dir {path}: cannot be created ({err.strerror}: {err.filename})") from None
     return Path(path)
 
 
