@@ -2204,7 +2204,10 @@ def test_eval_authors_checkpoint_and_arch_mismatch(eval_tiny, tmp_path):
                   torch.randn(128, 512), "module.encoder_q.id_head.weight": torch.randn(4, 512),
                   "module.encoder_k.stem.0.weight": torch.randn(45, 3, 1, 7, 7), "module.queue": torch.randn(128, 8)})
     path = tmp_path / "authors.pth"
-    torch.save({"state_dict": state, "epoch": 200, "arch": "r2plus1d_18"}, path)
+    optimizer = torch.optim.SGD([torch.zeros(3, requires_grad=True)], lr=0.03, momentum=0.9)
+    optimizer.param_groups[0]["params"][0].grad = torch.ones(3)
+    optimizer.step()  # a momentum buffer in the state, as in their release (epoch, arch, state_dict, optimizer)
+    torch.save({"state_dict": state, "epoch": 200, "arch": "r2plus1d_18", "optimizer": optimizer.state_dict()}, path)
     model = models.build_backbone("r2plus1d_18", num_classes=101, dropout=0.7)
     utils.load_pretrained(model, argparse.Namespace(pretrained=str(path), unsafe_unpickle=False, frames=16, stride=2,
                                                     crop=112))
