@@ -592,4 +592,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    utils.run_script(main, get_args_parser(), parse_args())

@@ -8,7 +8,10 @@ Layouts (`--data` is the root):
               train/*.mp4 and val/*.mp4 named <youtube_id>_<start>_<end>.mp4 with annotations/{train,val}.csv
     diving48  rgb/<vid_name>.mp4, Diving48_V2_train.json, Diving48_V2_test.json (48 classes, V2 labels)
     folder    <class>/<video>; splits from train.txt/test.txt ("<class>/<video>" lines) or train/ and test/
-              subfolders, else every video is in both splits
+              subfolders, else every video is in both splits (pretraining; the evaluations refuse this)
+
+In list files, a line's fields are separated by tabs if it has any; otherwise its numbers (labels) are read from the
+end of the line, so that paths may hold spaces.
     synthetic generated on first use (synthetic.py) under --data, else $FAME_CACHE or ~/.cache/fame
 
 Check a dataset before training: every video is probed once (the index is cached under $FAME_CACHE or
@@ -26,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import warnings
 from fractions import Fraction
 
@@ -102,36 +106,60 @@ def add_data_args(parser):
 
 
 def check_data_args(args):
-    """Refuses bad or ineffective data flags before any work, and checks the dataset layout."""
+    """Refuses bad or ineffective data flags before any work (utils.UsageError), and checks the dataset layout."""
     for name in ("frames", "stride", "crop"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+            raise utils.UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.workers < 0:
+        raise utils.UsageError(f"--workers must be at least 0 (0: load in the main process), got {args.workers}")
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
-        raise ValueError(f"--crop-scale needs 0 < MIN <= MAX <= 1, got {args.crop_scale[0]} {args.crop_scale[1]}")
+        raise utils.UsageError(f"--crop-scale needs 0 < MIN <= MAX <= 1, got {args.crop_scale[0]} "
+                               f"{args.crop_scale[1]}")
     if getattr(args, "clips", 1) < 1:
-        raise ValueError(f"--clips must be positive, got {args.clips}")
+        raise utils.UsageError(f"--clips must be positive, got {args.clips}")
     if args.split != 1 and args.dataset not in SPLIT_DATASETS:
-        raise ValueError(f"--split has no effect for {args.dataset} (only {' and '.join(SPLIT_DATASETS)} have splits)")
+        raise utils.UsageError(f"--split has no effect for {args.dataset} (only {' and '.join(SPLIT_DATASETS)} have "
+                               f"splits)")
+    if args.data is not None and os.path.exists(args.data) and not os.path.isdir(args.data):
+        raise utils.UsageError(f"--data {args.data} is a file; give the dataset's root folder")
     if args.dataset == "synthetic":
         if args.synthetic_size % 2 or args.synthetic_size < 16:
-            raise ValueError(f"--synthetic-size must be even and >= 16, got {args.synthetic_size}")
+            raise utils.UsageError(f"--synthetic-size must be even and >= 16, got {args.synthetic_size}")
         if args.synthetic_videos < 8 or args.synthetic_length < 2:
-            raise ValueError("--synthetic-videos must be >= 8 and --synthetic-length >= 2")
+            raise utils.UsageError("--synthetic-videos must be >= 8 and --synthetic-length >= 2")
         if args.synthetic_version != 1 and args.synthetic_sprite != "video":
-            raise ValueError("--synthetic-sprite applies to --synthetic-version 1 (version 2 has one look for all)")
+            raise utils.UsageError("--synthetic-sprite applies to --synthetic-version 1 (version 2 has one look for "
+                                   "all)")
         return args
     given = [f"--{k.replace('_', '-')}" for k, v in SYNTHETIC_FLAGS.items() if getattr(args, k) != v]
     if given:
-        raise ValueError(f"{', '.join(given)} only apply to --dataset synthetic, not {args.dataset}")
+        raise utils.UsageError(f"{', '.join(given)} only apply to --dataset synthetic, not {args.dataset}")
     if getattr(args, "target", "action") == "scene":
-        raise ValueError("--target scene needs --dataset synthetic (only it has scene labels)")
+        raise utils.UsageError("--target scene needs --dataset synthetic (only it has scene labels)")
+    if args.data is None:
+        raise utils.UsageError(f"--data is required with --dataset {args.dataset} (layout: {LAYOUTS[args.dataset]})")
+    if not os.path.isdir(args.data):
+        raise utils.UsageError(f"--data {args.data}: no such folder (expected layout: {LAYOUTS[args.dataset]})")
     for split in ("train", "test"):
         list_videos(args.dataset, args.data, split, args.split)
     return args
 
 
+def check_held_out(args):
+    """Refuses an evaluation whose test videos would be its training videos: a folder dataset without split lists
+    or split folders lists every video in both splits (fine for pretraining, which only reads train). A split made
+    up here is no way out: clips cut from one source video usually share a class folder, and a random split puts
+    such near-duplicates on both sides."""
+    if args.dataset == "folder" and not has_test_split(args.dataset, args.data) and args.test_split == "test":
+        raise utils.DataError(f"--data {args.data}: {FOLDER_NO_TEST}")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Listings: (relative paths, labels, class names, scene labels or None) of a split, one function per layout
+
+
+class LayoutError(utils.DataError, FileNotFoundError):
+    """A dataset root whose files do not fit the layout of --dataset."""
 
 
 class _LayoutError(Exception):
@@ -143,6 +171,26 @@ def _read_lines(path):
         raise _LayoutError(f"missing split file {path}")
     with open(path) as f:
         return [line.strip() for line in f if line.strip()]
+
+
+def _path_and_numbers(line):
+    """A list line "<path> [<number> ...]" -> (path, [numbers as str]): the fields are split at tabs if the line
+    has any, else the numbers are the whitespace-separated integers at the end, so that a path may hold spaces
+    ("walk/my clip.mp4 1" -> ("walk/my clip.mp4", ["1"]))."""
+    if "\t" in line:
+        path, *fields = [f.strip() for f in line.split("\t")]
+        return path, fields
+    path, numbers = re.fullmatch(r"(.+?)((?:\s+-?\d+)*)\s*", line).groups()
+    return path, numbers.split()
+
+
+def _label_of(lookup, name, where):
+    """The label of class `name` listed in `where`; a class unknown to the training split is named."""
+    try:
+        return lookup[name]
+    except KeyError:
+        raise _LayoutError(f"{where} lists class {name!r}, which the training split does not have (classes: "
+                           f"{', '.join(list(lookup)[:10])}{' ...' if len(lookup) > 10 else ''})") from None
 
 
 def _require_dir(path):
@@ -163,25 +211,41 @@ def _class_dirs(folder):
 
 
 def _scan_classes(folder, classes, prefix=""):
-    rel, labels = [], []
+    """The videos of class folders; refuses a class folder the training split lacks, warns about empty class
+    folders and counts files that are not taken as videos (another extension)."""
+    unknown = sorted(e.name for e in os.scandir(folder) if e.is_dir() and e.name not in classes)
+    if unknown:
+        raise _LayoutError(f"{folder} has class folders that the training split does not have: "
+                           f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}")
+    rel, labels, empty, others = [], [], [], []
     for label, name in enumerate(classes):
         d = os.path.join(folder, name)
         if os.path.isdir(d):
-            for f in sorted(os.listdir(d)):
-                if _is_video(f):
-                    rel.append(os.path.join(prefix, name, f))
-                    labels.append(label)
+            files = [f for f in sorted(os.listdir(d)) if os.path.isfile(os.path.join(d, f))]
+            videos = [f for f in files if _is_video(f)]
+            others += [os.path.join(name, f) for f in files if not _is_video(f)]
+            if not videos:
+                empty.append(name)
+            rel += [os.path.join(prefix, name, f) for f in videos]
+            labels += [label] * len(videos)
+    if empty:
+        warnings.warn(f"{folder}: {len(empty)} class folders hold no videos: {', '.join(empty[:10])}"
+                      f"{' ...' if len(empty) > 10 else ''}", RuntimeWarning)
+    if others:
+        warnings.warn(f"{folder}: {len(others)} files are not taken as videos (extensions other than "
+                      f"{' '.join(VIDEO_EXTS)}), e.g. {', '.join(others[:3])}", RuntimeWarning)
     return rel, labels
 
 
 def _list_ucf101(root, split, fold):
     lists = os.path.join(root, "ucfTrainTestlist")
-    classes = [line.split()[1] for line in _read_lines(os.path.join(lists, "classInd.txt"))]
+    classes = [line.split(None, 1)[-1] for line in _read_lines(os.path.join(lists, "classInd.txt"))]
     lookup = {c.lower(): i for i, c in enumerate(classes)}
-    lines = [line.split()[0] for line in _read_lines(os.path.join(lists, f"{split}list0{fold}.txt"))]
+    listed = os.path.join(lists, f"{split}list0{fold}.txt")
+    lines = [_path_and_numbers(line)[0] for line in _read_lines(listed)]
     _require_dir(os.path.join(root, "UCF-101"))
-    return ([os.path.join("UCF-101", line) for line in lines], [lookup[line.split("/")[0].lower()] for line in lines],
-            classes, None)
+    return ([os.path.join("UCF-101", line) for line in lines],
+            [_label_of(lookup, line.split("/")[0].lower(), listed) for line in lines], classes, None)
 
 
 def _list_hmdb51(root, split, fold):
@@ -195,8 +259,8 @@ def _list_hmdb51(root, split, fold):
     rel, labels = [], []
     for label, (name, f) in enumerate(zip(classes, files)):
         for line in _read_lines(os.path.join(lists, f)):
-            video, t = line.split()[:2]
-            if t == tag:
+            video, numbers = _path_and_numbers(line)
+            if numbers[:1] == [tag]:
                 rel.append(os.path.join(name, video))
                 labels.append(label)
     return rel, labels, classes, None
@@ -211,7 +275,8 @@ def _list_k400(root, split, fold):
         _require_dir(os.path.join(root, sub))
         rel = [os.path.join(sub, f"{r['youtube_id']}_{int(r['time_start']):06d}_{int(r['time_end']):06d}.mp4")
                for r in rows[sub]]
-        return rel, [lookup[r["label"]] for r in rows[sub]], classes, None
+        where = os.path.join(root, "annotations", f"{sub}.csv")
+        return rel, [_label_of(lookup, r["label"], where) for r in rows[sub]], classes, None
     if not os.path.isdir(os.path.join(root, "train")):
         raise _LayoutError("neither annotations/train.csv nor a train/ folder")
     classes = _class_dirs(os.path.join(root, "train"))
@@ -247,12 +312,25 @@ def _list_diving48(root, split, fold):
             classes, None)
 
 
+FOLDER_NO_TEST = ("this folder dataset has no test split (no train.txt and test.txt, no train/ and test/ folders), "
+                  "so its test videos would be its training videos and every score would be overstated: list the "
+                  "held-out videos in train.txt and test.txt (README, 'Errors and bad input')")
+
+
+def has_test_split(dataset, root):
+    """False only for a folder dataset without split lists or split folders: both its splits list every video."""
+    return dataset != "folder" or os.path.isfile(os.path.join(root, "train.txt")) or (
+        os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")))
+
+
 def _list_folder(root, split, fold):
     if os.path.isfile(os.path.join(root, "train.txt")):
-        lines = [line.split()[0] for line in _read_lines(os.path.join(root, f"{split}.txt"))]
-        classes = sorted({line.split("/")[0] for line in _read_lines(os.path.join(root, "train.txt"))})
+        listed = os.path.join(root, f"{split}.txt")
+        lines = [_path_and_numbers(line)[0] for line in _read_lines(listed)]
+        classes = sorted({_path_and_numbers(line)[0].split("/")[0]
+                          for line in _read_lines(os.path.join(root, "train.txt"))})
         lookup = {c: i for i, c in enumerate(classes)}
-        return lines, [lookup[line.split("/")[0]] for line in lines], classes, None
+        return lines, [_label_of(lookup, line.split("/")[0], listed) for line in lines], classes, None
     if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
         classes = _class_dirs(os.path.join(root, "train"))
         return (*_scan_classes(os.path.join(root, split), classes, split), classes, None)
@@ -267,7 +345,7 @@ def _list_synthetic(root, split, fold):
     import synthetic
 
     if split not in synthetic.SPLITS:
-        raise ValueError(f"synthetic split must be one of {synthetic.SPLITS}, got {split!r}")
+        raise utils.UsageError(f"synthetic split must be one of {synthetic.SPLITS}, got {split!r}")
     fields = [line.split() for line in _read_lines(os.path.join(root, "splits", f"{split}.txt"))]
     return [f[0] for f in fields], [int(f[1]) for f in fields], list(synthetic.MOTIONS), [int(f[2]) for f in fields]
 
@@ -278,17 +356,18 @@ LISTINGS = {"ucf101": _list_ucf101, "hmdb51": _list_hmdb51, "k400": _list_k400, 
 
 def list_videos(dataset, root, split, fold=1):
     """(relative paths, labels, class names, scene labels or None) of `split` ("train" or "test"; synthetic has
-    more) of the dataset at `root`. Raises FileNotFoundError naming the expected layout when it does not fit."""
+    more) of the dataset at `root`. Raises LayoutError (a FileNotFoundError) naming the expected layout when it does
+    not fit."""
     if dataset not in LISTINGS:
-        raise ValueError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
+        raise utils.UsageError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
     if dataset != "synthetic" and split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test' for {dataset}, got {split!r}")
+        raise utils.UsageError(f"split must be 'train' or 'test' for {dataset}, got {split!r}")
     try:
         if root is None or not os.path.isdir(root):
             raise _LayoutError("root folder not found")
         return LISTINGS[dataset](root, split, fold)
     except _LayoutError as e:
-        raise FileNotFoundError(f"{dataset} dataset at {root!r}: {e}. Expected layout: {LAYOUTS[dataset]}") from None
+        raise LayoutError(f"{dataset} dataset at {root!r}: {e}. Expected layout: {LAYOUTS[dataset]}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -355,7 +434,8 @@ def load_index(root, rel_paths, cache_file, workers=1, progress=None):
     """Probe entries for rel_paths (a dict, or an error string for unreadable or missing files), probing in
     parallel only the files that are new or whose size or mtime changed since the cache was written. progress:
     a description to show a progress bar with."""
-    with utils.file_lock(cache_file + ".lock"):
+    with utils.file_lock(cache_file + ".lock", waiting="another run is indexing the same videos; this one goes on "
+                                                      "when it is done"):
         cached = {}
         if os.path.isfile(cache_file):
             try:
@@ -594,7 +674,7 @@ class VideoDataset(torch.utils.data.Dataset):
             self.short_side = training_short_side(crop, self.crop_scale[0])
         else:  # a raw centre crop needs the frames as they are
             self.short_side = round(crop * 8 / 7) if test_crop == "resize" else None
-        self.counter = {}
+        self.counter, self.warned_small = {}, False
 
     def __len__(self):
         return len(self.paths)
@@ -617,6 +697,10 @@ class VideoDataset(torch.utils.data.Dataset):
         frames = decode_frames(self.paths[i], idx, self.infos[i], self.short_side, self.counter)
         frames = frames.reshape(len(starts), self.frames, *frames.shape[1:])  # (N, T, H, W, 3)
         h, w = frames.shape[2:4]
+        if min(h, w) < self.crop and not self.warned_small:
+            self.warned_small = True  # once per dataset and loader process
+            warnings.warn(f"{self.name}: frames of {w}x{h} (e.g. {self.paths[i]}) are smaller than --crop "
+                          f"{self.crop}: clips are upsampled", RuntimeWarning)
         if self.mode == "test":
             box = center_crop_box(h, w, self.crop, resize=self.test_crop == "resize")
             return {"clip": torch.stack([crop_resize(f, box, self.crop) for f in frames]),
@@ -630,9 +714,10 @@ class VideoDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         """key: a dataset index (randomness from torch's global RNG), or (index, seed, epoch) as the sampler of
-        build_loader yields (randomness from item_generator). A failing video is reported and replaced by a
-        random other one (at most MAX_RETRIES times); "index" stays the requested index so that evaluation
-        gathers stay complete."""
+        build_loader yields (randomness from item_generator). In training, a failing video is reported and
+        replaced by a random other one (at most MAX_RETRIES times); in test mode it is reported and its item holds
+        blank clips with "failed" 1, for the evaluation to leave out (never scored as another video). "index" stays
+        the requested index so that evaluation gathers stay complete."""
         index, generator = (key[0], item_generator(*key[1:], key[0])) if isinstance(key, tuple) else (key, None)
         i, failed = index, 0
         while True:
@@ -641,10 +726,17 @@ class VideoDataset(torch.utils.data.Dataset):
                 break
             except (av.error.FFmpegError, RuntimeError, ValueError, OSError) as e:
                 failed += 1
+                if self.mode == "test":
+                    warnings.warn(f"could not decode {self.paths[i]} ({e}); left out of the evaluation",
+                                  RuntimeWarning)
+                    clips = torch.zeros(self.clips, 3, self.frames, self.crop, self.crop, dtype=torch.uint8)
+                    item = {"clip": clips, "label": int(self.labels[i])}
+                    break
                 warnings.warn(f"could not decode {self.paths[i]} ({e}); replacing it with a random video",
                               RuntimeWarning)
                 if failed > MAX_RETRIES:
-                    raise RuntimeError(f"{failed} videos in a row failed to decode, last {self.paths[i]}") from e
+                    raise utils.DataError(f"{failed} videos in a row failed to decode, last {self.paths[i]} "
+                                          f"({e})") from e
                 i = _randint(0, len(self) - 1, generator)
         item["index"], item["failed"] = index, failed
         return item
@@ -675,7 +767,8 @@ def build_dataset(args, split, mode, background_clip=False):
         warnings.warn(f"{args.dataset}/{split}: skipping {len(bad)} unreadable of {len(rel)} videos: {shown}",
                       RuntimeWarning)
     if not ok:
-        raise RuntimeError(f"{args.dataset}/{split} at {root!r}: no readable videos (layout: {LAYOUTS[args.dataset]})")
+        raise utils.DataError(f"{args.dataset}/{split} at {root!r}: no readable videos (layout: "
+                              f"{LAYOUTS[args.dataset]})")
     if getattr(args, "target", "action") == "scene":
         import synthetic
 
@@ -731,8 +824,8 @@ def build_loader(dataset, batch_size, args, train=True, seed=0):
     """DataLoader over this process's shard, `batch_size` items per process. train: shuffled, drop_last."""
     sampler = ShardedSampler(dataset, shuffle=train, seed=seed)
     if train and len(sampler) < batch_size:
-        raise ValueError(f"{dataset.name}: {len(dataset)} videos over {sampler.world_size} processes is less than "
-                         f"one batch of {batch_size}")
+        raise utils.UsageError(f"--batch-size: {dataset.name} has {len(dataset)} videos over {sampler.world_size} "
+                               f"processes, less than one batch of {batch_size} per process")
     workers = max(0, args.workers)
     # Loader workers run torch on one thread (DataLoader's own setting) and decode on one (decode_frames).
     return torch.utils.data.DataLoader(
@@ -875,24 +968,49 @@ def get_args_parser():
     return parser
 
 
+REPORT_HEADER = "# data.py --scan report: unreadable and missing videos"
+SHOWN_UNREADABLE = 5  # unreadable files printed by --scan (all are in the report)
+
+
 def main(args):
     if args.dataset is None:
-        raise SystemExit("--dataset is required (" + ", ".join(DATASETS) + ")")
+        raise utils.UsageError("--dataset is required (" + ", ".join(DATASETS) + ")")
     check_data_args(args)
-    lines, total, bad = [], 0, 0
-    for split in ("train", "test"):
+    report = args.report or os.path.join(cache_dir(), f"unreadable_{args.dataset}.txt")
+    check_report_path(report)
+    lines, total, bad = [REPORT_HEADER], 0, []
+    root = synthetic_root(args) if args.dataset == "synthetic" else args.data
+    splits = ("train", "test") if has_test_split(args.dataset, root) else ("train",)
+    if len(splits) == 1:
+        print(f"{args.dataset}: no test split: both splits list every video (pretraining reads them all; "
+              f"evaluation refuses this dataset)")
+    for split in splits:
         root, rel, _, _, _, infos = index_split(args, split, progress=f"probing {args.dataset}/{split}")
         failed = [(r, why) for r, why in zip(rel, infos) if not isinstance(why, dict)]
         missing = sum(why == "file not found" for _, why in failed)
-        total, bad = total + len(rel), bad + len(failed)
+        total, bad = total + len(rel), bad + failed
         print(f"{args.dataset}/{split}: {len(rel)} videos, {len(rel) - len(failed)} readable, "
               f"{len(failed) - missing} unreadable, {missing} missing")
         lines += [f"# {split}: {len(failed) - missing} unreadable, {missing} missing of {len(rel)} under {root}"]
         lines += [f"{r}\t{why}" for r, why in failed]
-    report = args.report or os.path.join(cache_dir(), f"unreadable_{args.dataset}.txt")
     utils.atomic_write(report, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
-    print(f"{bad} of {total} videos cannot be read (training leaves them out): listed in {report}")
+    for r, why in bad[:SHOWN_UNREADABLE]:
+        print(f"  {r}: {why}")
+    more = f" (the first {SHOWN_UNREADABLE} above)" if len(bad) > SHOWN_UNREADABLE else ""
+    print(f"{len(bad)} of {total} videos cannot be read (training leaves them out): listed in {report}{more}")
+
+
+def check_report_path(path):
+    """Refuses a --report path that holds anything but an earlier report (e.g. a dataset's split list)."""
+    if os.path.isdir(path):
+        raise utils.UsageError(f"--report {path} is a folder; give a file name")
+    if os.path.exists(path):
+        with open(path, errors="replace") as f:
+            first = f.readline().rstrip("\n")
+        if first != REPORT_HEADER and not first.startswith("# train: "):  # "# train:": reports before the header
+            raise utils.UsageError(f"--report {path} exists and is not an earlier scan report: refusing to "
+                                   f"overwrite it; give another path")
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_script(main, get_args_parser())

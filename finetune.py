@@ -33,7 +33,8 @@ PRESETS = {
 }
 RESUME_KEYS = ("pretrained", "arch", "dataset", "data", "split", "target", "train_split", "frames", "stride", "crop",
                "crop_scale", "flip", "synthetic_version", "synthetic_videos", "synthetic_size", "synthetic_length",
-               "synthetic_seed", "synthetic_sprite", "synthetic_backdrop", "batch_size", "seed", "dropout")
+               "synthetic_seed", "synthetic_sprite", "synthetic_backdrop", "batch_size", "seed", "dropout",
+               "pretrained_sha1")
 
 
 def get_args_parser():
@@ -50,7 +51,10 @@ def get_args_parser():
 
 
 def main(args):
+    utils.check_training_args(args)
+    utils.check_eval_args(args)
     data.check_data_args(args)
+    data.check_held_out(args)
     device = utils.init_distributed()
     world = utils.get_world_size()
     out = utils.eval_output_dir(args, "finetune")
@@ -61,7 +65,8 @@ def main(args):
 
     torch.manual_seed(args.seed)  # the same initial classifier on every process
     model = models.build_backbone(args.arch, num_classes=train_set.num_classes, dropout=args.dropout)
-    utils.load_pretrained(model, args.pretrained)
+    utils.load_pretrained(model, args)
+    args.pretrained_sha1 = utils.weights_sha1(model)  # a resume must continue from these weights, not the path's
     model.to(device)
     ddp_model = DistributedDataParallel(model) if world > 1 else model
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
@@ -149,8 +154,8 @@ def evaluate(model, loader, device, args):
             return model(data.normalize(clips)).float().softmax(1)
 
     start = time.perf_counter()
-    video_scores = utils.clip_outputs(scores, loader, device).mean(1)  # (V, num_classes)
-    metrics = utils.classification_metrics(video_scores, loader.dataset.labels, loader.dataset.classes)
+    video_scores, ok = utils.clip_outputs(scores, loader, device)  # (V, N, num_classes), (V,)
+    metrics = utils.classification_metrics(video_scores.mean(1), loader.dataset.labels, loader.dataset.classes, ok)
     return {**metrics, "clips_per_s": len(loader.dataset) * args.clips / (time.perf_counter() - start)}
 
 
@@ -165,4 +170,4 @@ def save_state(model, optimizer, scaler, args, epoch, step, sums, best, path):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_script(main, get_args_parser())

@@ -37,7 +37,7 @@ PRESETS = {"synthetic": dict(arch="cnn3d", frames=8, crop=32, batch_size=32, epo
 RESUME_KEYS = ("pretrained", "arch", "dataset", "data", "split", "target", "train_split", "frames", "stride", "crop",
                "crop_scale", "flip", "synthetic_version", "synthetic_videos", "synthetic_size", "synthetic_length",
                "synthetic_seed", "synthetic_sprite", "synthetic_backdrop", "batch_size", "seed", "cache_features",
-               "clips")
+               "clips", "pretrained_sha1")
 
 
 def get_args_parser():
@@ -56,7 +56,10 @@ def get_args_parser():
 
 
 def main(args):
+    utils.check_training_args(args)
+    utils.check_eval_args(args)
     data.check_data_args(args)
+    data.check_held_out(args)
     device = utils.init_distributed()
     world = utils.get_world_size()
     out = utils.eval_output_dir(args, "linear_probe")
@@ -65,13 +68,17 @@ def main(args):
 
     torch.manual_seed(args.seed)  # the same random backbone as the other scripts' when there is no --pretrained
     backbone = models.build_backbone(args.arch)  # its own fc is unused
-    utils.load_pretrained(backbone, args.pretrained)
+    utils.load_pretrained(backbone, args)
+    args.pretrained_sha1 = utils.weights_sha1(backbone)  # a resume must probe these weights, not the path's
     backbone.to(device).eval().requires_grad_(False)  # eval mode for good: the BatchNorm statistics stay put
     frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
     fc = nn.Linear(backbone.feature_dim, train_set.num_classes).to(device)
     nn.init.normal_(fc.weight, std=0.01)
     nn.init.zeros_(fc.bias)
     optimizer = torch.optim.SGD(fc.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    # before the feature extraction, so that a refused resume stops at once
+    start_epoch, step, sums, ckpt = utils.resume(args, RESUME_KEYS, model=fc, optimizer=optimizer)
+    best, metrics = ckpt["best"] if ckpt else {"top1": -1.0, "epoch": None}, None
 
     def features(clips):  # (n, 3, T, S, S) uint8 -> (n, D), unit length (A.3)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -80,19 +87,16 @@ def main(args):
     start = time.perf_counter()
     test_sets = {split: data.build_dataset(args, split, "test") for split in utils.eval_splits(args)}
     test_feats = {split: utils.clip_outputs(features, data.build_test_loader(dataset, args), device)
-                  for split, dataset in test_sets.items()}  # (V, N, D) each
+                  for split, dataset in test_sets.items()}  # (V, N, D) and the (V,) mask of decoded videos each
     timing = {"extract_test_s": time.perf_counter() - start}
     start = time.perf_counter()
     if args.cache_features:  # every process trains the same fc on all features: nothing to synchronize
-        train_feats = utils.clip_outputs(features, data.build_test_loader(train_set, args), device)  # (V, N, D)
+        train_feats, ok = utils.clip_outputs(features, data.build_test_loader(train_set, args), device)  # (V, N, D)
         timing["extract_train_s"] = time.perf_counter() - start
-        batches, model = CachedBatches(train_feats, train_set.labels, args.batch_size, args.seed), fc
+        batches, model = CachedBatches(train_feats[ok], train_set.labels[ok], args.batch_size, args.seed), fc
     else:
         batches = data.build_loader(train_set, args.batch_size // world, args, train=True, seed=args.seed)
         model = DistributedDataParallel(fc) if world > 1 else fc
-
-    start_epoch, step, sums, ckpt = utils.resume(args, RESUME_KEYS, model=fc, optimizer=optimizer)
-    best, metrics = ckpt["best"] if ckpt else {"top1": -1.0, "epoch": None}, None
     log = utils.Log(out / "log.jsonl", start_epoch)
 
     with utils.Checkpointing(args.save_every_steps, args.save_every_minutes) as checkpointing:
@@ -185,10 +189,12 @@ def train_one_epoch(fc, backbone, features, batches, optimizer, epoch, args, che
 
 @torch.no_grad()
 def evaluate(fc, feats, dataset):
-    """Video-level accuracy from the (V, N, D) test features: the softmax averaged over the N clips."""
+    """Video-level accuracy from the test features (clip_outputs: (V, N, D) and the (V,) mask of decoded videos):
+    the softmax averaged over the N clips."""
     fc.eval()
+    feats, ok = feats
     scores = fc(feats.to(fc.weight.device)).softmax(-1).mean(1)  # (V, num_classes)
-    return utils.classification_metrics(scores, dataset.labels, dataset.classes)
+    return utils.classification_metrics(scores, dataset.labels, dataset.classes, ok)
 
 
 def save_state(fc, optimizer, args, epoch, step, sums, best, path):
@@ -201,4 +207,4 @@ def save_state(fc, optimizer, args, epoch, step, sums, best, path):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_script(main, get_args_parser())

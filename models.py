@@ -3,8 +3,10 @@ with, and loading backbone weights from our and the authors' checkpoints. Torch 
 
 Clips are (B, 3, T, H, W), normalized with the Kinetics mean and std (data.normalize).
 """
+import argparse
 import os
 import pickle
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -256,15 +258,52 @@ def build_backbone(arch, num_classes=400, dropout=0.0):
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
 
-def load_checkpoint(path):
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: not found, unreadable, unsafe to unpickle, or of another backbone."""
+
+
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    pass
+
+
+UNSAFE_FLAG = "--unsafe-unpickle"  # the opt-in of every script that loads checkpoints it did not write
+
+
+def load_checkpoint(path, unsafe=False):
+    """The contents of a checkpoint file, read with torch.load(weights_only=True): tensors, numbers, strings and
+    plain containers only, which is all our checkpoints and the authors' release ({epoch, arch, state_dict,
+    optimizer}) hold, plus argparse.Namespace (the settings that other training scripts, e.g. torchvision's
+    references, store beside the weights; it runs no code). A file that holds other objects is refused unless
+    `unsafe` (full unpickling, which runs whatever code the file names). Raises CheckpointError naming the problem
+    (empty, truncated, not a checkpoint)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+        raise CheckpointNotFound(f"checkpoint not found: {path}")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{path} is an empty file (an interrupted copy or save?): copy it again, or delete it "
+                              f"to start without it")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
+            warnings.simplefilter("ignore", UserWarning)  # torch's note on the pickle protocol of a non-torch file
+            return torch.load(path, map_location="cpu", weights_only=not unsafe)
     except pickle.UnpicklingError as err:
-        print(f"WARNING: {path} holds more than tensors and plain containers ({str(err).splitlines()[0]}); "
-              "loading it with full unpickling, which can run arbitrary code: only do this for a trusted file")
-        return torch.load(path, map_location="cpu", weights_only=False)
+        detail = ([line.strip() for line in str(err).splitlines() if "nsupported" in line] or [_first_line(err)])[0]
+        if unsafe or "Weights only load failed" not in str(err):
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint ({detail[:150]})") from None
+        if "GLOBAL" in detail:
+            raise CheckpointError(f"{path} holds objects other than tensors and plain containers ({detail[:150]}), "
+                                  f"which only full unpickling reads, and unpickling can run any code the file "
+                                  f"names: refused. If you trust the file, rerun with {UNSAFE_FLAG}") from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint that can be read safely ({detail[:150]}): a "
+                              f"damaged file, or a pickle that only full unpickling reads, which can run any code "
+                              f"the file names. If you trust the file, rerun with {UNSAFE_FLAG}") from None
+    except Exception as err:  # torch.load's reader meets garbage with whatever error the bytes lead to
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint, perhaps truncated by an interrupted "
+                              f"copy or save ({_first_line(err)}): copy it again, or delete it to start without "
+                              f"it") from None
+
+
+def _first_line(err):
+    return f"{type(err).__name__}: " + (str(err).strip().splitlines() or [""])[0].split(". ")[0][:200]
 
 
 _CLASSIFIER_PREFIX = "fc."
@@ -278,7 +317,7 @@ def _strip(key, prefix):
 def _backbone_state(ckpt):
     """Find the query-encoder/backbone state dict in any supported checkpoint; returns (state, dropped keys)."""
     if not isinstance(ckpt, dict):
-        raise ValueError(f"expected a dict checkpoint, got {type(ckpt).__name__}")
+        raise CheckpointError(f"expected a dict checkpoint, got {type(ckpt).__name__}")
     if isinstance(ckpt.get("encoder_q"), dict):  # ours: the query encoder's state dict
         state = ckpt["encoder_q"]
     elif isinstance(ckpt.get("model"), dict):  # ours: the whole MoCo state dict
@@ -288,7 +327,7 @@ def _backbone_state(ckpt):
     elif ckpt and all(torch.is_tensor(v) for v in ckpt.values()):  # a plain backbone state dict
         state = ckpt
     else:
-        raise ValueError("checkpoint has none of the keys 'encoder_q', 'model', 'state_dict' and is not a plain "
+        raise CheckpointError("checkpoint has none of the keys 'encoder_q', 'model', 'state_dict' and is not a plain "
                          f"state dict; top-level keys: {sorted(ckpt)[:20]}")
     state = {_strip(k, "module."): v for k, v in state.items()}  # DDP-wrapped saves
     if not any(k.startswith("encoder_q.") for k in state):
@@ -304,12 +343,14 @@ def _backbone_state(ckpt):
     return encoder, dropped
 
 
-def load_backbone(model, path):
+def load_backbone(model, path, unsafe=False):
     """Load backbone weights into `model` from our pretrain/finetune checkpoints, the authors' MoCo release, or a
-    plain state dict. Returns dict(missing, unexpected, dropped): `dropped` lists MoCo projection heads and a
-    classifier of another shape, which are skipped on purpose. Raises ValueError if any non-classifier weight is
+    plain state dict (unsafe: see load_checkpoint). Returns dict(missing, unexpected, dropped, args): `dropped`
+    lists MoCo projection heads and a classifier of another shape, which are skipped on purpose; `args` the
+    settings stored with the checkpoint (ours), else None. Raises CheckpointError if any non-classifier weight is
     missing or has the wrong shape (usually a checkpoint of another arch)."""
-    state, dropped = _backbone_state(load_checkpoint(path))
+    ckpt = load_checkpoint(path, unsafe)
+    state, dropped = _backbone_state(ckpt)
     own = model.state_dict()
     mismatched = []
     for k in list(state):
@@ -323,11 +364,14 @@ def load_backbone(model, path):
     unexpected = [k for k in state if k not in own]
     fatal = [k for k in missing if not k.startswith(_CLASSIFIER_PREFIX)]
     if fatal or mismatched:
-        raise ValueError(f"{path} does not fit this backbone (another arch?): "
+        raise CheckpointError(f"{path} does not fit this backbone (another arch?): "
                          f"{len(fatal)} missing keys {fatal[:10]}, {len(mismatched)} shape mismatches "
                          f"{mismatched[:10]}, {len(unexpected)} unexpected keys {unexpected[:10]}")
     model.load_state_dict(state, strict=False)
-    return {"missing": missing, "unexpected": unexpected, "dropped": dropped}
+    stored = ckpt.get("args")
+    stored = vars(stored) if isinstance(stored, argparse.Namespace) else stored
+    return {"missing": missing, "unexpected": unexpected, "dropped": dropped,
+            "args": stored if isinstance(stored, dict) else None}
 
 
 # ----------------------------------------------------------------------------------------------------------------

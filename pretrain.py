@@ -82,8 +82,7 @@ def main(args):
                           (("fame_method", "fame"), ("background", "inter"), ("fame_branches", "one"))
                           if getattr(args, k) != default)
         args.output_dir = f"runs/pretrain_{args.dataset}_{args.arch}_beta{args.beta:g}{variant}_seed{args.seed}"
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = utils.make_output_dir(args.output_dir)
     commit = utils.git_commit()
 
     intra = args.background == "intra" and args.beta < 1  # a third clip per video for the intra background
@@ -236,12 +235,16 @@ def check_args(args):
     problems = []
     if not 0 < args.beta <= 1:
         problems.append(f"--beta {args.beta} is outside (0, 1]: use e.g. 0.5 (FAME) or 1.0 (vanilla MoCo)")
-    for name in ("epochs", "batch_size", "moco_k", "moco_dim"):
+    for name in ("moco_k", "moco_dim"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.moco_m < 1:
         problems.append(f"--moco-m {args.moco_m} must be in [0, 1)")
-    if args.batch_size % world:
+    if not args.moco_t > 0:
+        problems.append(f"--moco-t {args.moco_t} must be positive (the InfoNCE temperature divides the logits)")
+    if args.save_every < 0:
+        problems.append(f"--save-every {args.save_every} must be at least 0")
+    if args.batch_size >= 1 and args.batch_size % world:
         problems.append(f"--batch-size {args.batch_size} is not divisible by the {world} processes: use a multiple "
                         f"of {world}")
     elif args.beta < 1 and args.background == "inter" and args.batch_size // world < 2:
@@ -249,8 +252,7 @@ def check_args(args):
                         f"process is {args.batch_size // world}: raise --batch-size or use --background intra")
     if args.resume != "auto" and not os.path.isfile(args.resume):
         problems.append(f"--resume {args.resume}: no such checkpoint file")
-    if problems:
-        raise SystemExit("pretrain.py: error: " + "; ".join(problems))
+    utils.check_training_args(args, problems)
 
 
 def queue_size(K, batch_size, videos_per_epoch):
@@ -278,4 +280,4 @@ def next_commands(args, ckpt):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_script(main, get_args_parser())

@@ -45,34 +45,48 @@ def get_args_parser():
 
 
 def main(args):
+    utils.check_eval_args(args)
+    if args.visualize < 0:
+        raise utils.UsageError(f"--visualize {args.visualize} must be at least 0")
     data.check_data_args(args)
+    data.check_held_out(args)
     device = utils.init_distributed()
     out = utils.eval_output_dir(args, "retrieve")
     amp = utils.amp_dtype(args.amp, device)
     torch.manual_seed(args.seed)  # the same random backbone as the other scripts' when there is no --pretrained
     backbone = models.build_backbone(args.arch)
-    utils.load_pretrained(backbone, args.pretrained)
+    utils.load_pretrained(backbone, args)
     backbone.to(device).eval()
 
     def features(clips):  # (n, 3, T, S, S) uint8 -> (n, D) pooled backbone features
         with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             return backbone.forward_features(data.normalize(clips)).float()
 
-    sets, feats = {}, {}
+    sets, feats, ok = {}, {}, {}
     for split in dict.fromkeys([args.train_split, *utils.eval_splits(args)]):  # each split once
         sets[split] = data.build_dataset(args, split, "test")
-        feats[split] = video_features(utils.clip_outputs(features, data.build_test_loader(sets[split], args), device))
-    gallery = sets[args.train_split]
+        clip_feats, ok[split] = utils.clip_outputs(features, data.build_test_loader(sets[split], args), device)
+        feats[split] = video_features(clip_feats)
+    gallery, gallery_ok = sets[args.train_split], ok[args.train_split]
+    if not bool(gallery_ok.any()):
+        raise utils.DataError(f"none of the {len(gallery)} gallery videos ({args.train_split}) could be decoded")
     results, similarities = {}, {}
     for split in utils.eval_splits(args):
-        similarities[split] = similarity(feats[split], feats[args.train_split])  # (Q, G)
-        results[split] = evaluate(similarities[split], sets[split].labels, gallery.labels)
-        results[split].update(queries=len(sets[split]), gallery=len(gallery))
+        q_ok = ok[split]
+        if not bool(q_ok.any()):
+            raise utils.DataError(f"none of the {len(q_ok)} query videos ({split}) could be decoded")
+        sim = torch.full((len(q_ok), len(gallery_ok)), float("-inf"))  # -inf: never a neighbour
+        decoded = similarity(feats[split][q_ok], feats[args.train_split][gallery_ok])
+        sim[q_ok[:, None] & gallery_ok[None]] = decoded.flatten()  # row-major, as the mask is walked
+        similarities[split] = exclude_self(sim, sets[split].paths, gallery.paths)  # (Q, G)
+        results[split] = evaluate(similarities[split][q_ok], sets[split].labels[q_ok], gallery.labels)
+        results[split].update(queries=int(q_ok.sum()), gallery=int(gallery_ok.sum()), left_out=int((~q_ok).sum()),
+                              gallery_left_out=int((~gallery_ok).sum()))
 
-    extra = {"gallery": {"split": args.train_split, "videos": len(gallery)}}
+    extra = {"gallery": {"split": args.train_split, "videos": int(gallery_ok.sum())}}
     if args.visualize and utils.is_main_process():
         extra["visualized"] = visualize(os.path.join(out, "retrieval.png"), similarities[args.test_split],
-                                        sets[args.test_split], gallery, args.visualize)
+                                        sets[args.test_split], gallery, args.visualize, ok[args.test_split])
     utils.write_results(args, results, **extra)
     utils.finish_distributed()
 
@@ -91,17 +105,30 @@ def similarity(query, gallery):
     return query @ gallery.T
 
 
+def exclude_self(sim, query_paths, gallery_paths):
+    """sim (Q, G) with -inf where a query is the gallery video itself (the same file), so that no video is ever
+    counted as its own match (e.g. when the queries are the gallery split)."""
+    where = {os.path.realpath(p): g for g, p in enumerate(gallery_paths)}
+    same = [(q, where[p]) for q, p in enumerate(map(os.path.realpath, query_paths)) if p in where]
+    if same:
+        rows, cols = zip(*same)
+        sim = sim.clone()
+        sim[list(rows), list(cols)] = float("-inf")
+    return sim
+
+
 def evaluate(sim, query_labels, gallery_labels, ks=KS):
     """R@k (%): share of queries with at least one same-label video among their k most similar gallery videos
-    (k clipped to the gallery size)."""
-    nearest = sim.topk(min(max(ks), sim.shape[1]), dim=1).indices  # (Q, kmax), most similar first
-    hit = gallery_labels[nearest] == query_labels[:, None]  # (Q, kmax)
+    (k clipped to the gallery size); an entry of sim at -inf (the query itself) is never a neighbour."""
+    values, nearest = sim.topk(min(max(ks), sim.shape[1]), dim=1)  # (Q, kmax), most similar first
+    hit = (gallery_labels[nearest] == query_labels[:, None]) & (values > float("-inf"))  # (Q, kmax)
     return {f"R@{k}": 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
 
 
-def visualize(path, sim, query_set, gallery_set, n, top=3, tile=112):
-    """PNG grid: one row per query (spread over the query set), the query's middle frame then its top
-    neighbours, each captioned with its class (and similarity); frame border green when the label matches."""
+def visualize(path, sim, query_set, gallery_set, n, query_ok, top=3, tile=112):
+    """PNG grid: one row per query (spread over the decoded videos of the query set, mask query_ok), the query's
+    middle frame then its top neighbours, each captioned with its class (and similarity); frame border green when
+    the label matches."""
     from PIL import Image, ImageDraw  # Pillow comes with torchvision
 
     def frame(dataset, i):  # middle frame of the middle clip, upscaled: (tile, tile, 3) uint8
@@ -110,13 +137,14 @@ def visualize(path, sim, query_set, gallery_set, n, top=3, tile=112):
         img = F.interpolate(img, size=(tile, tile), mode="nearest")[0]
         return Image.fromarray(img.permute(1, 2, 0).byte().numpy())
 
-    queries = torch.linspace(0, sim.shape[0] - 1, min(n, sim.shape[0])).round().long().unique().tolist()
+    decoded = query_ok.nonzero()[:, 0]
+    queries = decoded[torch.linspace(0, len(decoded) - 1, min(n, len(decoded))).round().long().unique()].tolist()
     pad, text_h = 6, 28
     canvas = Image.new("RGB", ((top + 1) * (tile + pad) + pad, len(queries) * (tile + text_h + pad) + pad), "white")
     draw = ImageDraw.Draw(canvas)
     shown = []
     for row, q in enumerate(queries):
-        vals, idx = sim[q].topk(min(top, sim.shape[1]))
+        vals, idx = sim[q].topk(min(top, int(torch.isfinite(sim[q]).sum())))
         q_label = int(query_set.labels[q])
         y = pad + row * (tile + text_h + pad)
         cells = [(query_set, q, f"query: {query_set.classes[q_label]}", "black")]
@@ -139,4 +167,4 @@ def visualize(path, sim, query_set, gallery_set, n, top=3, tile=112):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_script(main, get_args_parser())

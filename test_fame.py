@@ -7,18 +7,22 @@ import argparse
 import ast
 import colorsys
 import datetime
+import fcntl
 import functools
 import glob
 import importlib.util
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import av
@@ -387,7 +391,7 @@ def test_fame_and_models_import_only_torch(module):
     tree = ast.parse((_FAME_REPO / f"{module}.py").read_text())
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert {n.split(".")[0] for n in names} <= {"math", "os", "pickle", "torch"}, names
+    assert {n.split(".")[0] for n in names} <= {"argparse", "math", "os", "pickle", "torch", "warnings"}, names
     loaded = subprocess.run([sys.executable, "-c", f"import sys, {module}; print(sorted(sys.modules))"],
                             capture_output=True, text=True, cwd=_FAME_REPO, check=True).stdout
     assert not {"'av'", "'data'", "'utils'", "'synthetic'"} & set(loaded.strip()[1:-1].split(", ")), loaded
@@ -574,7 +578,8 @@ def test_models_load_backbone_our_formats_and_errors(tmp_path):
         utils.save_checkpoint(ckpt, tmp_path / f"{name}.pth")
         model = models.build_backbone("r2plus1d_tiny", num_classes=5)
         report = models.load_backbone(model, str(tmp_path / f"{name}.pth"))
-        assert report == {"missing": ["fc.weight", "fc.bias"], "unexpected": [], "dropped": []}, name
+        assert report == {"missing": ["fc.weight", "fc.bias"], "unexpected": [], "dropped": [],
+                          "args": ckpt.get("args")}, name
         for k, v in expected.items():
             assert torch.equal(model.state_dict()[k], v), (name, k)
 
@@ -583,7 +588,7 @@ def test_models_load_backbone_our_formats_and_errors(tmp_path):
     torch.save(finetuned.state_dict(), tmp_path / "plain.pth")
     same = models.build_backbone("r2plus1d_tiny", num_classes=5)
     report = models.load_backbone(same, str(tmp_path / "plain.pth"))
-    assert report == {"missing": [], "unexpected": [], "dropped": []}
+    assert report == {"missing": [], "unexpected": [], "dropped": [], "args": None}
     assert torch.equal(same.fc.weight, finetuned.fc.weight)
     other = models.build_backbone("r2plus1d_tiny", num_classes=9)
     report = models.load_backbone(other, str(tmp_path / "plain.pth"))
@@ -596,6 +601,39 @@ def test_models_load_backbone_our_formats_and_errors(tmp_path):
         models.load_backbone(models.build_backbone("i3d"), str(tmp_path / "encoder_q.pth"))
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         models.load_backbone(models.build_backbone("r2plus1d_tiny"), str(tmp_path / "nowhere.pth"))
+
+
+class _models_Payload:
+    """Unpickling this object creates the folder `marker`: the code a crafted checkpoint runs."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_models_crafted_checkpoint_is_refused_and_its_payload_never_runs(tmp_path):
+    # A raw pickle and a torch.save zip whose unpickling would call os.mkdir: both refused without running it.
+    raw, zipped = tmp_path / "raw.pth", tmp_path / "zipped.pth"
+    raw.write_bytes(pickle.dumps(_models_Payload(str(tmp_path / "ran_raw"))))
+    torch.save({"state_dict": {}, "extra": _models_Payload(str(tmp_path / "ran_zip"))}, zipped)
+    for path in (raw, zipped):
+        with pytest.raises(models.CheckpointError, match="--unsafe-unpickle"):
+            models.load_backbone(models.build_backbone("r2plus1d_tiny"), str(path))
+    assert not (tmp_path / "ran_raw").exists() and not (tmp_path / "ran_zip").exists()
+    # the explicit opt-in unpickles it all (and so runs the payload: only for trusted files)
+    models.load_checkpoint(str(zipped), unsafe=True)
+    assert (tmp_path / "ran_zip").is_dir()
+    # broken files name the problem
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "text.pth").write_text("not a checkpoint\n")
+    utils.save_checkpoint({"w": torch.ones(1000)}, tmp_path / "full.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "full.pth").read_bytes()[:2000])
+    for name, message in (("empty", "empty file"), ("text", "not a PyTorch checkpoint"),
+                          ("cut", "truncated")):
+        with pytest.raises(models.CheckpointError, match=message):
+            models.load_checkpoint(str(tmp_path / f"{name}.pth"))
 
 
 def test_models_moco_momentum_update():
@@ -898,7 +936,7 @@ def test_data_layouts(tmp_path, dataset):
 
 
 def test_data_wrong_root_names_layout(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="Expected layout: <root>/UCF-101"):
+    with pytest.raises(utils.UsageError, match=r"no such folder \(expected layout: <root>/UCF-101"):
         _data_args(tmp_path, tmp_path / "missing", "ucf101")
     (tmp_path / "ucf" / "UCF-101").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="missing split file .*classInd.txt"):
@@ -941,6 +979,71 @@ def test_data_kinetics_download_layout_and_scan(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"train/<class>/\*\.mp4.*annotations/train\.csv"):
         _data_args(tmp_path, tmp_path / "empty", "k400")
+
+
+def test_data_split_lines_with_spaces_tabs_and_unknown_classes(tmp_path):
+    root = tmp_path / "f"
+    (root / "walk").mkdir(parents=True)
+    (root / "run").mkdir()
+    (root / "train.txt").write_text("walk/my clip.mp4 1\nrun/two  spaces.mp4\nrun/tabbed 7.mp4\t2\n")
+    (root / "test.txt").write_text("walk/a b.mp4\n")
+    rel, labels, classes, _ = data.list_videos("folder", str(root), "train")
+    assert rel == ["walk/my clip.mp4", "run/two  spaces.mp4", "run/tabbed 7.mp4"] and classes == ["run", "walk"]
+    assert labels == [1, 0, 0] and data.list_videos("folder", str(root), "test")[0] == ["walk/a b.mp4"]
+    assert data._path_and_numbers("v 1.avi 1 ") == ("v 1.avi", ["1"])  # hmdb51: "<video> <tag>"
+    (root / "test.txt").write_text("jump/x.mp4\n")  # a test class the training split does not have
+    with pytest.raises(data.LayoutError, match="test.txt lists class 'jump', which the training split does not"):
+        data.list_videos("folder", str(root), "test")
+
+
+def test_data_folder_warnings_and_no_test_split(tmp_path):
+    root = tmp_path / "f"
+    _data_write(str(root / "a" / "v.mp4"), _data_noise(8))
+    (root / "empty").mkdir()
+    (root / "a" / "notes.txt").write_text("not a video")
+    with pytest.warns(RuntimeWarning) as warned:
+        assert data.list_videos("folder", str(root), "train")[0] == ["a/v.mp4"]
+    messages = " ".join(str(w.message) for w in warned)
+    assert "1 class folders hold no videos: empty" in messages and "1 files are not taken as videos" in messages
+    # no split lists or folders: pretraining reads every video, an evaluation refuses (unless told --test-split)
+    args = finetune.get_args_parser().parse_args(["--dataset", "folder", "--data", str(root), "--workers", "0"])
+    data.check_data_args(args)
+    with pytest.raises(utils.DataError, match="no test split"):
+        data.check_held_out(args)
+    args.test_split = "train"
+    data.check_held_out(args)
+    # train/ and test/ folders: a test class folder that training lacks is named
+    (tmp_path / "s" / "train" / "a").mkdir(parents=True)
+    (tmp_path / "s" / "test" / "b").mkdir(parents=True)
+    with pytest.raises(data.LayoutError, match="class folders that the training split does not have: b"):
+        data.list_videos("folder", str(tmp_path / "s"), "test")
+
+
+def test_data_frames_smaller_than_the_crop_are_said(tmp_path):
+    root = tmp_path / "f"
+    _data_write(str(root / "a" / "v.mp4"), _data_noise(8, 32))
+    dataset = data.build_dataset(_data_args(tmp_path, root, "folder", "--crop", "48"), "train", "train")
+    with pytest.warns(RuntimeWarning, match="frames of 32x32 .* are smaller than --crop 48: clips are upsampled"):
+        assert dataset[0]["clip"].shape == (3, 4, 48, 48)
+
+
+def test_data_scan_report_lists_unreadable_and_never_overwrites_other_files(tmp_path, capsys):
+    root = tmp_path / "f"
+    _data_write(str(root / "a" / "good.mp4"), _data_noise(8))
+    (root / "a" / "broken.mp4").write_bytes(b"garbage" * 50)
+    (root / "train.txt").write_text("a/good.mp4\na/broken.mp4\n")
+    (root / "test.txt").write_text("a/good.mp4\n")
+    argv = ["--scan", "--dataset", "folder", "--data", str(root), "--workers", "0", "--report"]
+    before = (root / "train.txt").read_text()
+    with pytest.raises(utils.UsageError, match="not an earlier scan report"):
+        data.main(data.get_args_parser().parse_args(argv + [str(root / "train.txt")]))
+    assert (root / "train.txt").read_text() == before
+    report = tmp_path / "report.txt"
+    for _ in range(2):  # an earlier report is overwritten
+        data.main(data.get_args_parser().parse_args(argv + [str(report)]))
+        printed = capsys.readouterr().out
+        assert "  a/broken.mp4: " in printed and f"1 of 3 videos cannot be read" in printed
+    assert report.read_text().startswith(data.REPORT_HEADER) and "a/broken.mp4\t" in report.read_text()
 
 
 def test_data_unreadable_files_skipped(tmp_path):
@@ -1395,11 +1498,36 @@ def test_utils_checkpoint_io(tmp_path, capsys):
     assert ckpt["epoch"] == 2 and torch.equal(ckpt["w"], torch.zeros(3)) and ckpt["args"] == {"lr": 0.01}
     assert "WARNING" not in capsys.readouterr().out
 
-    legacy = tmp_path / "legacy.pth"
-    torch.save({"args": argparse.Namespace(lr=0.5), "w": torch.ones(2)}, legacy)
-    ckpt = models.load_checkpoint(str(legacy))
+    other = tmp_path / "other.pth"  # settings stored as a Namespace (e.g. torchvision's references): allowed
+    torch.save({"args": argparse.Namespace(lr=0.5), "w": torch.ones(2)}, other)
+    ckpt = models.load_checkpoint(str(other))
     assert ckpt["args"].lr == 0.5
-    assert "trusted file" in capsys.readouterr().out
+    assert capsys.readouterr().out == ""
+
+
+def test_utils_file_lock_says_when_it_waits(tmp_path, capsys):
+    lock = tmp_path / "index.lock"
+    with open(lock, "a") as holder:  # another run holds the lock
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        entered = threading.Event()
+
+        def wait():
+            with utils.file_lock(str(lock), waiting="another run is indexing"):
+                entered.set()
+
+        thread = threading.Thread(target=wait)
+        thread.start()
+        printed = ""
+        for _ in range(3000):  # up to 30 s for the thread to reach the lock
+            printed += capsys.readouterr().out
+            if "waiting for" in printed:
+                break
+            thread.join(0.01)
+        assert f"waiting for {lock}: held by another process (another run is indexing)" in printed
+        assert not entered.is_set()
+        fcntl.flock(holder, fcntl.LOCK_UN)
+    thread.join(30)
+    assert entered.is_set()
 
 
 # ------------------------------------------------------------------------------------------------ MoCo
@@ -1441,6 +1569,109 @@ def test_utils_amp_choice():
     assert utils.amp_dtype("auto", cpu) is None and utils.amp_dtype("off", cpu) is None
     assert utils.amp_dtype("bf16", cpu) == torch.bfloat16 and utils.amp_dtype("fp16", cpu) == torch.float16
     assert utils.grad_scaler(torch.float16, cpu).is_enabled() and not utils.grad_scaler(None, cpu).is_enabled()
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+# Every script run as a user runs it: each case forks from one process that imported the project once (a case
+# costs milliseconds, not an interpreter start) and runs the script as __main__ with the case's command line.
+_UTILS_DRIVER = """
+import json, os, runpy, sys, traceback
+repo = sys.argv[1]
+sys.path.insert(0, repo)
+import bench, data, finetune, linear_probe, pretrain, retrieve, visualize
+results = []
+for script, argv in json.loads(sys.argv[2]):
+    out = f"case{len(results)}.txt"
+    sys.stdout.flush(), sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(fd, 1), os.dup2(fd, 2)
+        sys.argv, code = [script, *argv], 0
+        try:
+            runpy.run_path(os.path.join(repo, script), run_name="__main__")
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) or stop.code is None else print(stop.code) or 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush(), sys.stderr.flush()
+        os._exit(code or 0)
+    results.append([os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), open(out).read()])
+print(json.dumps(results))
+"""
+
+_UTILS_BAD_INPUTS = [  # script, command line, exit status, what its one error line says
+    ("pretrain.py", ["--lr", "0"], 2, "--lr 0.0 must be positive"),
+    ("pretrain.py", ["--moco-t", "-1"], 2, "--moco-t -1.0 must be positive"),
+    ("pretrain.py", ["--frames", "0"], 2, "--frames must be positive"),
+    ("pretrain.py", ["--workers", "-2"], 2, "--workers must be at least 0"),
+    ("pretrain.py", ["--dataset", "folder", "--data", "afile"], 2, "--data afile is a file"),
+    ("pretrain.py", ["--dataset", "folder", "--data", "nosplit", "--output-dir", "afile"], 2, "a file is in the way"),
+    ("pretrain.py", ["--dataset", "folder", "--data", "tiny", "--arch", "r2plus1d_tiny", "--workers", "0",
+                     "--batch-size", "8", "--output-dir", "run"], 2, "less than one batch of 8"),
+    ("pretrain.py", ["--dataset", "folder", "--data", "tiny", "--arch", "r2plus1d_tiny", "--workers", "0",
+                     "--batch-size", "2", "--frames", "2", "--crop", "16", "--output-dir", "run", "--resume",
+                     "text.pth"], 1, "text.pth is not a"),
+    ("finetune.py", ["--eval-every", "0"], 2, "--eval-every 0 must be at least 1"),
+    ("finetune.py", ["--dataset", "folder", "--data", "emptydir"], 1, "no class folders"),
+    ("linear_probe.py", ["--crop", "-5"], 2, "--crop must be positive"),
+    ("linear_probe.py", ["--lr", "-1"], 2, "--lr -1.0 must be positive"),
+    ("linear_probe.py", ["--dataset", "folder", "--data", "missing"], 2, "--data missing: no such folder"),
+    ("retrieve.py", ["--dataset", "folder", "--data", "nosplit"], 1, "no test split"),
+    ("retrieve.py", ["--dataset", "folder", "--data", "badclass"], 1, "which the training split does not have"),
+    ("retrieve.py", ["--pretrained", "text.pth"], 1, "text.pth is not a"),
+    ("retrieve.py", ["--pretrained", "empty.pth"], 1, "empty.pth is an empty file"),
+    ("retrieve.py", ["--pretrained", "crafted.pth"], 1, "rerun with --unsafe-unpickle"),
+    ("retrieve.py", ["--pretrained", "tiny.pth", "--arch", "cnn3d"], 1, "does not fit this backbone"),
+    ("retrieve.py", ["--pretrained", "nowhere.pth"], 2, "--pretrained nowhere.pth: no such file"),
+    ("data.py", ["--scan", "--dataset", "folder", "--data", "split", "--report", "split/train.txt"], 2,
+     "not an earlier scan report"),
+    ("visualize.py", ["masks", "nope.mp4"], 2, "video not found: nope.mp4"),
+    ("bench.py", ["loader", "--dataset", "folder", "--data", "missing"], 2, "--data missing: no such folder"),
+]
+
+
+def test_utils_bad_inputs_end_in_one_line(tmp_path):
+    for name in ("nosplit/a", "emptydir", "badclass/a", "split/a"):
+        (tmp_path / name).mkdir(parents=True)
+    for name in ("nosplit/a/v.mp4", "badclass/a/v.mp4", "split/a/v.mp4", "afile"):
+        (tmp_path / name).write_text("listed, never decoded")
+    (tmp_path / "badclass" / "train.txt").write_text("a/v.mp4\n")
+    (tmp_path / "badclass" / "test.txt").write_text("b/w.mp4\n")
+    (tmp_path / "split" / "train.txt").write_text("a/v.mp4\n")
+    (tmp_path / "split" / "test.txt").write_text("a/v.mp4\n")
+    for k in range(2):
+        _data_write(str(tmp_path / "tiny" / "a" / f"v{k}.mp4"), _data_noise(6, 16, k))
+    (tmp_path / "text.pth").write_text("epoch 3\n")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "crafted.pth").write_bytes(pickle.dumps(_models_Payload(str(tmp_path / "payload_ran"))))
+    utils.save_checkpoint({"encoder_q": models.build_backbone("r2plus1d_tiny").state_dict()}, tmp_path / "tiny.pth")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    cases = json.dumps([[script, argv] for script, argv, _, _ in _UTILS_BAD_INPUTS])
+    proc = subprocess.run([sys.executable, "-c", _UTILS_DRIVER, str(_FAME_REPO), cases], cwd=tmp_path, timeout=300,
+                          capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1",
+                                                               "FAME_CACHE": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for (script, argv, status, message), (code, output) in zip(_UTILS_BAD_INPUTS, json.loads(proc.stdout),
+                                                                strict=True):
+        case = f"{script} {' '.join(argv)}:\n{output}"
+        errors = [line for line in output.splitlines() if f"{script}: error:" in line]
+        assert code == status and "Traceback" not in output, case
+        assert len(errors) == 1 and errors[0] == output.strip().splitlines()[-1] and message in errors[0], case
+    assert not (tmp_path / "payload_ran").exists()
+
+
+def test_utils_bad_input_under_torchrun_said_once(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(_FAME_REPO / "pretrain.py"), "--moco-t", "0"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "FAME_CACHE": str(tmp_path)})
+    said = [line for line in proc.stderr.splitlines() if line.startswith("pretrain.py: error: ")]
+    assert proc.returncode != 0 and said == ["pretrain.py: error: --moco-t 0.0 must be positive (the InfoNCE "
+                                             "temperature divides the logits)"], proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr  # torchrun's summary names our status
 
 
 # ============================================================================================================
@@ -1588,7 +1819,7 @@ def test_pretrain_periodic_saves_survive_a_crash(pretrain_env, monkeypatch):
     monkeypatch.undo()
     resumed = pretrain_env.run(out, *argv)
     _same_state(resumed.state_dict(), pretrain_env.run(pretrain_env.tmp / "straight", "--epochs", "2").state_dict())
-    with pytest.raises(SystemExit, match="saved inside epoch 2 by 2 processes"):
+    with pytest.raises(utils.UsageError, match="saved inside epoch 2 by 2 processes"):
         torch.save({**ckpt, "world_size": 2}, out / "checkpoint.pth")
         pretrain_env.run(out, *argv, "--epochs", "3")
 
@@ -1675,11 +1906,17 @@ def test_pretrain_corrupt_videos_reported_and_skipped(pretrain_env, monkeypatch,
     (["--batch-size", "2"], "at least 2 clips per process"),
     (["--cos", "--schedule", "3"], "exclude each other"),
     (["--resume", "missing.pth"], "no such checkpoint"),
+    (["--lr", "0"], "--lr 0.0 must be positive"),
+    (["--moco-t", "0"], "--moco-t 0.0 must be positive"),
+    (["--workers", "-1"], "--workers must be at least 0"),
 ])
-def test_pretrain_bad_arguments_fail_before_work(pretrain_env, monkeypatch, flags, message):
+def test_pretrain_bad_arguments_fail_before_work(pretrain_env, monkeypatch, capsys, flags, message):
     monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group is created
-    with pytest.raises(SystemExit, match=message):
-        pretrain_env.run(pretrain_env.tmp / "run", *flags)
+    monkeypatch.setattr(sys, "argv", ["pretrain.py", *pretrain_env.argv(pretrain_env.tmp / "run", *flags)])
+    with pytest.raises(SystemExit) as stop:
+        utils.run_script(pretrain.main, pretrain.get_args_parser())
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and err[-1].startswith("pretrain.py: error: ") and re.search(message, err[-1])
     assert not (pretrain_env.tmp / "run").exists()
 
 
@@ -1688,7 +1925,7 @@ def test_pretrain_unknown_arch_dataset_or_data_rejected(pretrain_env, capsys):
         with pytest.raises(SystemExit):
             pretrain.get_args_parser().parse_args(flags)
         assert "invalid choice" in capsys.readouterr().err
-    with pytest.raises(FileNotFoundError, match="UCF-101"):
+    with pytest.raises(utils.UsageError, match="UCF-101"):
         pretrain.main(pretrain.get_args_parser().parse_args(["--dataset", "ucf101", "--data", "nowhere"]))
     assert not Path("runs").exists()
 
@@ -1802,7 +2039,7 @@ def test_eval_probe_cached_frozen_and_resumed(eval_tiny, tmp_path, monkeypatch):
     results = _eval_run(linear_probe, argv + ["--epochs", "3"])
     assert [json.loads(line)["epoch"] for line in open(out / "log.jsonl")] == [1, 2, 3]
     assert torch.load(out / "checkpoint.pth", weights_only=True)["epoch"] == 3
-    with pytest.raises(SystemExit, match="other settings"):  # same dir, other training split: not resumed
+    with pytest.raises(utils.UsageError, match="other settings"):  # same dir, other training split: not resumed
         _eval_run(linear_probe, argv + ["--epochs", "4", "--train-split", "balanced_train"])
 
 
@@ -1849,10 +2086,12 @@ def test_eval_retrieve_end_to_end(eval_tiny, tmp_path):
         recalls = [metrics[f"R@{k}"] for k in retrieve.KS]
         assert recalls == sorted(recalls) and recalls[-1] == 100.0  # gallery of 16 < 50: R@50 sees all
     assert (tmp_path / "retrieval.png").stat().st_size > 0 and len(results["visualized"]) == 2
-    # gallery == queries (same labelled set): every query finds itself first
+    # gallery == queries (same labelled set): a query never finds itself
     results = _eval_run(retrieve, flags + ["--pretrained", ckpt, "--clips", "2", "--train-split", "test",
-                                           "--output-dir", str(tmp_path / "self")])
-    assert results["splits"]["test"]["R@1"] == 100.0
+                                           "--visualize", "8", "--output-dir", str(tmp_path / "self")])
+    assert results["splits"]["test"]["gallery"] == 8 and len(results["visualized"]) == 8
+    for shown in results["visualized"]:
+        assert len(shown["neighbours"]) == 3 and shown["query_path"] not in [n["path"] for n in shown["neighbours"]]
 
 
 def test_eval_retrieval_features_normalized_per_clip():
@@ -1874,6 +2113,62 @@ def test_eval_recall_unit():
     assert retrieve.evaluate(sim, labels, labels)["R@1"] == 100.0
     recalls = list(retrieve.evaluate(retrieve.similarity(torch.randn(20, 16), feats), labels[:20], labels).values())
     assert recalls == sorted(recalls) and recalls[-1] == 100.0
+    # queries that are the gallery videos themselves: never their own match (each label once: no hit at all)
+    paths, unique = [f"v{i}.mp4" for i in range(30)], torch.arange(30)
+    assert retrieve.evaluate(sim, unique, unique)["R@1"] == 100.0
+    assert retrieve.evaluate(retrieve.exclude_self(sim, paths, paths), unique, unique) == {f"R@{k}": 0.0
+                                                                                            for k in retrieve.KS}
+
+
+def test_eval_probe_resume_checks_the_pretrained_weights(eval_tiny, tmp_path):
+    # the pretraining at the same path trained further: its probe must not be resumed
+    flags, ckpt, _ = eval_tiny
+    path = tmp_path / "pretrain.pth"
+    shutil.copy(ckpt, path)
+    argv = flags + ["--pretrained", str(path), "--batch-size", "8", "--clips", "1", "--cache-features",
+                    "--output-dir", str(tmp_path / "probe")]
+    _eval_run(linear_probe, argv + ["--epochs", "1"])
+    torch.manual_seed(5)
+    utils.save_checkpoint({"encoder_q": models.build_backbone("r2plus1d_tiny").state_dict(), "epoch": 2}, path)
+    with pytest.raises(utils.UsageError, match="the weights behind --pretrained"):
+        _eval_run(linear_probe, argv + ["--epochs", "2"])
+
+
+def test_eval_broken_test_videos_are_left_out(eval_tiny, tmp_path, monkeypatch, capsys):
+    # a test (or gallery) video that fails to decode is never scored as another video: left out and counted
+    flags, ckpt, _ = eval_tiny
+    load = data.VideoDataset.load
+
+    def broken_first(self, i, generator=None):
+        if i == 0 and self.name in ("synthetic/test", "synthetic/train"):
+            raise ValueError("simulated decode error")
+        return load(self, i, generator)
+
+    monkeypatch.setattr(data.VideoDataset, "load", broken_first)
+    common = flags + ["--pretrained", ckpt, "--clips", "1", "--batch-size", "8"]
+    with pytest.warns(RuntimeWarning, match="left out of the evaluation"):
+        probe = _eval_run(linear_probe, common + ["--cache-features", "--epochs", "1",
+                                                  "--output-dir", str(tmp_path / "probe")])
+    assert (probe["splits"]["test"]["videos"], probe["splits"]["test"]["left_out"]) == (7, 1)
+    assert (probe["splits"]["test_swapped"]["videos"], probe["splits"]["test_swapped"]["left_out"]) == (8, 0)
+    assert "test: 1 videos could not be decoded and are left out" in capsys.readouterr().out
+    with pytest.warns(RuntimeWarning, match="left out of the evaluation"):
+        found = _eval_run(retrieve, common + ["--output-dir", str(tmp_path / "retrieve")])["splits"]["test"]
+    assert (found["queries"], found["left_out"], found["gallery"], found["gallery_left_out"]) == (7, 1, 15, 1)
+
+
+def test_eval_pretrained_none_and_other_clip_settings(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = retrieve.get_args_parser().parse_args(["--pretrained", "none", "--arch", "r2plus1d_tiny"])
+    assert args.pretrained is None and "random_init" in str(utils.eval_output_dir(args, "retrieve"))
+    utils.load_pretrained(models.build_backbone("r2plus1d_tiny"), args)
+    assert "RANDOMLY INITIALISED" in capsys.readouterr().out
+    path = tmp_path / "pretrain.pth"
+    utils.save_checkpoint({"encoder_q": models.build_backbone("r2plus1d_tiny").state_dict(),
+                           "args": {"frames": 16, "stride": 2, "crop": 112}}, path)
+    args.pretrained = str(path)
+    utils.load_pretrained(models.build_backbone("r2plus1d_tiny"), args)  # the synthetic preset: 8 frames, 32 px
+    assert "other clip settings: --frames 16 (now 8), --crop 112 (now 32)" in capsys.readouterr().out
 
 
 def test_eval_ten_clip_averaging(eval_tiny, tmp_path):
@@ -1886,7 +2181,9 @@ def test_eval_ten_clip_averaging(eval_tiny, tmp_path):
         seen.append(len(x))
         return x.float().div(255).mean((1, 2, 3, 4))[:, None]
 
-    values = utils.clip_outputs(fn, data.build_test_loader(dataset, args), torch.device("cpu")).mean(1)
+    values, ok = utils.clip_outputs(fn, data.build_test_loader(dataset, args), torch.device("cpu"))
+    values = values.mean(1)
+    assert ok.all()
     assert args.clips == 10 and sum(seen) == 10 * len(dataset) and values.shape == (len(dataset), 1)
     for i in range(len(dataset)):
         clips = dataset[i]["clip"]
@@ -1905,9 +2202,13 @@ def test_eval_authors_checkpoint_and_arch_mismatch(eval_tiny, tmp_path):
                   torch.randn(128, 512), "module.encoder_q.id_head.weight": torch.randn(4, 512),
                   "module.encoder_k.stem.0.weight": torch.randn(45, 3, 1, 7, 7), "module.queue": torch.randn(128, 8)})
     path = tmp_path / "authors.pth"
-    torch.save({"state_dict": state, "epoch": 200, "arch": "r2plus1d_18"}, path)
+    optimizer = torch.optim.SGD([torch.zeros(3, requires_grad=True)], lr=0.03, momentum=0.9)
+    optimizer.param_groups[0]["params"][0].grad = torch.ones(3)
+    optimizer.step()  # a momentum buffer in the state, as in their release (epoch, arch, state_dict, optimizer)
+    torch.save({"state_dict": state, "epoch": 200, "arch": "r2plus1d_18", "optimizer": optimizer.state_dict()}, path)
     model = models.build_backbone("r2plus1d_18", num_classes=101, dropout=0.7)
-    utils.load_pretrained(model, str(path))
+    utils.load_pretrained(model, argparse.Namespace(pretrained=str(path), unsafe_unpickle=False, frames=16, stride=2,
+                                                    crop=112))
     own = model.state_dict()
     assert all(torch.equal(own[k], v) for k, v in theirs.items() if not k.startswith("fc."))
     # a tiny checkpoint evaluated as r2plus1d_18 is a clear error, not a silent random init
@@ -2011,7 +2312,7 @@ def test_vis_caam_map_range_and_shape():
 def test_vis_missing_video_is_named(tmp_path):
     args = visualize.get_args_parser().parse_args(["masks", str(tmp_path / "nope.mp4"), "--output",
                                                    str(tmp_path / "x.png")])
-    with pytest.raises(FileNotFoundError, match="nope.mp4"):
+    with pytest.raises(utils.UsageError, match="nope.mp4"):
         visualize.main(args)
 
 

@@ -1,11 +1,12 @@
-"""Run plumbing the stage scripts share: torchrun setup and ranks, seeding, the lr schedule, atomic checkpoints
-and JSON, the epoch log, mid-epoch checkpoints and preemption, mixed precision, metrics, and the command-line
-flags common to several stages."""
+"""Run plumbing the stage scripts share: how a script ends on a user's error, torchrun setup and ranks, seeding,
+the lr schedule, atomic checkpoints and JSON, the epoch log, mid-epoch checkpoints and preemption, mixed
+precision, metrics, and the command-line flags common to several stages."""
 import argparse
 import concurrent.futures
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import math
 import multiprocessing
@@ -25,6 +26,47 @@ from tqdm import tqdm
 import models
 
 EXIT_PREEMPTED = 3  # exit status after a SIGTERM / SIGUSR1 stop: the checkpoint is saved, rerun to resume
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors a user can cause
+
+
+class UsageError(ValueError):
+    """A setting on the command line that cannot work: the script ends with one line and exit status 2."""
+
+
+class DataError(Exception):
+    """Input that cannot be used (a dataset's files or lists, a video): the script ends with one line and exit
+    status 1."""
+
+
+def run_script(main, parser, args=None):
+    """Runs main(args), with args parsed from the command line unless given. The errors a user can cause
+    (UsageError, DataError, models.CheckpointError) end the process with one line on stderr, `<script>: error:
+    <message>` (from the first process only under torchrun), and exit status 2 for a bad setting, 1 for unusable
+    input; any other exception is a bug and shows its traceback."""
+    args = parser.parse_args() if args is None else args
+    try:
+        return main(args)
+    except (UsageError, DataError, models.CheckpointError) as err:
+        if int(os.environ.get("RANK", 0)) != 0:
+            # Under torchrun every process usually meets the same error: the first one says it and exits, and
+            # torchrun stops the others during this pause. An error of this process alone is still said after it.
+            time.sleep(2)
+        print(f"{parser.prog}: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(err, UsageError) else 1)
+
+
+def make_output_dir(path):
+    """Creates --output-dir (and its parents) if needed; refuses a path that is a file."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"--output-dir {path}: a file is in the way (it must be a folder)") from None
+    except PermissionError as err:
+        raise UsageError(f"--output-dir {path}: cannot be created ({err.strerror}: {err.filename})") from None
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -160,12 +202,16 @@ def write_json(path, obj):
 
 
 @contextlib.contextmanager
-def file_lock(path):
+def file_lock(path, waiting=None):
     """An exclusive lock across processes, held for the with block (e.g. the processes of one run waiting for the
-    first one to build a dataset index)."""
+    first one to build a dataset index). `waiting`: what to print when another process holds it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for {path}: held by another process" + (f" ({waiting})" if waiting else ""), flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -220,26 +266,34 @@ def resume_path(args):
     it exists; None for a fresh start."""
     if args.resume != "auto":
         if not os.path.isfile(args.resume):
-            sys.exit(f"--resume {args.resume}: no such checkpoint file")
+            raise UsageError(f"--resume {args.resume}: no such checkpoint file")
         return args.resume
     path = os.path.join(args.output_dir, "checkpoint.pth")
     return path if os.path.isfile(path) else None
+
+
+# Settings of a run that are not flags: what the refusal of a resume calls them
+DERIVED_SETTINGS = {"pretrained_sha1": "the weights behind --pretrained (sha1 of the loaded backbone)"}
 
 
 def load_resume(path, args, keys):
     """Loads a checkpoint to resume. Refuses one trained with other values of `keys` (they define the run); other
     changed settings (e.g. --epochs, --lr) are printed and take effect. Also refuses a checkpoint saved inside an
     epoch by another number of processes (the position in the epoch would not carry over)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    old = ckpt["args"]
-    refused = [f"--{k.replace('_', '-')} {old.get(k)} (now {getattr(args, k)})" for k in keys
+    ckpt = models.load_checkpoint(path)
+    old = ckpt.get("args") if isinstance(ckpt, dict) else None
+    if not isinstance(old, dict):
+        raise models.CheckpointError(f"{path} is not a checkpoint of this script (no stored settings): delete it to "
+                                     f"start fresh, or use another --output-dir")
+    refused = [f"{DERIVED_SETTINGS[k]} {old.get(k)} (now {getattr(args, k)})" if k in DERIVED_SETTINGS else
+               f"--{k.replace('_', '-')} {old.get(k)} (now {getattr(args, k)})" for k in keys
                if not _same_setting(old.get(k), getattr(args, k))]
     if refused:
-        sys.exit(f"{path} was trained with other settings: {', '.join(refused)}. Use the same settings to resume, "
-                 f"or another --output-dir for a new run")
+        raise UsageError(f"{path} was trained with other settings: {', '.join(refused)}. Use the same settings to "
+                         f"resume, or another --output-dir for a new run")
     if ckpt.get("step", 0) and ckpt.get("world_size") != get_world_size():
-        sys.exit(f"{path} was saved inside epoch {ckpt['epoch'] + 1} by {ckpt.get('world_size')} processes; resume "
-                 f"it with that many (this run has {get_world_size()})")
+        raise UsageError(f"{path} was saved inside epoch {ckpt['epoch'] + 1} by {ckpt.get('world_size')} processes; "
+                         f"resume it with that many (this run has {get_world_size()})")
     ignored = {"resume", "output_dir", "workers"}
     changed = {k: (v, plain(getattr(args, k, None))) for k, v in old.items()
                if k not in ignored and k not in keys and plain(getattr(args, k, None)) != v}
@@ -349,17 +403,33 @@ def grad_scaler(dtype, device):
 # Evaluation
 
 
-def load_pretrained(model, path):
-    """Loads backbone weights (models.load_backbone refuses another arch's); says so loudly when there are none."""
-    if path is None:
+def load_pretrained(model, args):
+    """Loads the backbone weights of --pretrained (models.load_backbone refuses another arch's); says so loudly
+    when there are none, and notes clip settings that differ from those the checkpoint was trained with."""
+    if args.pretrained is None:
         if is_main_process():
             print("=" * 78 + "\nWARNING: no --pretrained given: evaluating a RANDOMLY INITIALISED backbone\n"
                   + "=" * 78)
         return
-    info = models.load_backbone(model, path)
+    info = models.load_backbone(model, args.pretrained, unsafe=args.unsafe_unpickle)
     if is_main_process():
-        print(f"loaded {path}; left at init: {info['missing']}; skipped: {len(info['dropped'])} head/classifier "
-              f"and {len(info['unexpected'])} other checkpoint keys")
+        print(f"loaded {args.pretrained}; left at init: {info['missing']}; skipped: {len(info['dropped'])} "
+              f"head/classifier and {len(info['unexpected'])} other checkpoint keys")
+        stored = info["args"] or {}
+        differ = [f"--{k} {stored[k]} (now {getattr(args, k)})" for k in ("frames", "stride", "crop")
+                  if k in stored and stored[k] != getattr(args, k)]
+        if differ:
+            print(f"note: {args.pretrained} was trained with other clip settings: {', '.join(differ)}; the "
+                  f"evaluation uses the new ones")
+
+
+def weights_sha1(model):
+    """A hash of a model's weights and buffers (what an evaluation evaluates, whatever file they came from)."""
+    h = hashlib.sha1()
+    for name, value in model.state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 @torch.no_grad()
@@ -367,18 +437,23 @@ def clip_outputs(fn, loader, device):
     """fn over every clip of a test-mode loader, gathered over the processes in dataset order.
 
     fn maps uint8 clips (n, 3, T, S, S) on `device` to (n, ...). Returns (V, N, ...) on the CPU for the V videos
-    of N clips each; every video counts once however many processes share the loader.
+    of N clips each, and a (V,) bool mask of the videos that decoded (the others' outputs are meaningless: leave
+    them out); every video counts once however many processes share the loader.
     """
-    outputs, index = [], []
+    outputs, index, failed = [], [], []
     for batch in tqdm(loader, desc=f"{loader.dataset.name} clips", disable=not is_main_process(), leave=False):
         b, n = batch["clip"].shape[:2]
         out = fn(batch["clip"].to(device, non_blocking=True).flatten(0, 1))  # (b * n, ...)
         outputs.append(out.unflatten(0, (b, n)))
         index.append(batch["index"])
+        failed.append(batch["failed"])
     if not outputs:
         raise RuntimeError(f"this process got no test videos: {len(loader.dataset)} videos for {get_world_size()} "
                            f"processes")
-    return gather_by_index(torch.cat(outputs), torch.cat(index).to(device), len(loader.dataset)).cpu()
+    index = torch.cat(index).to(device)
+    values = gather_by_index(torch.cat(outputs), index, len(loader.dataset)).cpu()
+    failed = gather_by_index(torch.cat(failed).to(device)[:, None], index, len(loader.dataset)).cpu()[:, 0]
+    return values, failed == 0
 
 
 def gather_by_index(values, index, total):
@@ -410,9 +485,14 @@ def gather_by_index(values, index, total):
     return out
 
 
-def classification_metrics(scores, labels, classes):
-    """Video-level top-1 / top-5 (%) and per-class accuracy from (V, C) scores."""
-    labels = labels.to(scores.device)
+def classification_metrics(scores, labels, classes, ok=None):
+    """Video-level top-1 / top-5 (%) and per-class accuracy from (V, C) scores, over the videos where the (V,)
+    mask `ok` is set (those that decoded); "left_out" counts the others."""
+    ok = torch.ones(len(labels), dtype=torch.bool) if ok is None else ok.cpu()
+    if not bool(ok.any()):
+        raise DataError(f"none of the {len(labels)} test videos could be decoded")
+    left_out = int((~ok).sum())
+    scores, labels = scores[ok.to(scores.device)], labels[ok].to(scores.device)
     top = scores.topk(min(5, scores.shape[1]), dim=1).indices  # (V, 5)
     correct = top[:, 0] == labels
     per_class = {name: 100.0 * correct[labels == c].float().mean().item()
@@ -420,7 +500,7 @@ def classification_metrics(scores, labels, classes):
     return {"top1": 100.0 * correct.float().mean().item(),
             "top5": 100.0 * (top == labels[:, None]).any(1).float().mean().item(),
             "mean_class_acc": sum(per_class.values()) / len(per_class), "per_class_acc": per_class,
-            "videos": len(labels)}
+            "videos": len(labels), "left_out": left_out}
 
 
 def eval_splits(args):
@@ -440,8 +520,7 @@ def eval_output_dir(args, stage):
             path = Path(args.pretrained)
             tag = path.parent.name + ("" if path.stem == "checkpoint" else f"_{path.stem}")
         args.output_dir = str(Path("runs") / f"{stage}_{args.dataset}_{args.target}_{args.train_split}_{tag}")
-    os.makedirs(args.output_dir, exist_ok=True)
-    return Path(args.output_dir)
+    return make_output_dir(args.output_dir)
 
 
 def write_results(args, results, **extra):
@@ -455,6 +534,8 @@ def write_results(args, results, **extra):
         out["bias_gap"] = results["test"][key] - results["test_swapped"][key]  # percentage points
     for split, metrics in results.items():
         print(f"{split}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
+        if metrics.get("left_out"):
+            print(f"{split}: {metrics['left_out']} videos could not be decoded and are left out of these metrics")
     if "bias_gap" in out:
         print(f"background-bias gap ({key}, test - test_swapped): {out['bias_gap']:.2f} points")
     path = Path(args.output_dir) / "results.json"
@@ -497,8 +578,8 @@ class Parser(argparse.ArgumentParser):
             epochs, milestones = self.paper_schedule
             args.schedule = [round(m * args.epochs / epochs) for m in milestones]
         elif self.paper_schedule and args.cos:
-            raise SystemExit(f"{self.prog}: error: --cos and --schedule exclude each other: drop one (where a preset "
-                             f"sets --cos, pass --no-cos with --schedule)")
+            self.error("--cos and --schedule exclude each other: drop one (where a preset sets --cos, pass --no-cos "
+                       "with --schedule)")
         return args, rest
 
 
@@ -547,11 +628,47 @@ def add_training_args(parser, epochs, milestones, lr, momentum, wd):
                              "(0: never); SIGTERM/SIGUSR1 always save and stop")
 
 
+def add_unsafe_arg(parser):
+    """The opt-in to full unpickling of --pretrained files (models.load_checkpoint)."""
+    parser.add_argument(models.UNSAFE_FLAG, action="store_true",
+                        help="read --pretrained files that hold more than tensors and plain containers with full "
+                             "unpickling. UNSAFE: such a file can run any code on this machine; only for files you "
+                             "trust")
+
+
+def check_training_args(args, problems=()):
+    """Refuses training settings (add_training_args, add_run_args) that cannot work, before any work, with the
+    `problems` a script found itself."""
+    problems = list(problems)
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        problems.append(f"--lr {args.lr} must be positive")
+    for name in ("epochs", "batch_size", "eval_every"):
+        if getattr(args, name, 1) < 1:
+            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
+    if not 0 <= args.momentum < 1:
+        problems.append(f"--momentum {args.momentum} must be in [0, 1)")
+    if not args.wd >= 0:
+        problems.append(f"--wd {args.wd} must be at least 0")
+    if not 0 <= getattr(args, "dropout", 0) < 1:
+        problems.append(f"--dropout {args.dropout} must be in [0, 1)")
+    if args.save_every_steps < 0 or not args.save_every_minutes >= 0:
+        problems.append("--save-every-steps and --save-every-minutes must be at least 0")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def check_eval_args(args):
+    """Refuses a --pretrained file that does not exist (none: a random backbone) before any work."""
+    if args.pretrained is not None and not os.path.isfile(args.pretrained):
+        raise UsageError(f"--pretrained {args.pretrained}: no such file (none: a randomly initialised backbone)")
+
+
 def add_eval_args(parser):
     """Flags of the three evaluation protocols (finetune, linear probe, retrieval)."""
-    parser.add_argument("--pretrained", default=None, metavar="PATH",
+    parser.add_argument("--pretrained", default=None, metavar="PATH", type=lambda s: None if s == "none" else s,
                         help="our pretrain checkpoint, the authors' MoCo checkpoint or a backbone state dict; "
                              "none: a randomly initialised backbone")
+    add_unsafe_arg(parser)
     parser.add_argument("--train-split", default="train",
                         help="labelled split to train on (retrieve.py: the gallery); synthetic also has "
                              "balanced_train")

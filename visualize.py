@@ -24,6 +24,7 @@ from torchvision.utils import make_grid, save_image
 import data
 import fame
 import models
+import utils
 
 
 def get_args_parser():
@@ -55,10 +56,16 @@ def get_args_parser():
     p.add_argument("--arch", default="cnn3d", choices=sorted(models.ARCHS), help="backbone of CKPT")
     p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity")
     p.add_argument("--device", default="cpu")
+    utils.add_unsafe_arg(p)
     return parser
 
 
 def main(args):
+    for name in ("frames", "stride", "crop", "show"):
+        if getattr(args, name) < 1:
+            raise utils.UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.command == "masks" and not 0 < args.beta <= 1:
+        raise utils.UsageError(f"--beta {args.beta} is outside (0, 1]")
     if args.output is None:
         args.output = f"{args.command}.png"
     clips = torch.stack([read_clip(v, args.frames, args.stride, args.crop) for v in args.videos])  # (B,3,T,S,S)
@@ -66,7 +73,8 @@ def main(args):
     if args.command == "masks":
         rows = mask_rows(clips, args.beta, args.fame_method)
     else:
-        rows = caam_rows(clips, args.pretrained, args.arch, args.alpha, torch.device(args.device))
+        rows = caam_rows(clips, args.pretrained, args.arch, args.alpha, torch.device(args.device),
+                         args.unsafe_unpickle)
     # keep --show evenly spaced frames of every row: (B, R, 3, T, S, S) -> (B*R*show, 3, S, S)
     t = torch.linspace(0, clips.shape[2] - 1, min(args.show, clips.shape[2])).round().long()
     tiles = rows[:, :, :, t].permute(0, 1, 3, 2, 4, 5).flatten(0, 2)
@@ -79,8 +87,11 @@ def read_clip(path, frames, stride, size, start=None):
     """A clip of a video as uint8 (3, T, size, size), the middle one unless `start` (a frame index) is given: the
     largest centred square of the frames, resized to size."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"video not found: {path}")
-    info = data.probe_video(path)  # ValueError naming the problem for unreadable files
+        raise utils.UsageError(f"video not found: {path}")
+    try:
+        info = data.probe_video(path)
+    except ValueError as e:  # it names the problem of an unreadable file
+        raise utils.DataError(f"{path}: {e}") from None
     n = info["frames"]
     stride, span = data.clip_layout(n, frames, stride)  # short videos: smaller stride, then repeated last frame
     idx = data.clip_indices(max(0, (n - span) // 2) if start is None else start, n, frames, stride)
@@ -103,12 +114,13 @@ def mask_rows(clips, beta, method):
 
 
 @torch.no_grad()
-def caam_rows(clips, checkpoints, arch, alpha, device):
-    """(B, 3, T, S, S) in [0,1] -> (B, 1 + len(checkpoints), 3, T, S, S): frames, then one CAAM overlay each."""
+def caam_rows(clips, checkpoints, arch, alpha, device, unsafe=False):
+    """(B, 3, T, S, S) in [0,1] -> (B, 1 + len(checkpoints), 3, T, S, S): frames, then one CAAM overlay each
+    (unsafe: models.load_checkpoint)."""
     rows = [clips]
     for path in checkpoints:
         model = models.build_backbone(arch)
-        models.load_backbone(model, path)
+        models.load_backbone(model, path, unsafe)
         model.to(device).eval()
         rows.append(overlay_heatmap(clips, caam(model, clips.to(device)).cpu(), alpha))
     return torch.stack(rows, dim=1)
@@ -132,4 +144,4 @@ def overlay_heatmap(clips, amap, alpha):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    utils.run_script(main, get_args_parser())
