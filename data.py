@@ -418,22 +418,24 @@ def synthetic_root(args):
 # Decoding
 
 
-def decode_frames(path, indices, info, short_side=None, counter=None):
-    """RGB uint8 frames (len(indices), H, W, 3) at the given frame indices (any order, repeats allowed).
+def decode_frames(path, indices, info, short_side=None, counter=None, threads=None, stacked=True):
+    """RGB uint8 frames (len(indices), H, W, 3) at the given frame indices (any order, repeats allowed); with
+    stacked=False a list of (H, W, 3) arrays instead, a repeated index sharing one array (no copy).
     Seeks to the keyframe before each needed run only when that skips frames; converts only the frames that
     are used. short_side: a number, or a function of the frame's (width, height); frames whose short side
     exceeds twice it are downscaled to it right away (bounded memory for HD/4K sources), smaller ones keep their
     size, as scaling in swscale costs about 3x the colour conversion and the loader's one crop and resize does it
     anyway. counter["decoded"] counts decoded frames.
 
-    In a loader worker, decoding and colour conversion use one thread (the workers are the parallelism);
-    elsewhere FFmpeg picks the thread count."""
+    threads: decoding and colour conversion threads; None: one in a loader worker (the workers are the
+    parallelism), else FFmpeg's choice."""
     index_of, scale = frame_index(info), float(Fraction(*info["tb"])) * info["fps"]
     start = info["start"]
     key_idx = [index_of(k) for k in info["keys"]] if info["pts"] else [0]
     want = sorted(set(indices))
     out, decoded = {}, 0
-    threads = 1 if torch.utils.data.get_worker_info() is not None else 0  # 0: FFmpeg's choice
+    if threads is None:
+        threads = 1 if torch.utils.data.get_worker_info() is not None else 0  # 0: FFmpeg's choice
     with av.open(path) as c:
         s = c.streams.video[0]
         s.codec_context.thread_count = threads
@@ -476,7 +478,27 @@ def decode_frames(path, indices, info, short_side=None, counter=None):
         raise RuntimeError(f"no frames decoded from {path}")
     have = sorted(out)
     # frames missing at the end (truncated stream) or at pts gaps: nearest earlier decoded frame
-    return np.stack([out[have[max(0, bisect.bisect_right(have, j) - 1)]] for j in indices])
+    frames = [out[have[max(0, bisect.bisect_right(have, j) - 1)]] for j in indices]
+    return np.stack(frames) if stacked else frames
+
+
+HEAP_KEEP = 64 * 2 ** 20  # freed memory a process keeps for the next sample's frames
+
+
+@functools.cache
+def keep_frame_memory():
+    """Makes glibc serve the frames' large buffers from the heap and keep up to HEAP_KEEP bytes of it when they
+    are freed (once per process). By default each sample maps its converted frames afresh and unmaps them after,
+    and the page faults of every new mapping cost more than the colour conversion itself. The same memory is
+    reused sample after sample, so it stays flat. Elsewhere than glibc, nothing changes."""
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-3, 32 * 2 ** 20)  # M_MMAP_THRESHOLD: glibc's largest, only bigger blocks get their own mapping
+    mallopt(-1, HEAP_KEEP)  # M_TRIM_THRESHOLD
 
 
 def frame_index(info):
@@ -565,15 +587,18 @@ def _training_short_side(crop, min_scale, w, h):
 
 
 def crop_resize(frames, box, size, flip=False):
-    """(T,H,W,3) uint8 numpy -> (3,T,size,size) uint8 tensor: crop first, then one antialiased resize."""
+    """T frames (H,W,3) uint8 numpy (an array (T,H,W,3) or a list) -> (3,T,size,size) uint8 tensor: crop first,
+    then one antialiased resize."""
     top, left, ch, cw = box
-    x = torch.from_numpy(frames)[:, top:top + ch, left:left + cw].permute(0, 3, 1, 2)  # (T,3,h,w)
-    x = x.contiguous(memory_format=torch.channels_last)
+    crops = np.stack([f[top:top + ch, left:left + cw] for f in frames])  # the one copy of the pixels used
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2)  # (T,3,h,w), channels_last in memory
     if (ch, cw) != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     if flip:
         x = x.flip(-1)
-    return x.permute(1, 0, 2, 3).contiguous()  # (3,T,S,S)
+    # (T,S,S,3) in memory -> (3,T,S,S): numpy's 2-D transpose is about twice as fast as torch's permuted copy
+    y = np.ascontiguousarray(x.permute(0, 2, 3, 1).contiguous().numpy().reshape(-1, 3).T)
+    return torch.from_numpy(y).view(3, -1, size, size)
 
 
 class VideoDataset(torch.utils.data.Dataset):
@@ -604,7 +629,7 @@ class VideoDataset(torch.utils.data.Dataset):
             self.short_side = training_short_side(crop, self.crop_scale[0])
         else:  # a raw centre crop needs the frames as they are
             self.short_side = round(crop * 8 / 7) if test_crop == "resize" else None
-        self.counter = {}
+        self.counter, self.decode_threads = {}, None  # decode_frames' threads
 
     def __len__(self):
         return len(self.paths)
@@ -621,12 +646,14 @@ class VideoDataset(torch.utils.data.Dataset):
         return [round(last * k / max(1, self.clips - 1)) for k in range(self.clips)], stride
 
     def load(self, i, generator=None):
+        keep_frame_memory()
         starts, stride = self.starts(i, generator)
         n = self.num_frames[i]
         idx = [j for s in starts for j in clip_indices(s, n, self.frames, stride)]
-        frames = decode_frames(self.paths[i], idx, self.infos[i], self.short_side, self.counter)
-        frames = frames.reshape(len(starts), self.frames, *frames.shape[1:])  # (N, T, H, W, 3)
-        h, w = frames.shape[2:4]
+        frames = decode_frames(self.paths[i], idx, self.infos[i], self.short_side, self.counter,
+                               self.decode_threads, stacked=False)
+        frames = [frames[k:k + self.frames] for k in range(0, len(frames), self.frames)]  # N clips of T (H, W, 3)
+        h, w = frames[0][0].shape[:2]
         if self.mode == "test":
             box = center_crop_box(h, w, self.crop, resize=self.test_crop == "resize")
             return {"clip": torch.stack([crop_resize(f, box, self.crop) for f in frames]),
@@ -883,8 +910,10 @@ def prepare_size(w, h, short_side):
     number of pixels, as yuv420p needs)."""
     if callable(short_side):
         short_side = short_side(w, h)
-    r = short_side / min(w, h) if short_side is not None and min(w, h) > short_side else 1.0
-    return max(2, 2 * round(w * r / 2)), max(2, 2 * round(h * r / 2))
+    if short_side is None or min(w, h) <= short_side:
+        return max(2, w - w % 2), max(2, h - h % 2)
+    r = short_side / min(w, h)
+    return 2 * math.ceil(w * r / 2), 2 * math.ceil(h * r / 2)  # never below short_side
 
 
 def encode_copy(src, f, info, gop=16, short_side=None, crf=PREPARE_CRF, fastdecode=True, threads=1):
@@ -1009,7 +1038,7 @@ def _prepare_locked(args, src, out):
     print(f"prepared {len(jobs) - len(failed)} of {len(jobs) + len(bad)} videos into {out} in "
           f"{time.time() - t0:.0f} s: {len(todo) - len(failed)} encoded now, {len(jobs) - len(todo)} already there, "
           f"{len(bad)} unreadable and {len(failed)} failing to encode left out (listed in {report}); "
-          f"{size_in / 2 ** 30:.2f} GiB in, {size_out / 2 ** 30:.2f} GiB out")
+          f"{size_in / 2 ** 20:,.1f} MiB in, {size_out / 2 ** 20:,.1f} MiB out")
     return {"videos": len(jobs) - len(failed), "encoded": len(todo) - len(failed), "left_out": left_out,
             "bytes_in": size_in, "bytes_out": size_out, "root": out}
 

@@ -1106,7 +1106,7 @@ def test_data_training_frames_never_shrink_below_the_smallest_crop(tmp_path, mon
     crop_resize = data.crop_resize
 
     def spy(frames, box, size, flip=False):
-        seen.setdefault(frames.shape[1:3], []).append(box)
+        seen.setdefault(frames[0].shape[:2], []).append(box)
         return crop_resize(frames, box, size, flip)
 
     monkeypatch.setattr(data, "crop_resize", spy)
