@@ -1562,6 +1562,23 @@ def test_utils_amp_choice():
     assert utils.grad_scaler(torch.float16, cpu).is_enabled() and not utils.grad_scaler(None, cpu).is_enabled()
 
 
+def test_utils_conv3d_cudnn_warning(monkeypatch):
+    # torch 2.9.0 runs half-precision Conv3d without cuDNN 9.8+; 2.9.1 and later only while cuDNN is below 9.15
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", True)
+    cases = {("2.9.0+cu128", 91002, torch.bfloat16): True, ("2.9.0", 91002, None): False,
+             ("2.9.1+cu128", 91002, torch.float16): True, ("2.9.1+cu128", 91501, torch.bfloat16): False,
+             ("2.8.0", 91002, torch.bfloat16): False, ("2.10.0", 90701, torch.bfloat16): False}
+    for (version, cudnn, dtype), warned in cases.items():
+        monkeypatch.setattr(torch, "__version__", version)
+        monkeypatch.setattr(torch.backends.cudnn, "version", lambda: cudnn)
+        message = utils.conv3d_cudnn_warning(cuda, dtype)
+        assert (message is not None) == warned and (not warned or version in message)
+        assert utils.conv3d_cudnn_warning(cpu, dtype) is None
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", False)
+    assert "disabled" in utils.conv3d_cudnn_warning(cuda, None) and utils.conv3d_cudnn_warning(cpu, None) is None
+
+
 # ============================================================================================================
 # pretrain.py: end-to-end runs, resume, failures, torchrun
 # ============================================================================================================
