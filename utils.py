@@ -12,6 +12,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -392,6 +393,26 @@ def amp_dtype(mode, device):
     if mode == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
+
+
+def conv3d_cudnn_warning(device, dtype):
+    """Why 3D convolutions in `dtype` autocast (None: float32) on `device` will run without cuDNN, or None: cuDNN
+    switched off, or a torch build that routes bf16/fp16 Conv3d around it (pytorch/pytorch#166122: torch 2.9.0
+    with cuDNN 9.8 or later; later builds while cuDNN is 9.8 to 9.14), several times slower and with many times
+    the memory. Reads version numbers only; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    if not torch.backends.cudnn.enabled:
+        return "cuDNN is disabled (torch.backends.cudnn.enabled is False): Conv3d runs several times slower"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    cudnn = torch.backends.cudnn.version() or 0
+    release = tuple(int(v) for v in re.match(r"(\d+)\.(\d+)\.(\d+)", torch.__version__).groups())
+    if (release == (2, 9, 0) and cudnn >= 90800) or (release > (2, 9, 0) and 90800 <= cudnn < 91500):
+        return (f"torch {torch.__version__} with cuDNN {cudnn} runs {str(dtype).replace('torch.', '')} Conv3d "
+                f"without cuDNN (pytorch/pytorch#166122): several times slower, with many times the memory. Install "
+                f"torch 2.9.1 or later with cuDNN 9.15 or later, or train with --amp off")
+    return None
 
 
 def grad_scaler(dtype, device):
