@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +49,8 @@ def run_script(main, parser, args=None):
     <message>` (from the first process only under torchrun), and exit status 2 for a bad setting, 1 for unusable
     input; any other exception is a bug and shows its traceback."""
     args = parser.parse_args() if args is None else args
+    # A warning is for the user, not a pointer into our source: one line, without the code line that raised it.
+    warnings.formatwarning = lambda message, *_, **__: f"{parser.prog}: warning: {message}\n"
     try:
         return main(args)
     except (UsageError, DataError, models.CheckpointError) as err:
