@@ -17,6 +17,7 @@ Outputs in --output-dir: checkpoint.pth (written atomically at every epoch end, 
 and after SIGTERM/SIGUSR1; rerunning the same command resumes from it, inside an epoch too), checkpoint_NNNN.pth
 every --save-every epochs, log.jsonl (one line per epoch), args.json.
 """
+import argparse
 import functools
 import math
 import os
@@ -35,7 +36,7 @@ import utils
 
 PRESETS = {  # defaults that depend on --dataset; the paper's A.1 values are the parser's own defaults
     "synthetic": dict(arch="cnn3d", frames=8, crop=32, batch_size=32, epochs=24, lr=0.03, cos=True, moco_k=512,
-                      moco_m=0.99),
+                      moco_m=0.99, knn_every=4),
     **{name: dict(moco_k=2048) for name in ("ucf101", "hmdb51", "diving48", "folder")},  # A.1: 2048 for UCF101
 }
 RESUME_KEYS = ("arch", "dataset", "data", "split", "frames", "stride", "crop", "crop_scale", "flip",
@@ -69,6 +70,14 @@ def get_args_parser():
                         "epoch's videos, with a printed note")
     g.add_argument("--moco-m", type=float, default=0.999, help="momentum m of the key encoder")
     g.add_argument("--moco-t", type=float, default=0.1, help="temperature T of the InfoNCE loss, Eq. (1)")
+    g = parser.add_argument_group("kNN monitor")
+    g.add_argument("--knn-every", type=int, default=0, metavar="N",
+                   help="every N epochs and after the last: kNN top-1 of the query encoder's features, one centre "
+                        "clip per video, queries from test (synthetic: test and test_swapped, whose difference shows "
+                        "how much the representation leans on the scene), neighbours from --knn-split; in log.jsonl "
+                        "(knn_<split>) and the progress line (0: off)")
+    g.add_argument("--knn-split", default="train", help="labelled split whose videos are the kNN neighbours")
+    g.add_argument("--knn-k", type=int, default=20, help="neighbours that vote (weighted by exp(cosine / 0.07))")
     return parser
 
 
@@ -115,6 +124,7 @@ def main(args):
     start_epoch, step, sums, _ = utils.resume(args, RESUME_KEYS, model=model, optimizer=optimizer, scaler=scaler)
     if utils.is_main_process():
         utils.write_json(out / "args.json", {**vars(args), "git_commit": commit, "world_size": world})
+    knn_loaders = knn_monitor_loaders(args) if args.knn_every else None
     log = utils.Log(out / "log.jsonl", start_epoch)
     key_sims = [e["key_sim"] for e in log.entries()]  # the collapse monitor's history, over resumes too
     warned = collapse_warning(key_sims, args.epochs) is not None
@@ -126,7 +136,13 @@ def main(args):
                                     step, sums)
             step, sums = 0, None
             key_sim = model.key_similarity()  # collapse monitor: 1.0 = every video embedded alike
-            log.write({"epoch": epoch + 1, "lr": lr, **stats, "key_sim": round(key_sim, 4)})
+            knn = {}
+            if knn_loaders and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+                knn = knn_monitor(model.encoder_q, knn_loaders, args, device)
+            log.write({"epoch": epoch + 1, "lr": lr, **stats, "key_sim": round(key_sim, 4), **knn})
+            if utils.is_main_process():
+                tqdm.write(f"epoch {epoch + 1}/{args.epochs}: loss {stats['loss']:.3f}, key_sim {key_sim:.2f}"
+                           + "".join(f", kNN top-1 {k[4:]} {v:.1f}" for k, v in knn.items()))
             key_sims.append(key_sim)
             warning = collapse_warning(key_sims, args.epochs)
             if warning and not warned and utils.is_main_process():
@@ -207,6 +223,27 @@ def train_step(model, q, k, optimizer, scaler, amp):
     return loss.detach(), 100.0 * (logits.detach().argmax(1) == labels).float().mean()
 
 
+def knn_monitor_loaders(args):
+    """{split: test loader} of the kNN monitor, --knn-split first: one centre clip per video (the test crop)."""
+    ns = argparse.Namespace(**{**vars(args), "clips": 1})
+    queries = ["test", "test_swapped"] if args.dataset == "synthetic" else ["test"]
+    return {split: data.build_test_loader(data.build_dataset(ns, split, "test"), ns)
+            for split in dict.fromkeys([args.knn_split, *queries])}
+
+
+@torch.no_grad()
+def knn_monitor(backbone, loaders, args, device):
+    """{"knn_<split>": kNN top-1 (%)} of each query split against --knn-split, with the backbone's pooled features in
+    eval mode (then it is put back in training mode)."""
+    backbone.eval()
+    feats = {split: utils.clip_outputs(lambda clips: backbone.forward_features(data.normalize(clips)), loader,
+                                       device)[:, 0] for split, loader in loaders.items()}  # (V, D) each
+    backbone.train()
+    gallery = feats[args.knn_split], loaders[args.knn_split].dataset.labels
+    return {f"knn_{split}": round(utils.knn_top1(feats[split], loader.dataset.labels, *gallery, k=args.knn_k), 2)
+            for split, loader in loaders.items() if split != args.knn_split}
+
+
 def save_state(model, optimizer, scaler, args, epoch, step, sums, path):
     """checkpoint.pth after `epoch` epochs and `step` steps of the next one (sums: that epoch's running sums)."""
     if not utils.is_main_process():
@@ -244,7 +281,7 @@ def check_args(args):
     problems = []
     if not 0 < args.beta <= 1:
         problems.append(f"--beta {args.beta} is outside (0, 1]: use e.g. 0.5 (FAME) or 1.0 (vanilla MoCo)")
-    for name in ("epochs", "batch_size", "moco_k", "moco_dim"):
+    for name in ("epochs", "batch_size", "moco_k", "moco_dim", "knn_k"):
         if getattr(args, name) < 1:
             problems.append(f"--{name.replace('_', '-')} must be at least 1")
     if not 0 <= args.moco_m < 1:
@@ -255,6 +292,8 @@ def check_args(args):
     elif args.beta < 1 and args.background == "inter" and args.batch_size // world < 2:
         problems.append(f"inter-video FAME needs at least 2 clips per process to swap backgrounds; the batch per "
                         f"process is {args.batch_size // world}: raise --batch-size or use --background intra")
+    if args.knn_every < 0:
+        problems.append(f"--knn-every {args.knn_every} must be 0 (off) or a number of epochs")
     if args.resume != "auto" and not os.path.isfile(args.resume):
         problems.append(f"--resume {args.resume}: no such checkpoint file")
     if problems:
