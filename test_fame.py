@@ -2143,3 +2143,7 @@ def test_background_bias_version_defaults_and_any_checkpoint(tmp_path):
         name="random_s0", method="random", seed=0, stages=done)}, "settings": {"moco_k": 512}})
     rows = [line for line in table.splitlines() if line.startswith("| random") or line.startswith("| checkpoint")]
     assert rows[0].startswith("| random init") and rows[1].startswith("| checkpoint mine | 0 | 90.0 | 20.0 | 70.0")
+    gates = bb.render_gates({"runs": {"random_s0": dict(name="random_s0", method="random", seed=0, stages=done)},
+                             "settings": {"moco_k": 512}, "mask_iou": {"results": {"32px": {"fame_beta0.5": {
+                                 "recall": 0.9, "own_background": 0.25, "donor_object": 0.3}}}}}).splitlines()
+    assert gates[2].endswith("| – |") and gates[3].endswith("| yes |") and gates[5].endswith("| no |")

@@ -208,6 +208,8 @@ def main(args):
         return
     results = load_results(args.results)
     if args.table:
+        print(render_gates(results))
+        print()
         print(render_table(results))
         print()
         print(render_crop_line(results))
@@ -448,6 +450,50 @@ def render_table(results):
 def finished(runs, method):
     """The runs of `method` whose evaluations all finished."""
     return [r for r in runs if r["method"] == method and all(s in r["stages"] for s in EVAL_STAGES)]
+
+
+def render_gates(results):
+    """The benchmark's method-free gates, from the runs of steps a and e (MoCo on the scene-free twin) and --masks:
+    G1 motion alone is learnable (the twin's final loss <= 0.85 ln(K + 1) and key_sim <= 0.6), G2 the shortcut is
+    there (random init: bias gap >= 30 points, background content >= 80%), G3 the supervised ceiling reaches 85%
+    on test_swapped, G4 FAME's mask at beta 0.5 keeps >= 85% of the object and <= 20% of the frame as own scene
+    (at the training crop's size)."""
+    runs = list(results.get("runs", {}).values())
+    chance = math.log(results.get("settings", {}).get("moco_k", 0) + 1)
+
+    def values(method, stage, key):
+        return [r["stages"][stage][key] for r in runs if r["method"] == method and stage in r["stages"]]
+
+    def row(gate, measured, met):
+        return f"| {gate} | {measured} | {'–' if met is None else 'yes' if met else 'no'} |"
+
+    lines = ["| gate | measured | met |", "| --- | --- | --- |"]
+    loss, key_sim = ([v[-1] if isinstance(v, list) else v for v in values("flat", "pretrain", k)]
+                     for k in ("loss", "key_sim_final"))
+    motion = {m: values(m, "probe_motion", "test_swapped") for m in ("flat", "random", "supervised")}
+    lines.append(row(f"G1 MoCo on the scene-free twin: final loss <= 0.85 ln(K + 1) = {0.85 * chance:.2f}, "
+                     "key_sim <= 0.6",
+                     f"loss {_mean_std(loss, 3)}, key_sim {_mean_std(key_sim, 2)}; motion content "
+                     f"{_mean_std(motion['flat'])} (random init {_mean_std(motion['random'])}, ceiling "
+                     f"{_mean_std(motion['supervised'])})",
+                     (max(loss) <= 0.85 * chance and max(key_sim) <= 0.6) if loss else None))
+    gap, background = values("random", "probe_bias", "gap"), values("random", "probe_scene", "scene_balanced_test")
+    lines.append(row("G2 random init: bias gap >= 30 points, background content >= 80%",
+                     f"gap {_mean_std(gap)}, background content {_mean_std(background)}",
+                     (statistics.mean(gap) >= 30 and statistics.mean(background) >= 80) if gap and background
+                     else None))
+    ceiling = values("supervised", "finetune", "test_swapped")
+    lines.append(row("G3 supervised ceiling: test_swapped >= 85%", _mean_std(ceiling),
+                     min(ceiling) >= 85 if ceiling else None))
+    masks = results.get("mask_iou", {}).get("results", {})
+    size = min(masks, key=lambda k: int(k.rstrip("px")), default=None)
+    f = masks[size].get("fame_beta0.5") if size else None
+    lines.append(row(f"G4 FAME's mask at beta 0.5 ({size or 'training crop'}): object kept >= 85%, own scene "
+                     "<= 20% of the frame",
+                     f"object kept {100 * f['recall']:.1f}%, own scene {100 * f['own_background']:.1f}% (donor's "
+                     f"object shown {100 * f['donor_object']:.1f}%)" if f else "–",
+                     (f["recall"] >= 0.85 and f["own_background"] <= 0.2) if f else None))
+    return "\n".join(lines)
 
 
 def render_targets(results):
