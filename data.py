@@ -59,7 +59,7 @@ INDEX_VERSION = 1
 MAX_RETRIES = 10
 MIN_CROP_SCALE = 0.2  # RandomResizedCrop's area share is in [0.2, 1] (A.2)
 DECODE_THREADS_MIN_PIXELS = 640 * 480  # below this, frame threading costs more than it gains
-SYNTHETIC_FLAGS = {"synthetic_version": 2, "synthetic_videos": 800, "synthetic_size": 64, "synthetic_length": 48,
+SYNTHETIC_FLAGS = {"synthetic_version": 3, "synthetic_videos": 800, "synthetic_size": 64, "synthetic_length": 48,
                    "synthetic_seed": 0, "synthetic_sprite": "video", "synthetic_backdrop": "pattern"}
 
 

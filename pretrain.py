@@ -35,8 +35,10 @@ import models
 import utils
 
 PRESETS = {  # defaults that depend on --dataset; the paper's A.1 values are the parser's own defaults
+    # synthetic: version 3's protocol (README, "Version 3"): crops of area 0.5-1 and no flips, under which motion
+    # alone is learnable there
     "synthetic": dict(arch="cnn3d", frames=8, crop=32, batch_size=32, epochs=24, lr=0.03, cos=True, moco_k=512,
-                      moco_m=0.99, knn_every=4),
+                      moco_m=0.99, knn_every=4, crop_scale=[0.5, 1.0], flip=False),
     **{name: dict(moco_k=2048) for name in ("ucf101", "hmdb51", "diving48", "folder")},  # A.1: 2048 for UCF101
 }
 RESUME_KEYS = ("arch", "dataset", "data", "split", "frames", "stride", "crop", "crop_scale", "flip",
