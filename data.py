@@ -72,7 +72,7 @@ INDEX_VERSION = 1
 MAX_RETRIES = 10
 MIN_CROP_SCALE = 0.2  # RandomResizedCrop's area share is in [0.2, 1] (A.2)
 DECODE_THREADS_MIN_PIXELS = 640 * 480  # below this, frame threading costs more than it gains
-SYNTHETIC_FLAGS = {"synthetic_version": 2, "synthetic_videos": 800, "synthetic_size": 64, "synthetic_length": 48,
+SYNTHETIC_FLAGS = {"synthetic_version": 3, "synthetic_videos": 800, "synthetic_size": 64, "synthetic_length": 48,
                    "synthetic_seed": 0, "synthetic_sprite": "video", "synthetic_backdrop": "pattern"}
 
 
@@ -94,8 +94,9 @@ def add_data_args(parser):
                    help="random horizontal flip of training clips, probability 0.5 (A.2)")
     g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="loader worker processes per process (and index probing and --prepare encoding processes)")
-    g.add_argument("--synthetic-version", type=int, default=SYNTHETIC_FLAGS["synthetic_version"], choices=(1, 2),
-                   help="synthetic: benchmark version; 2: one object look in every video, per-video motion parameters "
+    g.add_argument("--synthetic-version", type=int, default=SYNTHETIC_FLAGS["synthetic_version"], choices=(1, 2, 3),
+                   help="synthetic: benchmark version; 2: one object look in every video, per-video motion parameters; "
+                        "3: version 2 with the object at a quarter of the frame "
                         "(synthetic.render)")
     g.add_argument("--synthetic-videos", type=int, default=SYNTHETIC_FLAGS["synthetic_videos"],
                    help="synthetic: training videos per training split (test splits get half as many)")
@@ -137,8 +138,8 @@ def check_data_args(args):
         if args.synthetic_videos < 8 or args.synthetic_length < 2:
             raise utils.UsageError("--synthetic-videos must be >= 8 and --synthetic-length >= 2")
         if args.synthetic_version != 1 and args.synthetic_sprite != "video":
-            raise utils.UsageError("--synthetic-sprite applies to --synthetic-version 1 (version 2 has one look for "
-                                   "all)")
+            raise utils.UsageError("--synthetic-sprite applies to --synthetic-version 1 (versions 2 and 3 have one "
+                                   "look for all)")
         return args
     given = [f"--{k.replace('_', '-')}" for k, v in SYNTHETIC_FLAGS.items() if getattr(args, k) != v]
     if given:

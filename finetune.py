@@ -28,7 +28,8 @@ import models
 import utils
 
 PRESETS = {
-    "synthetic": dict(arch="cnn3d", frames=8, crop=32, batch_size=16, epochs=15, lr=0.05, cos=True, dropout=0.0),
+    "synthetic": dict(arch="cnn3d", frames=8, crop=32, batch_size=16, epochs=15, lr=0.05, cos=True, dropout=0.0,
+                      crop_scale=[0.5, 1.0], flip=False),  # version 3's protocol, as pretrain.py's preset
     "ucf101": dict(dropout=0.7),  # A.3: 0.7 for UCF101, 0.5 for HMDB51
 }
 RESUME_KEYS = ("pretrained", "arch", "dataset", "data", "split", "target", "train_split", "frames", "stride", "crop",

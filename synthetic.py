@@ -26,7 +26,7 @@ MOTIONS = ("up", "down", "sweep", "circle", "approach", "recede", "bounce", "zig
 SCENES = ("red-stripes", "orange-checker", "olive-waves", "green-dots",
           "teal-stripes", "blue-checker", "violet-waves", "pink-dots")
 SPLITS = ("train", "test", "test_swapped", "balanced_train", "balanced_test")
-VERSIONS = (1, 2)  # 2 is the default; see render()
+VERSIONS = (1, 2, 3)  # 2 is the default; see render()
 FPS = 25
 MATCH = 0.9  # fraction of train/test videos whose scene family equals their class
 OBJECT_AREA = (0.10, 0.16)  # object area / frame area (approach/recede sweep 0.55x..1.45x of this in side)
@@ -38,6 +38,10 @@ _SPRITE_COLORS = ((1.0, 0.15, 0.1), (1.0, 0.9, 0.1), (0.1, 0.95, 1.0), (1.0, 0.2
                   (1.0, 0.55, 0.0))
 _SHAPES = ("disc", "square", "diamond", "triangle", "cross")
 V2_OBJECT_AREA = 0.13  # version 2: one look for every object (a white disc of 13% of the frame, fixed stripes)
+# version 3: version 2's look at 25% of the frame, so that FAME's mask at beta 0.5 holds the object and little else
+# (README, "Version 3 of the benchmark"); every motion's range still fits the frame at this size (tested)
+V3_OBJECT_AREA = 0.25
+OBJECT_AREAS = {1: OBJECT_AREA, 2: V2_OBJECT_AREA, 3: V3_OBJECT_AREA}
 _SHAPE_FILL = {"disc": math.pi / 4, "square": 0.85 ** 2, "diamond": 1.15 ** 2 / 2, "triangle": 0.5 * 1.7 * 1.0 / 2,
                "cross": (2 * 2 * 0.7 - 0.7 ** 2) / 4}
 
@@ -210,7 +214,8 @@ def render(motion, scene, video_seed, size=64, length=48, sprite="video", versio
     translations wrap around the frame. Version 2: every object looks the same (a white disc with fixed
     stripes), so that only its motion tells videos apart beyond their scene; each video draws its motion's
     parameters (speed, direction, radius, period, amplitude, phase, growth) from continuous ranges, and the
-    object stays at least half inside the frame (no wrapping).
+    object stays at least half inside the frame (no wrapping). Version 3: version 2 with the object at
+    V3_OBJECT_AREA of the frame instead of V2_OBJECT_AREA (the same motions, scenes and random draws).
     """
     rng = np.random.default_rng(video_seed)
     S, L = size, length
@@ -241,7 +246,7 @@ def render(motion, scene, video_seed, size=64, length=48, sprite="video", versio
         checker = bool(rng.integers(2))
     else:  # one look for every object; only the motion's parameters are drawn
         shape, color = "disc", np.ones(3, np.float32)
-        R = math.sqrt(V2_OBJECT_AREA * S * S / (4 * _SHAPE_FILL[shape]))
+        R = math.sqrt(OBJECT_AREAS[version] * S * S / (4 * _SHAPE_FILL[shape]))
         cx, cy, grow = _trajectory_v2(motion, rng, S, L, R)
         ta, tf, checker = math.pi / 4, math.pi * 2.5, False
     shades = (np.stack([color, color * 0.35, np.full(3, 0.02, np.float32)]) * 255).astype(np.uint8)
@@ -355,7 +360,7 @@ def make(root, num_videos=800, size=64, length=48, seed=0, workers=1, sprite="vi
         meta = {"version": version, "num_videos": num_videos, "size": size, "length": length, "seed": seed,
                 "sprite": sprite, "backdrop": backdrop, "fps": FPS, "motions": MOTIONS, "scenes": SCENES,
                 "match": MATCH,
-                "object_area": OBJECT_AREA if version == 1 else V2_OBJECT_AREA, "splits": split_sizes(num_videos),
+                "object_area": OBJECT_AREAS[version], "splits": split_sizes(num_videos),
                 "seconds": round(time.time() - t0, 2),
                 "cpu_seconds": round(sum(cpu), 2), "workers": workers}
         with open(os.path.join(tmp, "meta.json"), "w") as f:

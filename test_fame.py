@@ -10,6 +10,7 @@ import datetime
 import fcntl
 import functools
 import glob
+import hashlib
 import importlib.util
 import json
 import math
@@ -1495,6 +1496,34 @@ def test_synthetic_v2_one_look_and_per_video_motion():
     assert len(v1) == 4
 
 
+def test_synthetic_v1_v2_bit_for_bit():
+    # Versions 1 and 2 are generated exactly as before version 3 was added (hashes of frames and masks).
+    for version, digest in ((1, "f01d1e9bf37148012d1340c350859a9edd6ec220"),
+                            (2, "9e6a081b1b8afce4f25f07ae80af0a5ac33565e2")):
+        h = hashlib.sha1()
+        for motion in synthetic.MOTIONS:
+            for a in synthetic.render(motion, 3, 11, 64, 12, version=version):
+                h.update(a.tobytes())
+        h.update(synthetic.render("circle", 5, 12, 64, 12, version=version, backdrop="flat")[0].tobytes())
+        assert h.hexdigest() == digest, version
+
+
+def test_synthetic_v3_is_v2_at_a_quarter_of_the_frame():
+    # Version 3: version 2's look and motions with the object at V3_OBJECT_AREA of the frame; every motion keeps
+    # the object well in view (the v2 ranges fit at this size).
+    assert synthetic.V3_OBJECT_AREA == 0.25
+    frames, masks = synthetic.render("sweep", 2, 301, 64, 48, version=3)
+    assert abs(masks.mean((1, 2)).max() - synthetic.V3_OBJECT_AREA) < 0.01
+    v2 = synthetic.render("sweep", 2, 301, 64, 48, version=2)[0]
+    assert np.unique(frames[masks].reshape(-1, 3), axis=0).tolist() == np.unique(v2[synthetic.render(
+        "sweep", 2, 301, 64, 48, version=2)[1]].reshape(-1, 3), axis=0).tolist()  # the same look
+    for motion in synthetic.MOTIONS:
+        for seed in range(6):
+            masks = synthetic.render(motion, seed % 8, seed, 64, 48, version=3)[1]
+            scale = {"approach": 0.25, "recede": 0.25}.get(motion, 1.0)  # they start or end at half the size
+            assert masks.mean((1, 2)).min() > 0.6 * scale * synthetic.V3_OBJECT_AREA, (motion, seed)
+
+
 def test_synthetic_scene_only_and_flat_backdrop_split_object_from_scene():
     # The scene alone (for composites of one video's object over another's scene): the same frames outside the
     # object's masks, none of the object's pixels inside them, the same masks.
@@ -1516,7 +1545,8 @@ def test_synthetic_flat_backdrop_benchmark(tmp_path):
               "--synthetic-length", "16", "--workers", "1"]
     roots = [data.synthetic_root(data.check_data_args(_data_parser().parse_args(common + flags)))
              for flags in ([], ["--synthetic-backdrop", "flat"])]
-    assert roots[0] == synthetic.ensure(str(tmp_path), 8, 32, 16) != roots[1]
+    default = synthetic.ensure(str(tmp_path), 8, 32, 16, version=data.SYNTHETIC_FLAGS["synthetic_version"])
+    assert roots[0] == default != roots[1]
     assert json.loads((Path(roots[1]) / "meta.json").read_text())["backdrop"] == "flat"
     path = os.path.join(roots[1], open(os.path.join(roots[1], "splits", "train.txt")).readline().split()[0])
     frames, masks = synthetic.clip(path)
@@ -2065,10 +2095,39 @@ def test_pretrain_unknown_arch_dataset_or_data_rejected(pretrain_env, capsys):
 
 
 def test_pretrain_collapse_warning():
-    assert pretrain.collapse_warning([0.95, 0.97]) is None  # not before epoch 3
-    assert pretrain.collapse_warning([0.8, 0.95, 0.6]) is None and pretrain.collapse_warning([0.5, 0.93, 0.89]) is None
-    assert "collapsed" in pretrain.collapse_warning([0.8, 0.95, 0.97]) and "--moco-m" in pretrain.collapse_warning(
-        [0.99] * 5)
+    # It fires on collapse (key_sim above 0.9 and not falling from a quarter of the schedule on), not on a slow
+    # start: histories shaped as stored in experiments/results*.json (--collapse-check).
+    slow_start = [0.93, 0.98, 0.97, 0.96, 0.94, 0.9, 0.87, 0.86, 0.85]  # ends at loss 5.30 over 96 epochs
+    collapsed = [0.93, 0.98, 0.99, 0.99, 0.99, 1.0, 1.0]  # stays at chance loss
+    assert pretrain.collapse_warning([0.95, 0.97], 4) is None  # not before epoch 3
+    assert all(pretrain.collapse_warning(slow_start[:e], 24) is None for e in range(1, len(slow_start) + 1))
+    assert pretrain.collapse_warning(collapsed[:5], 24) is None  # before a quarter of 24 epochs
+    warning = pretrain.collapse_warning(collapsed[:6], 24)
+    assert "collapsed" in warning and "--moco-m" in warning and "epoch 6 of 24" in warning
+    assert pretrain.collapse_warning([0.8, 0.95, 0.97], 8) is not None  # a short schedule: from epoch 3
+    assert pretrain.collapse_warning([0.8, 0.97, 0.95], 8) is None  # falling
+
+
+def test_pretrain_knn_monitor_logged(pretrain_env, capsys):
+    # --knn-every: kNN top-1 of test and test_swapped against train in log.jsonl and the progress line, at the
+    # chosen epochs and after the last; the synthetic preset turns it on.
+    assert pretrain.get_args_parser().parse_args([]).knn_every > 0
+    out = pretrain_env.tmp / "knn"
+    pretrain_env.run(out, "--epochs", "3", "--knn-every", "2")
+    log = _pretrain_log(out)
+    assert ["knn_test" in e for e in log] == [False, True, True]
+    assert all(0 <= e[k] <= 100 for e in log[1:] for k in ("knn_test", "knn_test_swapped"))
+    assert "kNN top-1 test_swapped" in capsys.readouterr().out
+
+
+def test_utils_knn_top1():
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(4, 16, generator=g), dim=1)
+    labels = torch.arange(4).repeat(10)
+    gallery = centres[labels] + 0.05 * torch.randn(40, 16, generator=g)
+    query = centres[labels[:8]] + 0.05 * torch.randn(8, 16, generator=g)
+    assert utils.knn_top1(query, labels[:8], gallery, labels, k=5) == 100.0
+    assert utils.knn_top1(query, (labels[:8] + 1) % 4, gallery, labels, k=5) == 0.0
 
 
 def test_pretrain_queue_size_rules():
@@ -2484,3 +2543,41 @@ def test_bench_gpu_check_runs_small(tmp_path):
     assert sum("pretrain" in p for p in parts) == 4 and any("DDP" in p for p in parts) and "loader" in parts[-1]
     assert not [r for r in rows if "error" in r], rows
     assert all(0 < r["outside_encoders"] < 1 and r["tflops"] > 0 for r in rows if r["part"].startswith("pretrain"))
+
+
+# ============================================================================================================
+# experiments/background_bias.py: the experiment driver
+# ============================================================================================================
+
+def test_background_bias_version_defaults_and_any_checkpoint(tmp_path):
+    # --synthetic-version 3 brings its protocol's defaults (crops 0.5-1, no flips, its own results file);
+    # --checkpoint NAME=PATH runs the evaluation stages on any checkpoint and tables it under its name.
+    sys.path.insert(0, str(_FAME_REPO / "experiments"))
+    import background_bias as bb
+
+    def parse(*argv):
+        return bb.protocol_defaults(bb.get_args_parser().parse_args(list(argv)))
+
+    v2, v3 = parse(), parse("--synthetic-version", "3")
+    assert v2.crop_scale == [0.2, 1.0] and v2.flip and Path(v2.results).name == "results.json"
+    assert v3.crop_scale == [0.5, 1.0] and not v3.flip and Path(v3.results).name == "results_v3.json"
+    assert parse("--synthetic-version", "3", "--flip").flip  # an explicit flag wins
+    ckpt = tmp_path / "mine.pth"
+    ckpt.write_bytes(b"")
+    args = parse("--synthetic-version", "3", "--checkpoint", f"mine={ckpt}")
+    (run,) = bb.plan_runs(args)
+    stages = bb.stages(args, run)
+    assert [name for name, _ in stages] == list(bb.EVAL_STAGES)
+    assert all(argv[argv.index("--pretrained") + 1] == str(ckpt) and "--no-flip" in argv for _, argv in stages)
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        bb.plan_runs(parse("--checkpoint", f"mine={tmp_path / 'missing.pth'}"))
+    done = {stage: {"test": 90.0, "test_swapped": 20.0, "gap": 70.0, "scene_balanced_test": 95.0, "R@1_test": 1.0,
+                    "R@1_test_swapped": 1.0, "wall_s": 6.0} for stage in bb.EVAL_STAGES}
+    table = bb.render_table({"runs": {"mine": dict(run, stages=done), "random_s0": dict(
+        name="random_s0", method="random", seed=0, stages=done)}, "settings": {"moco_k": 512}})
+    rows = [line for line in table.splitlines() if line.startswith("| random") or line.startswith("| checkpoint")]
+    assert rows[0].startswith("| random init") and rows[1].startswith("| checkpoint mine | 0 | 90.0 | 20.0 | 70.0")
+    gates = bb.render_gates({"runs": {"random_s0": dict(name="random_s0", method="random", seed=0, stages=done)},
+                             "settings": {"moco_k": 512}, "mask_iou": {"results": {"32px": {"fame_beta0.5": {
+                                 "recall": 0.9, "own_background": 0.25, "donor_object": 0.3}}}}}).splitlines()
+    assert gates[2].endswith("| – |") and gates[3].endswith("| yes |") and gates[5].endswith("| no |")

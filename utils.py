@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from tqdm import tqdm
 
 import models
@@ -507,6 +508,16 @@ def gather_by_index(values, index, total):
     out = values.new_empty((total, *values.shape[1:]))
     out[index] = values
     return out
+
+
+def knn_top1(query, query_labels, gallery, gallery_labels, k=20, temperature=0.07):
+    """Top-1 (%) of a weighted kNN classifier: each query (Q, D) takes the label with the largest sum of
+    exp(cosine / temperature) over its k most similar gallery features (G, D) (k clipped to G)."""
+    query, gallery = F.normalize(query.float(), dim=1), F.normalize(gallery.float(), dim=1)
+    sim, idx = (query @ gallery.T).topk(min(k, len(gallery)), dim=1)  # (Q, k)
+    votes = torch.zeros(len(query), int(gallery_labels.max()) + 1, dtype=sim.dtype, device=sim.device)
+    votes.scatter_add_(1, gallery_labels.to(idx.device)[idx], (sim / temperature).exp())
+    return 100.0 * (votes.argmax(1) == query_labels.to(votes.device)).float().mean().item()
 
 
 def classification_metrics(scores, labels, classes, ok=None):

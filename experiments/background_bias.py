@@ -1,4 +1,4 @@
-"""The background-bias experiment on the synthetic benchmark (version 2), end to end and resumable.
+"""The background-bias experiment on the synthetic benchmark (version 2 or 3), end to end and resumable.
 
   python experiments/background_bias.py --steps a      # random init (3 seeds: the floor), supervised ceiling
   python experiments/background_bias.py --steps b      # vanilla MoCo (beta 1.0) vs FAME (beta 0.5), --seeds each
@@ -14,6 +14,11 @@
   python experiments/background_bias.py --learnability # can MoCo with the backbone learn trivially distinct videos?
   python experiments/background_bias.py --pictures     # README pictures via visualize.py (moco_s0, fame_s0)
   python experiments/background_bias.py --table        # README tables, rendered from experiments/results.json
+  python experiments/background_bias.py --checkpoint NAME=PATH  # the evaluations of any pretrained checkpoint
+  python experiments/background_bias.py --collapse-check # pretrain.py's collapse warning on every stored run
+
+--synthetic-version 3 runs the same commands on version 3 of the benchmark, with its protocol's settings
+(PROTOCOLS) as defaults, experiments/results_v3.json and runs/background_bias_v3.
 
 Every model is measured three ways with cached-feature linear probes (linear_probe.py --cache-features), plus
 retrieval (retrieve.py):
@@ -76,7 +81,13 @@ LABELS = {"random": "random init (floor)", "supervised": "supervised on balanced
           **{k: v[1] for k, v in METHODS.items()}}
 TABLE_ORDER = ["random", "moco", "fame", "beta0.2", "beta0.3", "beta0.7", "seed", "grid", "gauss", "intra", "both",
                "flat", "flat_beta0.2", "supervised"]
+CHECKPOINT = "checkpoint:"  # method of a run that evaluates a given checkpoint (--checkpoint NAME=PATH)
 EVAL_STAGES = ("probe_bias", "probe_motion", "probe_scene", "retrieve")
+PROTOCOLS = {  # per benchmark version: the defaults of the settings below that differ, the results and runs folder
+    2: dict(crop_scale=[data.MIN_CROP_SCALE, 1.0], flip=True, results="results.json", runs="background_bias_v2"),
+    # version 3: milder crops and no flips, under which motion alone is learnable (README, "Version 3")
+    3: dict(crop_scale=[0.5, 1.0], flip=False, results="results_v3.json", runs="background_bias_v3"),
+}
 SETTINGS = ("synthetic_version", "synthetic_videos", "arch", "frames", "crop", "crop_scale", "flip", "epochs",
             "batch_size", "lr", "cos", "moco_k", "moco_m", "moco_t", "probe_epochs", "finetune_epochs", "finetune_lr",
             "eval_clips")
@@ -105,10 +116,18 @@ def get_args_parser():
                              "nearer the first video (motion) or the second (scene)? With every seed-0 model present")
     parser.add_argument("--pictures", action="store_true",
                         help="write experiments/masks.png and experiments/caam.png (needs moco_s0 and fame_s0)")
-    parser.add_argument("--results", default=str(REPO / "experiments" / "results.json"),
-                        help="JSON of results (read, then updated after every stage)")
-    parser.add_argument("--runs-dir", default=str(REPO / "runs" / "background_bias_v2"),
-                        help="the benchmark's videos (<runs-dir>/data) and every stage's --output-dir")
+    parser.add_argument("--checkpoint", nargs="*", default=[], metavar="NAME=PATH",
+                        help="also evaluate these pretrained checkpoints (the bias, motion and background probes and "
+                             "retrieval; --composites and --findable include them), recorded as runs NAME")
+    parser.add_argument("--collapse-check", action="store_true",
+                        help="print when pretrain.py's collapse warning fires on the key similarity histories of "
+                             "every run in experiments/results*.json, beside its final loss, and exit")
+    parser.add_argument("--results", default=None,
+                        help="JSON of results (read, then updated after every stage); default: experiments/"
+                             "results.json (version 2) or experiments/results_v3.json (version 3)")
+    parser.add_argument("--runs-dir", default=None,
+                        help="the benchmark's videos (<runs-dir>/data) and every stage's --output-dir; default: "
+                             "runs/background_bias_v<version>")
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of each stage (default: cpu_count / jobs; use 1 while other jobs share "
@@ -117,15 +136,17 @@ def get_args_parser():
                         help="auto: the stage scripts' choice (CUDA when available); cpu: hide the GPUs")
     parser.add_argument("--dry-run", action="store_true", help="print the commands instead of running them")
     g = parser.add_argument_group("settings shared by every run (recorded in the JSON)")
-    g.add_argument("--synthetic-version", type=int, default=2, help="benchmark version")
+    g.add_argument("--synthetic-version", type=int, default=2, choices=sorted(PROTOCOLS),
+                   help="benchmark version; sets the defaults of --crop-scale, --flip, --results and --runs-dir")
     g.add_argument("--synthetic-videos", type=int, default=800, help="training videos of the generator")
     g.add_argument("--arch", default=pretrain.PRESETS["synthetic"]["arch"], help="backbone of every run")
     g.add_argument("--frames", type=int, default=pretrain.PRESETS["synthetic"]["frames"], help="frames per clip")
     g.add_argument("--crop", type=int, default=pretrain.PRESETS["synthetic"]["crop"], help="crop size")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=[data.MIN_CROP_SCALE, 1.0], metavar=("MIN", "MAX"),
-                   help="area share of the training crops (pretraining and the supervised ceiling)")
-    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
-                   help="random horizontal flips of the training clips")
+    g.add_argument("--crop-scale", type=float, nargs=2, default=None, metavar=("MIN", "MAX"),
+                   help="area share of the training crops (pretraining and the supervised ceiling); default: "
+                        "0.2 1.0 (version 2), 0.5 1.0 (version 3)")
+    g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="random horizontal flips of the training clips; default: on (version 2), off (version 3)")
     g.add_argument("--epochs", type=int, default=48,
                    help="pretraining epochs (twice the quick start's, which must stay within 10 minutes)")
     g.add_argument("--batch-size", type=int, default=pretrain.PRESETS["synthetic"]["batch_size"],
@@ -145,9 +166,50 @@ def get_args_parser():
     return parser
 
 
+def protocol_defaults(args):
+    """Fills the flags left unset with the defaults of the benchmark version's protocol (PROTOCOLS)."""
+    protocol = PROTOCOLS[args.synthetic_version]
+    if args.crop_scale is None:
+        args.crop_scale = list(protocol["crop_scale"])
+    if args.flip is None:
+        args.flip = protocol["flip"]
+    if args.results is None:
+        args.results = str(REPO / "experiments" / protocol["results"])
+    if args.runs_dir is None:
+        args.runs_dir = str(REPO / "runs" / protocol["runs"])
+    return args
+
+
+def given_checkpoints(args):
+    """{NAME: PATH} of --checkpoint; refuses a malformed entry or a missing file before any work."""
+    out = {}
+    for item in args.checkpoint:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not Path(path).is_file():
+            sys.exit(f"--checkpoint {item}: expected NAME=PATH of an existing checkpoint file")
+        out[name] = str(Path(path).resolve())
+    return out
+
+
+def label(method):
+    """A model's name in the tables."""
+    return f"checkpoint {method[len(CHECKPOINT):]}" if method.startswith(CHECKPOINT) else LABELS[method]
+
+
+def table_position(method):
+    """Where a model's rows go in the tables: TABLE_ORDER, then the given checkpoints by name."""
+    return (len(TABLE_ORDER), method) if method.startswith(CHECKPOINT) else (TABLE_ORDER.index(method), "")
+
+
 def main(args):
+    protocol_defaults(args)
+    if args.collapse_check:
+        print(render_collapse_check())
+        return
     results = load_results(args.results)
     if args.table:
+        print(render_gates(results))
+        print()
         print(render_table(results))
         print()
         print(render_crop_line(results))
@@ -198,6 +260,8 @@ def plan_runs(args):
     for step in ("c", "d", "e"):
         if step in args.steps:
             runs += [{"name": f"{m}_s0", "method": m, "seed": 0} for m, v in METHODS.items() if v[0] == step]
+    runs += [{"name": name, "method": CHECKPOINT + name, "seed": 0, "checkpoint": path}
+             for name, path in given_checkpoints(args).items()]
     return runs
 
 
@@ -219,6 +283,8 @@ def stages(args, run):
                                        "--lr", str(args.finetune_lr), "--cos", "--dropout", "0",
                                        "--clips", str(args.eval_clips), "--output-dir", str(out / "finetune")]))
         ckpt = ["--pretrained", str(out / "finetune" / "checkpoint.pth")]  # the final model, not best-on-test
+    elif run["method"].startswith(CHECKPOINT):
+        ckpt = ["--pretrained", run["checkpoint"]]
     elif run["method"] != "random":
         todo.append(("pretrain", py + ["pretrain.py", *data_flags(args), *seed,
                                        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
@@ -353,11 +419,11 @@ def render_table(results):
     lines = ["| model | seeds | " + " | ".join(c[0] for c in COLUMNS)
              + " | final pretrain loss | final key similarity | train time (min) | eval time (min) |",
              "|" + " --- |" * (len(COLUMNS) + 6)]
-    for method in TABLE_ORDER:
+    for method in sorted({r["method"] for r in runs}, key=table_position):
         done = finished(runs, method)
         if not done:
             continue
-        cells = [LABELS[method], ",".join(str(r["seed"]) for r in sorted(done, key=lambda r: r["seed"]))]
+        cells = [label(method), ",".join(str(r["seed"]) for r in sorted(done, key=lambda r: r["seed"]))]
         cells += [_mean_std([r["stages"][stage][key] for r in done]) for _, stage, key in COLUMNS]
         train = [r["stages"].get("pretrain") or r["stages"].get("finetune") for r in done]
         pre = [t for t in train if t and "key_sim_final" in t]
@@ -386,6 +452,50 @@ def finished(runs, method):
     return [r for r in runs if r["method"] == method and all(s in r["stages"] for s in EVAL_STAGES)]
 
 
+def render_gates(results):
+    """The benchmark's method-free gates, from the runs of steps a and e (MoCo on the scene-free twin) and --masks:
+    G1 motion alone is learnable (the twin's final loss <= 0.85 ln(K + 1) and key_sim <= 0.6), G2 the shortcut is
+    there (random init: bias gap >= 30 points, background content >= 80%), G3 the supervised ceiling reaches 85%
+    on test_swapped, G4 FAME's mask at beta 0.5 keeps >= 85% of the object and <= 20% of the frame as own scene
+    (at the training crop's size)."""
+    runs = list(results.get("runs", {}).values())
+    chance = math.log(results.get("settings", {}).get("moco_k", 0) + 1)
+
+    def values(method, stage, key):
+        return [r["stages"][stage][key] for r in runs if r["method"] == method and stage in r["stages"]]
+
+    def row(gate, measured, met):
+        return f"| {gate} | {measured} | {'–' if met is None else 'yes' if met else 'no'} |"
+
+    lines = ["| gate | measured | met |", "| --- | --- | --- |"]
+    loss, key_sim = ([v[-1] if isinstance(v, list) else v for v in values("flat", "pretrain", k)]
+                     for k in ("loss", "key_sim_final"))
+    motion = {m: values(m, "probe_motion", "test_swapped") for m in ("flat", "random", "supervised")}
+    lines.append(row(f"G1 MoCo on the scene-free twin: final loss <= 0.85 ln(K + 1) = {0.85 * chance:.2f}, "
+                     "key_sim <= 0.6",
+                     f"loss {_mean_std(loss, 3)}, key_sim {_mean_std(key_sim, 2)}; motion content "
+                     f"{_mean_std(motion['flat'])} (random init {_mean_std(motion['random'])}, ceiling "
+                     f"{_mean_std(motion['supervised'])})",
+                     (max(loss) <= 0.85 * chance and max(key_sim) <= 0.6) if loss else None))
+    gap, background = values("random", "probe_bias", "gap"), values("random", "probe_scene", "scene_balanced_test")
+    lines.append(row("G2 random init: bias gap >= 30 points, background content >= 80%",
+                     f"gap {_mean_std(gap)}, background content {_mean_std(background)}",
+                     (statistics.mean(gap) >= 30 and statistics.mean(background) >= 80) if gap and background
+                     else None))
+    ceiling = values("supervised", "finetune", "test_swapped")
+    lines.append(row("G3 supervised ceiling: test_swapped >= 85%", _mean_std(ceiling),
+                     min(ceiling) >= 85 if ceiling else None))
+    masks = results.get("mask_iou", {}).get("results", {})
+    size = min(masks, key=lambda k: int(k.rstrip("px")), default=None)
+    f = masks[size].get("fame_beta0.5") if size else None
+    lines.append(row(f"G4 FAME's mask at beta 0.5 ({size or 'training crop'}): object kept >= 85%, own scene "
+                     "<= 20% of the frame",
+                     f"object kept {100 * f['recall']:.1f}%, own scene {100 * f['own_background']:.1f}% (donor's "
+                     f"object shown {100 * f['donor_object']:.1f}%)" if f else "–",
+                     (f["recall"] >= 0.85 and f["own_background"] <= 0.2) if f else None))
+    return "\n".join(lines)
+
+
 def render_targets(results):
     """The issue's targets for FAME against vanilla MoCo, from the seed means of step b."""
     runs = list(results.get("runs", {}).values())
@@ -404,6 +514,23 @@ def render_targets(results):
               ("bias gap at most half of MoCo's", f"{gap_ratio:.2f} x MoCo's", gap_ratio <= 0.5)]
     return "\n".join(["| target (FAME against vanilla MoCo, seed means) | measured | met |", "| --- | --- | --- |"]
                      + [f"| {name} | {value} | {'yes' if met else 'no'} |" for name, value, met in checks])
+
+
+def render_collapse_check():
+    """When pretrain.collapse_warning fires on each stored pretraining's per-epoch key_sim history, beside the run's
+    final loss and key_sim (every experiments/results*.json)."""
+    lines = ["| results file | run | epochs | final loss | key_sim at a quarter | final key_sim | warning at epoch |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for path in sorted((REPO / "experiments").glob("results*.json")):
+        for name, run in sorted(load_results(path).get("runs", {}).items()):
+            history = run["stages"].get("pretrain", {}).get("key_sim")
+            if not history:
+                continue
+            epochs = len(history)
+            fired = next((e for e in range(1, epochs + 1) if pretrain.collapse_warning(history[:e], epochs)), None)
+            lines.append(f"| {path.name} | {name} | {epochs} | {run['stages']['pretrain']['loss'][-1]:.2f} | "
+                         f"{history[math.ceil(epochs / 4) - 1]:.2f} | {history[-1]:.2f} | {fired or '–'} |")
+    return "\n".join(lines)
 
 
 def render_learnability(results):
@@ -601,20 +728,25 @@ def measure_crops(args, device, clips=800):
 def frozen_backbones(args, device):
     """(method, seed, frozen backbone in eval mode) of every model here, in the tables' order: random init for each
     of --seeds (the weights linear_probe.py draws for that seed), then every run of steps a-e whose checkpoint
-    exists. The global RNG is reseeded after each is built, so that every model meets the same random draws."""
+    exists, then the --checkpoint files. The global RNG is reseeded after each is built, so that every model meets
+    the same random draws."""
     runs = Path(args.runs_dir)
+    found = []  # (method, seed, checkpoint or None)
     for method in TABLE_ORDER:
         stage = "finetune" if method == "supervised" else "pretrain"
-        seeds = args.seeds if method == "random" else sorted(int(p.name.rsplit("_s", 1)[1]) for p in
-                                                              runs.glob(f"{method}_s*")
-                                                              if (p / stage / "checkpoint.pth").is_file())
-        for seed in seeds:
-            torch.manual_seed(seed)
-            backbone = models.build_backbone(args.arch)
-            if method != "random":
-                models.load_backbone(backbone, runs / f"{method}_s{seed}" / stage / "checkpoint.pth")
-            torch.manual_seed(0)
-            yield method, seed, backbone.to(device).eval()
+        if method == "random":
+            found += [(method, seed, None) for seed in args.seeds]
+            continue
+        found += sorted((method, int(p.name.rsplit("_s", 1)[1]), p / stage / "checkpoint.pth")
+                        for p in runs.glob(f"{method}_s*") if (p / stage / "checkpoint.pth").is_file())
+    found += [(CHECKPOINT + name, 0, path) for name, path in given_checkpoints(args).items()]
+    for method, seed, path in found:
+        torch.manual_seed(seed)
+        backbone = models.build_backbone(args.arch)
+        if path is not None:
+            models.load_backbone(backbone, path)
+        torch.manual_seed(0)
+        yield method, seed, backbone.to(device).eval()
 
 
 FINDABLE_VIEWS = {  # column key: header
@@ -709,7 +841,7 @@ def measure_composites(args, device, pairs=200):
 def by_method(models_):
     """{method: [entries]} of a measurement's per-model entries, in the tables' order."""
     groups = {}
-    for entry in sorted(models_.values(), key=lambda e: (TABLE_ORDER.index(e["method"]), e["seed"])):
+    for entry in sorted(models_.values(), key=lambda e: (table_position(e["method"]), e["seed"])):
         groups.setdefault(entry["method"], []).append(entry)
     return groups
 
@@ -724,7 +856,7 @@ def render_findable_table(results):
              "| features | seeds | " + " | ".join(FINDABLE_VIEWS.values()) + " |",
              "|" + " --- |" * (len(FINDABLE_VIEWS) + 2)]
     for method, entries in by_method(f["models"]).items():
-        lines.append(f"| {LABELS[method]} | {','.join(str(e['seed']) for e in entries)} | "
+        lines.append(f"| {label(method)} | {','.join(str(e['seed']) for e in entries)} | "
                      + " | ".join(_mean_std([e[v] for e in entries]) for v in FINDABLE_VIEWS) + " |")
     return "\n".join(lines)
 
@@ -739,7 +871,7 @@ def render_composites_table(results):
              "| features | seeds | nearer the motion's video (%) | cosine to the motion's video | cosine to the "
              "scene's video |", "|" + " --- |" * 5]
     for method, entries in by_method(c["models"]).items():
-        lines.append(f"| {LABELS[method]} | {','.join(str(e['seed']) for e in entries)} | "
+        lines.append(f"| {label(method)} | {','.join(str(e['seed']) for e in entries)} | "
                      + " | ".join(_mean_std([e[k] for e in entries], digits)
                                   for k, digits in (("motion_preference", 1), ("cos_motion", 2), ("cos_scene", 2)))
                      + " |")
