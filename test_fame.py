@@ -1043,7 +1043,7 @@ def test_data_scan_report_lists_unreadable_and_never_overwrites_other_files(tmp_
     for _ in range(2):  # an earlier report is overwritten
         data.main(data.get_args_parser().parse_args(argv + [str(report)]))
         printed = capsys.readouterr().out
-        assert "  a/broken.mp4: " in printed and f"1 of 3 videos cannot be read" in printed
+        assert "  a/broken.mp4: " in printed and "1 of 3 videos cannot be read" in printed
     assert report.read_text().startswith(data.REPORT_HEADER) and "a/broken.mp4\t" in report.read_text()
 
 
