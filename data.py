@@ -1035,11 +1035,13 @@ def encode_copy(src, f, info, gop=16, short_side=None, crf=PREPARE_CRF, fastdeco
             count += 1
             idx = index_of(frame.pts) if (info["pts"] and frame.pts is not None) else count
             count = idx
-            if idx < k or k >= total:
+            if k >= total:
+                break  # every frame of the copy is written
+            if idx < k:
                 continue  # a repeated or late timestamp
             image = frame.reformat(width=o.width, height=o.height, format="yuv420p", interpolation="AREA")
-            while k <= idx:
-                k = _encode_frame(out, o, image if k == idx else last, k)
+            while k <= min(idx, total - 1):  # frames before the first decoded one repeat it, as in decode_frames
+                k = _encode_frame(out, o, image if k == idx or last is None else last, k)
             last = image
         while last is not None and k < total:
             k = _encode_frame(out, o, last, k)

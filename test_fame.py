@@ -24,6 +24,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -1415,6 +1416,23 @@ def test_data_prepare_resumes_after_a_kill(tmp_path, monkeypatch):
         _data_prepare(src, dst, "folder", "--gop", "8")
     with pytest.raises(ValueError, match="overlaps the source"):
         _data_prepare(src, src / "copy", "folder")
+
+
+def test_data_prepare_repeats_the_first_frame_when_the_stream_starts_late(tmp_path):
+    """A stream whose first decoded frame comes after its first timestamp (an edit list, dropped leading frames):
+    the copy's leading frames repeat the first decoded one, as decode_frames reads them, and the count is kept."""
+    path = tmp_path / "v.mp4"
+    _data_write(str(path), _data_ramp(20, 16, step=10))
+    info = data.probe_video(str(path))
+    late = {**info, "start": info["start"] - 2 * round(1 / (Fraction(*info["tb"]) * info["fps"]))}  # 2 frames early
+    copy = tmp_path / "copy.mp4"
+    with open(copy, "wb") as f:
+        data.encode_copy(str(path), f, late)
+    with av.open(str(copy)) as c:
+        levels = [int(f.to_ndarray(format="rgb24")[0, 0, 0]) for f in c.decode(video=0)]
+    source = data.decode_frames(str(path), range(20), info)[:, 0, 0, 0].astype(int)
+    assert len(levels) == 20 and levels[0] == levels[1] == levels[2]
+    assert np.abs(np.array(levels[2:]) - source[:18]).max() <= 3  # source frame j is the copy's frame j + 2
 
 
 def test_data_prepared_copy_trains_and_keeps_clip_times(pretrain_env):
