@@ -268,6 +268,9 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
 
 UNSAFE_FLAG = "--unsafe-unpickle"  # the opt-in of every script that loads checkpoints it did not write
 
+if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4; an older torch refuses a Namespace as any object
+    torch.serialization.add_safe_globals([argparse.Namespace])  # plain settings: unpickling one runs no code
+
 
 def load_checkpoint(path, unsafe=False):
     """The contents of a checkpoint file, read with torch.load(weights_only=True): tensors, numbers, strings and
@@ -282,7 +285,7 @@ def load_checkpoint(path, unsafe=False):
         raise CheckpointError(f"{path} is an empty file (an interrupted copy or save?): copy it again, or delete it "
                               f"to start without it")
     try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals([argparse.Namespace]):
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch's note on the pickle protocol of a non-torch file
             return torch.load(path, map_location="cpu", weights_only=not unsafe)
     except pickle.UnpicklingError as err:
