@@ -231,9 +231,15 @@ def train_step(model, q, k, optimizer, scaler, amp):
 def knn_monitor_loaders(args):
     """{split: test loader} of the kNN monitor, --knn-split first: one centre clip per video (the test crop)."""
     ns = argparse.Namespace(**{**vars(args), "clips": 1})
-    queries = ["test", "test_swapped"] if args.dataset == "synthetic" else ["test"]
+    if not data.has_test_split(args.dataset, args.data):  # each test video would find itself among the neighbours
+        raise utils.DataError(f"--knn-every: --data {args.data}: {data.FOLDER_NO_TEST}")
     return {split: data.build_test_loader(data.build_dataset(ns, split, "test"), ns)
-            for split in dict.fromkeys([args.knn_split, *queries])}
+            for split in [args.knn_split, *knn_queries(args)]}
+
+
+def knn_queries(args):
+    """The splits the kNN monitor classifies: test, and on the synthetic benchmark test_swapped too."""
+    return ["test", "test_swapped"] if args.dataset == "synthetic" else ["test"]
 
 
 @torch.no_grad()
@@ -304,6 +310,9 @@ def check_args(args):
                         f"process is {args.batch_size // world}: raise --batch-size or use --background intra")
     if args.knn_every < 0:
         problems.append(f"--knn-every {args.knn_every} must be 0 (off) or a number of epochs")
+    elif args.knn_every and args.knn_split in knn_queries(args):
+        problems.append(f"--knn-split {args.knn_split} is a split the kNN monitor classifies: give the split of the "
+                        f"neighbours, e.g. train")
     if args.resume != "auto" and not os.path.isfile(args.resume):
         problems.append(f"--resume {args.resume}: no such checkpoint file")
     utils.check_training_args(args, problems)

@@ -1772,6 +1772,7 @@ _UTILS_BAD_INPUTS = [  # script, command line, exit status, what its one error l
     ("pretrain.py", ["--moco-t", "-1"], 2, "--moco-t -1.0 must be positive"),
     ("pretrain.py", ["--frames", "0"], 2, "--frames must be positive"),
     ("pretrain.py", ["--workers", "-2"], 2, "--workers must be at least 0"),
+    ("pretrain.py", ["--knn-split", "test_swapped"], 2, "--knn-split test_swapped is a split the kNN monitor"),
     ("pretrain.py", ["--dataset", "folder", "--data", "afile"], 2, "--data afile is a file"),
     ("pretrain.py", ["--dataset", "folder", "--data", "nosplit", "--output-dir", "afile"], 2, "a file is in the way"),
     ("pretrain.py", ["--dataset", "folder", "--data", "tiny", "--arch", "r2plus1d_tiny", "--workers", "0",
@@ -2146,6 +2147,8 @@ def test_utils_knn_top1():
     query = centres[labels[:8]] + 0.05 * torch.randn(8, 16, generator=g)
     assert utils.knn_top1(query, labels[:8], gallery, labels, k=5) == 100.0
     assert utils.knn_top1(query, (labels[:8] + 1) % 4, gallery, labels, k=5) == 0.0
+    half = torch.where(torch.arange(8) % 2 == 0, labels[:8], (labels[:8] + 1) % 4)
+    assert utils.knn_top1(query, half, gallery, labels, k=5, chunk=3) == 50.0  # queries in chunks of 3, 3, 2
 
 
 def test_pretrain_queue_size_rules():

@@ -510,14 +510,18 @@ def gather_by_index(values, index, total):
     return out
 
 
-def knn_top1(query, query_labels, gallery, gallery_labels, k=20, temperature=0.07):
+def knn_top1(query, query_labels, gallery, gallery_labels, k=20, temperature=0.07, chunk=1024):
     """Top-1 (%) of a weighted kNN classifier: each query (Q, D) takes the label with the largest sum of
-    exp(cosine / temperature) over its k most similar gallery features (G, D) (k clipped to G)."""
+    exp(cosine / temperature) over its k most similar gallery features (G, D) (k clipped to G). Queries go
+    `chunk` at a time, so that memory stays (chunk, G) on datasets of Kinetics' size."""
     query, gallery = F.normalize(query.float(), dim=1), F.normalize(gallery.float(), dim=1)
-    sim, idx = (query @ gallery.T).topk(min(k, len(gallery)), dim=1)  # (Q, k)
-    votes = torch.zeros(len(query), int(gallery_labels.max()) + 1, dtype=sim.dtype, device=sim.device)
-    votes.scatter_add_(1, gallery_labels.to(idx.device)[idx], (sim / temperature).exp())
-    return 100.0 * (votes.argmax(1) == query_labels.to(votes.device)).float().mean().item()
+    gallery_labels, classes, correct = gallery_labels.to(gallery.device), int(gallery_labels.max()) + 1, 0
+    for start in range(0, len(query), chunk):
+        sim, idx = (query[start:start + chunk] @ gallery.T).topk(min(k, len(gallery)), dim=1)  # (chunk, k)
+        votes = torch.zeros(len(sim), classes, dtype=sim.dtype, device=sim.device)
+        votes.scatter_add_(1, gallery_labels[idx], (sim / temperature).exp())
+        correct += int((votes.argmax(1) == query_labels[start:start + chunk].to(votes.device)).sum())
+    return 100.0 * correct / len(query)
 
 
 def classification_metrics(scores, labels, classes, ok=None):
