@@ -75,9 +75,8 @@ def main(args):
         q_ok = ok[split]
         if not bool(q_ok.any()):
             raise utils.DataError(f"none of the {len(q_ok)} query videos ({split}) could be decoded")
-        sim = torch.full((len(q_ok), len(gallery_ok)), float("-inf"))  # -inf: never a neighbour
-        decoded = similarity(feats[split][q_ok], feats[args.train_split][gallery_ok])
-        sim[q_ok[:, None] & gallery_ok[None]] = decoded.flatten()  # row-major, as the mask is walked
+        sim = similarity(feats[split], feats[args.train_split])  # (Q, G); rows of undecoded queries go unused
+        sim[:, ~gallery_ok] = float("-inf")  # a gallery video that failed to decode is never a neighbour
         similarities[split] = exclude_self(sim, sets[split].paths, gallery.paths)  # (Q, G)
         results[split] = evaluate(similarities[split][q_ok], sets[split].labels[q_ok], gallery.labels)
         results[split].update(queries=int(q_ok.sum()), gallery=int(gallery_ok.sum()), left_out=int((~q_ok).sum()),
