@@ -9,16 +9,21 @@
     python bench.py gpu --out gpu.json    # the GPU check: FAME CUDA = CPU, step speed and MFU, DDP, loader
 
 Times are medians of interleaved repeats; on CPU they move with whatever else the machine runs, so each line
-prints the load average it saw.
+prints the load average it saw. `--markdown README.md` also writes the figures as a table into that file,
+between the markers of the subcommand's section (see README's Speed section), with the command and machine.
 """
 import argparse
+import datetime
 import functools
 import gc
 import os
+import re
 import resource
 import shutil
 import statistics
 import tempfile
+import shlex
+import sys
 import time
 
 import numpy as np
@@ -571,6 +576,52 @@ def _gpu_loader(small):
 
 
 # ---------------------------------------------------------------------------------------------------------
+# tables in markdown files
+
+
+def machine():
+    """The CPU model and core count, torch's threads, and the GPU if one is used: who measured a table."""
+    model = "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    text = f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    if torch.cuda.is_available():
+        text += f", {torch.cuda.get_device_name()}"
+    return text
+
+
+def markdown_tables(rows):
+    """Rows (dicts) as markdown tables, one per run of consecutive rows with the same keys."""
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines, keys = [], None
+    for row in rows:
+        if tuple(row) != keys:
+            keys = tuple(row)
+            lines += ["", "| " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|" + " --- |" * len(keys)]
+        lines.append("| " + " | ".join(cell(v) for v in row.values()) + " |")
+    return lines[1:]
+
+
+def write_markdown(path, section, command, rows, loadavg):
+    """Replaces the text between `<!-- bench.py SECTION -->` and `<!-- /bench.py SECTION -->` in `path` with the
+    command, the date and machine, and the rows as tables; without the markers, appends the section."""
+    begin, end = f"<!-- bench.py {section} -->", f"<!-- /bench.py {section} -->"
+    body = [begin, f"`{command}` on {datetime.date.today().isoformat()}, {machine()}, load average {loadavg:.1f} "
+            f"at the start:", "", *markdown_tables(rows), end]
+    text = open(path).read() if os.path.exists(path) else ""
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: "\n".join(body), text, count=1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + "\n".join(body) + "\n"
+    utils.atomic_write(path, lambda f: f.write(text), mode="w")
+    print(f"wrote the {section!r} section of {path}")
+
+
+# ---------------------------------------------------------------------------------------------------------
 
 
 def get_args_parser():
@@ -624,6 +675,10 @@ def get_args_parser():
         p.add_argument("--device", default=default_device, help="device to time on")
         p.add_argument("--repeats", type=int, default=7, help="timed repeats (median)")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+        p.add_argument("--markdown", default=None, metavar="FILE",
+                       help="also write the figures as a table into FILE, in the section named by --section")
+        p.add_argument("--section", default=None,
+                       help="the section of --markdown to replace (None: the subcommand's name)")
     return parser
 
 
@@ -640,7 +695,9 @@ def _size(text):
 def parse_args(argv=None):
     """The command line; for `pretrain`, the flags bench.py does not know are pretrain.py's."""
     parser = get_args_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, rest = parser.parse_known_args(argv)
+    args.command_line = "python bench.py " + " ".join(shlex.quote(a) for a in argv)
     if args.command == "pretrain":
         args.pretrain_args = rest
     elif rest:
@@ -653,7 +710,11 @@ def main(args):
         torch.set_num_threads(args.threads)
     benches = {"fame": bench_fame, "models": bench_models, "loader": bench_loader, "pretrain": bench_pretrain,
                "gpu": bench_gpu}
-    return benches[args.command](args)
+    loadavg = os.getloadavg()[0]
+    rows = benches[args.command](args)
+    if args.markdown and rows:
+        write_markdown(args.markdown, args.section or args.command, args.command_line, rows, loadavg)
+    return rows
 
 
 if __name__ == "__main__":

@@ -2555,6 +2555,24 @@ def test_bench_fame_and_loader_run(tmp_path, capsys):
     assert row["frames_per_sample"] >= 8 and "rss_growth_mib" in row
 
 
+def test_bench_markdown_replaces_its_section(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("# Speed\n\nbefore\n\n<!-- bench.py small -->\nold table\n<!-- /bench.py small -->\n\nafter\n")
+    argv = ["fame", "--crops", "32", "--batch-size", "2", "--frames", "4", "--repeats", "1", "--markdown", str(doc),
+            "--section", "small"]
+    for _ in range(2):  # a second run replaces the first run's table
+        rows = bench.main(bench.parse_args(argv))
+    text = doc.read_text()
+    assert text.startswith("# Speed\n\nbefore\n\n<!-- bench.py small -->\n") and text.endswith("\n\nafter\n")
+    assert "old table" not in text and text.count("<!-- bench.py small -->") == 1
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    assert table[0] == "| crop | input | fame ms | clone ms | ratio | clips per s |" and len(table) == 2 + len(rows)
+    assert f"`python bench.py {' '.join(argv)}` on 20" in text  # the command that wrote it, then the date
+    bench.main(bench.parse_args(["fame", "--crops", "32", "--batch-size", "2", "--frames", "4", "--repeats", "1",
+                                 "--markdown", str(doc)]))  # no such section yet: appended after the rest
+    assert doc.read_text().startswith(text.rstrip("\n")) and doc.read_text().count("<!-- /bench.py fame -->") == 1
+
+
 def test_bench_gpu_check_runs_small(tmp_path):
     # `python bench.py gpu` on a GPU machine; here its toy-size form on the CPU: every part runs, one table
     rows = bench.main(bench.parse_args(["gpu", "--out", str(tmp_path / "gpu.json")]))
