@@ -25,6 +25,7 @@ import tempfile
 import shlex
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -611,7 +612,7 @@ def write_markdown(path, section, command, rows, loadavg):
     begin, end = f"<!-- bench.py {section} -->", f"<!-- /bench.py {section} -->"
     body = [begin, f"`{command}` on {datetime.date.today().isoformat()}, {machine()}, load average {loadavg:.1f} "
             f"at the start:", "", *markdown_tables(rows), end]
-    text = open(path).read() if os.path.exists(path) else ""
+    text = Path(path).read_text() if os.path.exists(path) else ""
     pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: "\n".join(body), text, count=1)
