@@ -592,17 +592,29 @@ def machine():
     return text
 
 
-def markdown_tables(rows):
-    """Rows (dicts) as markdown tables, one per run of consecutive rows with the same keys."""
+def markdown_tables(rows, max_columns=10):
+    """Rows (dicts) as markdown tables: one per run of consecutive rows whose first key is the same, with the
+    union of their keys as columns (blank where a row lacks one); wider than max_columns, two columns: the first
+    key, and the other figures as a list."""
     def cell(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    lines, keys = [], None
+    groups = []
     for row in rows:
-        if tuple(row) != keys:
-            keys = tuple(row)
-            lines += ["", "| " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|" + " --- |" * len(keys)]
-        lines.append("| " + " | ".join(cell(v) for v in row.values()) + " |")
+        if not groups or next(iter(row)) != next(iter(groups[-1][0])):
+            groups.append([])
+        groups[-1].append(row)
+    lines = []
+    for group in groups:
+        keys = list(dict.fromkeys(k for row in group for k in row))
+        if len(keys) > max_columns:
+            table = [[row[keys[0]], "; ".join(f"{k.replace('_', ' ')} {cell(v)}" for k, v in list(row.items())[1:])]
+                     for row in group]
+            keys = [keys[0], "figures"]
+        else:
+            table = [[row.get(k, "") for k in keys] for row in group]
+        lines += ["", "| " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|" + " --- |" * len(keys)]
+        lines += ["| " + " | ".join(cell(v) for v in values) + " |" for values in table]
     return lines[1:]
 
 

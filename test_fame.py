@@ -2575,8 +2575,10 @@ def test_bench_markdown_replaces_its_section(tmp_path):
 
 def test_bench_gpu_check_runs_small(tmp_path):
     # `python bench.py gpu` on a GPU machine; here its toy-size form on the CPU: every part runs, one table
-    rows = bench.main(bench.parse_args(["gpu", "--out", str(tmp_path / "gpu.json")]))
+    rows = bench.main(bench.parse_args(["gpu", "--out", str(tmp_path / "gpu.json"), "--markdown", str(tmp_path / "s.md")]))
     assert json.loads((tmp_path / "gpu.json").read_text()) == json.loads(json.dumps(rows))
+    table = [line for line in (tmp_path / "s.md").read_text().splitlines() if line.startswith("| ")]
+    assert table[0] == "| part | figures |" and len(table) == 2 + len(rows)  # one row per part, all in one table
     parts = [r["part"] for r in rows[1:]]
     assert parts[0] == "FAME masks, device vs cpu" and rows[1]["clips_equal"] == rows[1]["of"]
     assert sum("pretrain" in p for p in parts) == 4 and any("DDP" in p for p in parts) and "loader" in parts[-1]
