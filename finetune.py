@@ -32,15 +32,14 @@ PRESETS = {
                       crop_scale=[0.5, 1.0], flip=False),  # version 3's protocol, as pretrain.py's preset
     "ucf101": dict(dropout=0.7),  # A.3: 0.7 for UCF101, 0.5 for HMDB51
 }
-RESUME_KEYS = ("pretrained", "arch", "dataset", "data", "split", "target", "train_split", "frames", "stride", "crop",
-               "crop_scale", "flip", "synthetic_version", "synthetic_videos", "synthetic_size", "synthetic_length",
-               "synthetic_seed", "synthetic_sprite", "synthetic_backdrop", "batch_size", "seed", "dropout",
-               "pretrained_sha1")
+RESUMABLE = (*utils.RESUMABLE,  # the settings a resume may change; any other change is refused (utils.load_resume)
+             "eval_every",  # how often --test-split is evaluated for best.pth; the training does not depend on it
+             "unsafe_unpickle")  # how --pretrained is read: the weights themselves are checked (their sha1)
 
 
 def get_args_parser():
     parser = utils.Parser("Finetune a pretrained backbone, all layers trained (paper A.3).", PRESETS,
-                          paper_schedule=(150, (60, 120)))
+                          paper_schedule=(150, (60, 120)), resumable=RESUMABLE)
     data.add_data_args(parser)
     utils.add_run_args(parser, batch_size=128)
     utils.add_eval_args(parser)
@@ -73,26 +72,25 @@ def main(args):
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     scaler = utils.grad_scaler(utils.amp_dtype(args.amp, device), device)
 
-    start_epoch, step, sums, ckpt = utils.resume(args, RESUME_KEYS, model=model, optimizer=optimizer, scaler=scaler)
-    best, metrics = ckpt["best"] if ckpt else {"top1": -1.0, "epoch": None}, None
+    best, metrics = {"top1": -1.0, "epoch": None}, None  # best: the best --test-split top-1 so far (best.pth)
+    checkpointing = utils.Checkpointing(args, model=model, optimizer=optimizer, scaler=scaler, best=best)
+    start_epoch = checkpointing.resume(get_args_parser())
     if utils.is_main_process():
         print(f"finetune.py at git {utils.git_commit()}, {world} process(es) on {device}")
     log = utils.Log(out / "log.jsonl", start_epoch)
 
-    with utils.Checkpointing(args.save_every_steps, args.save_every_minutes) as checkpointing:
+    with checkpointing:
         for epoch in range(start_epoch, args.epochs):
             lr = utils.adjust_learning_rate(optimizer, epoch, args)
-            stats = train_one_epoch(ddp_model, train_loader, optimizer, scaler, epoch, args, checkpointing, best,
-                                    step, sums)
-            step, sums = 0, None
+            stats = train_one_epoch(ddp_model, train_loader, optimizer, scaler, args, checkpointing)
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
                 metrics = evaluate(model, test_loader, device, args)
                 stats.update(test_top1=metrics["top1"], test_top5=metrics["top5"])
                 if metrics["top1"] > best["top1"]:
-                    best = {"top1": metrics["top1"], "epoch": epoch + 1}
-                    save_state(model, optimizer, scaler, args, epoch + 1, 0, None, best, out / "best.pth")
+                    best.update(top1=metrics["top1"], epoch=epoch + 1)
+                    checkpointing.save(out / "best.pth")
             log.write({"epoch": epoch + 1, "lr": lr, **stats})
-            save_state(model, optimizer, scaler, args, epoch + 1, 0, None, best, out / "checkpoint.pth")
+            checkpointing.save(out / "checkpoint.pth")
 
     results = {args.test_split: metrics or evaluate(model, test_loader, device, args)}  # the final model
     for split in utils.eval_splits(args)[1:]:
@@ -102,19 +100,18 @@ def main(args):
     utils.finish_distributed()
 
 
-def train_one_epoch(model, loader, optimizer, scaler, epoch, args, checkpointing, best, step=0, sums=None):
-    """One epoch over the training split, from `step` on (a resume inside the epoch passes the step and the sums
-    of its earlier steps). Saves checkpoint.pth inside the epoch when `checkpointing` says so. Returns the epoch's
-    log entry, summed over all processes."""
+def train_one_epoch(model, loader, optimizer, scaler, args, checkpointing):
+    """One epoch over the training split: the one `checkpointing` is at, from its step on (a resume may start inside
+    it); checkpointing.check saves checkpoint.pth inside the epoch when due. Returns the epoch's log entry, summed
+    over all processes."""
     model.train()
     device = next(model.parameters()).device
     amp = utils.amp_dtype(args.amp, device)
-    loader.sampler.set_epoch(epoch, skip=step * loader.batch_size)
-    sums = torch.zeros(5, dtype=torch.float64) if sums is None else sums  # loss sum, correct, clips, failed, s
-    bar = tqdm(loader, initial=step, total=step + len(loader), desc=f"epoch {epoch + 1}/{args.epochs}",
+    epoch, start = checkpointing.begin_epoch()
+    loader.sampler.set_epoch(epoch, skip=start * loader.batch_size)
+    bar = tqdm(loader, initial=start, total=start + len(loader), desc=f"epoch {epoch + 1}/{args.epochs}",
                disable=not utils.is_main_process(), leave=False)
-    last = time.perf_counter()
-    for batch in bar:
+    for step, batch in enumerate(bar, start):
         utils.seed_everything(args.seed, epoch, step)  # this step's colour augmentation and dropout
         x = data.augment(batch["clip"].to(device, non_blocking=True))  # (B, 3, T, S, S)
         y = batch["label"].to(device, non_blocking=True)
@@ -125,23 +122,15 @@ def train_one_epoch(model, loader, optimizer, scaler, epoch, args, checkpointing
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        stats = utils.reduce_sum(torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(),
-                                              torch.tensor(len(y), device=device), batch["failed"].sum().to(device)]))
-        step += 1
-        utils.check_finite(loss.item(), epoch, step)
-        now = time.perf_counter()
-        sums += torch.cat([stats, torch.tensor([now - last], dtype=torch.float64)])
-        last = now
+        checkpointing.add({"loss": loss.detach() * len(y), "correct": (logits.argmax(1) == y).sum(), "clips": len(y),
+                           "failed_videos": batch["failed"].sum()})
+        utils.check_finite(loss.item(), epoch, step + 1)
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}", refresh=False)
-        save, stop = checkpointing.check(step)
-        if save:
-            path = f"{args.output_dir}/checkpoint.pth"
-            save_state(getattr(model, "module", model), optimizer, scaler, args, epoch, step, sums, best, path)
-            if stop:
-                checkpointing.stop(path)
-    loss_sum, correct, clips, failed, seconds = sums.tolist()
-    return {"loss": loss_sum / clips, "acc": 100.0 * correct / clips, "time": round(seconds, 2),
-            "clips_per_s": round(clips / seconds, 2), "failed_videos": int(failed)}
+        checkpointing.check()
+    sums = checkpointing.end_epoch()
+    clips, seconds = sums["clips"], sums["seconds"]
+    return {"loss": sums["loss"] / clips, "acc": 100.0 * sums["correct"] / clips, "time": round(seconds, 2),
+            "clips_per_s": round(clips / seconds, 2), "failed_videos": int(sums["failed_videos"])}
 
 
 @torch.no_grad()
@@ -158,16 +147,6 @@ def evaluate(model, loader, device, args):
     video_scores, ok = utils.clip_outputs(scores, loader, device)  # (V, N, num_classes), (V,)
     metrics = utils.classification_metrics(video_scores.mean(1), loader.dataset.labels, loader.dataset.classes, ok)
     return {**metrics, "clips_per_s": len(loader.dataset) * args.clips / (time.perf_counter() - start)}
-
-
-def save_state(model, optimizer, scaler, args, epoch, step, sums, best, path):
-    """A checkpoint after `epoch` epochs and `step` steps of the next one (sums: that epoch's running sums)."""
-    if utils.is_main_process():
-        utils.save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scaler": scaler.state_dict(), "epoch": epoch, "step": step,
-                               "sums": None if sums is None else sums.tolist(), "best": best,
-                               "world_size": utils.get_world_size(), "pretrained": args.pretrained,
-                               "args": utils.plain(vars(args))}, path)
 
 
 if __name__ == "__main__":

@@ -34,15 +34,14 @@ import models
 import utils
 
 PRESETS = {"synthetic": dict(arch="cnn3d", frames=8, crop=32, batch_size=32, epochs=30)}
-RESUME_KEYS = ("pretrained", "arch", "dataset", "data", "split", "target", "train_split", "frames", "stride", "crop",
-               "crop_scale", "flip", "synthetic_version", "synthetic_videos", "synthetic_size", "synthetic_length",
-               "synthetic_seed", "synthetic_sprite", "synthetic_backdrop", "batch_size", "seed", "cache_features",
-               "clips", "pretrained_sha1")
+RESUMABLE = (*utils.RESUMABLE,  # the settings a resume may change; any other change is refused (utils.load_resume)
+             "eval_every",  # how often --test-split is evaluated for best.pth; the training does not depend on it
+             "unsafe_unpickle")  # how --pretrained is read: the weights themselves are checked (their sha1)
 
 
 def get_args_parser():
     parser = utils.Parser("Linear probe on a frozen backbone's L2-normalized features (paper A.3).", PRESETS,
-                          paper_schedule=(100, (60, 80)))
+                          paper_schedule=(100, (60, 80)), resumable=RESUMABLE)
     data.add_data_args(parser)
     utils.add_run_args(parser, batch_size=128)
     utils.add_eval_args(parser)
@@ -76,9 +75,9 @@ def main(args):
     nn.init.normal_(fc.weight, std=0.01)
     nn.init.zeros_(fc.bias)
     optimizer = torch.optim.SGD(fc.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    # before the feature extraction, so that a refused resume stops at once
-    start_epoch, step, sums, ckpt = utils.resume(args, RESUME_KEYS, model=fc, optimizer=optimizer)
-    best, metrics = ckpt["best"] if ckpt else {"top1": -1.0, "epoch": None}, None
+    best, metrics = {"top1": -1.0, "epoch": None}, None  # best: the best --test-split top-1 so far (best.pth)
+    checkpointing = utils.Checkpointing(args, model=fc, optimizer=optimizer, best=best)
+    start_epoch = checkpointing.resume(get_args_parser())  # before the feature extraction: a refusal stops at once
 
     def features(clips):  # (n, 3, T, S, S) uint8 -> (n, D), unit length (A.3)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -99,20 +98,18 @@ def main(args):
         model = DistributedDataParallel(fc) if world > 1 else fc
     log = utils.Log(out / "log.jsonl", start_epoch)
 
-    with utils.Checkpointing(args.save_every_steps, args.save_every_minutes) as checkpointing:
+    with checkpointing:
         for epoch in range(start_epoch, args.epochs):
             lr = utils.adjust_learning_rate(optimizer, epoch, args)
-            stats = train_one_epoch(model, backbone, features, batches, optimizer, epoch, args, checkpointing, best,
-                                    step, sums)
-            step, sums = 0, None
+            stats = train_one_epoch(model, features, batches, optimizer, args, checkpointing)
             if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
                 metrics = evaluate(fc, test_feats[args.test_split], test_sets[args.test_split])
                 stats.update(test_top1=metrics["top1"], test_top5=metrics["top5"])
                 if metrics["top1"] > best["top1"]:
-                    best = {"top1": metrics["top1"], "epoch": epoch + 1}
-                    save_state(fc, optimizer, args, epoch + 1, 0, None, best, out / "best.pth")
+                    best.update(top1=metrics["top1"], epoch=epoch + 1)
+                    checkpointing.save(out / "best.pth")
             log.write({"epoch": epoch + 1, "lr": lr, **stats})
-            save_state(fc, optimizer, args, epoch + 1, 0, None, best, out / "checkpoint.pth")
+            checkpointing.save(out / "checkpoint.pth")
     timing["train_s"] = time.perf_counter() - start  # with the training-feature extraction when cached
 
     results = {split: evaluate(fc, test_feats[split], test_sets[split]) for split in test_sets}
@@ -146,19 +143,18 @@ class CachedBatches:
             yield {"feats": self.feats[idx, clip[idx]], "label": self.labels[idx], "failed": torch.zeros(1)}
 
 
-def train_one_epoch(fc, backbone, features, batches, optimizer, epoch, args, checkpointing, best, step=0, sums=None):
-    """One epoch of the fc, from `step` on (a resume inside the epoch passes the step and the sums of its earlier
-    steps), on cached features or on the frozen backbone's features of augmented clips. Saves checkpoint.pth
-    inside the epoch when `checkpointing` says so. Returns the epoch's log entry."""
+def train_one_epoch(fc, features, batches, optimizer, args, checkpointing):
+    """One epoch of the fc, on cached features or on the frozen backbone's features of augmented clips: the one
+    `checkpointing` is at, from its step on (a resume may start inside it); checkpointing.check saves
+    checkpoint.pth inside the epoch when due. Returns the epoch's log entry."""
     fc.train()
     device = next(fc.parameters()).device
+    epoch, start = checkpointing.begin_epoch()
     sampler = batches if args.cache_features else batches.sampler
-    sampler.set_epoch(epoch, skip=step if args.cache_features else step * batches.batch_size)
-    sums = torch.zeros(5, dtype=torch.float64) if sums is None else sums  # loss sum, correct, clips, failed, s
-    bar = tqdm(batches, initial=step, total=step + len(batches), desc=f"epoch {epoch + 1}/{args.epochs}",
+    sampler.set_epoch(epoch, skip=start if args.cache_features else start * batches.batch_size)
+    bar = tqdm(batches, initial=start, total=start + len(batches), desc=f"epoch {epoch + 1}/{args.epochs}",
                disable=not utils.is_main_process(), leave=False)
-    last = time.perf_counter()
-    for batch in bar:
+    for step, batch in enumerate(bar, start):
         utils.seed_everything(args.seed, epoch, step)
         x = batch["feats"].to(device) if args.cache_features else features(batch["clip"].to(device, non_blocking=True))
         y = batch["label"].to(device, non_blocking=True)
@@ -167,24 +163,15 @@ def train_one_epoch(fc, backbone, features, batches, optimizer, epoch, args, che
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        stats = torch.stack([loss.detach() * len(y), (logits.argmax(1) == y).sum(), torch.tensor(len(y), device=device),
-                             batch["failed"].sum().to(device)])
         # cached features: every process trained on the same batches, so there is nothing to add up
-        stats = stats.double().cpu() if args.cache_features else utils.reduce_sum(stats)
-        step += 1
-        utils.check_finite(loss.item(), epoch, step)
-        now = time.perf_counter()
-        sums += torch.cat([stats, torch.tensor([now - last], dtype=torch.float64)])
-        last = now
-        save, stop = checkpointing.check(step)
-        if save:
-            path = f"{args.output_dir}/checkpoint.pth"
-            save_state(getattr(fc, "module", fc), optimizer, args, epoch, step, sums, best, path)
-            if stop:
-                checkpointing.stop(path)
-    loss_sum, correct, clips, failed, seconds = sums.tolist()
-    return {"loss": loss_sum / clips, "acc": 100.0 * correct / clips, "time": round(seconds, 2),
-            "clips_per_s": round(clips / seconds, 2), "failed_videos": int(failed)}
+        checkpointing.add({"loss": loss.detach() * len(y), "correct": (logits.argmax(1) == y).sum(), "clips": len(y),
+                           "failed_videos": batch["failed"].sum()}, reduce=not args.cache_features)
+        utils.check_finite(loss.item(), epoch, step + 1)
+        checkpointing.check()
+    sums = checkpointing.end_epoch()
+    clips, seconds = sums["clips"], sums["seconds"]
+    return {"loss": sums["loss"] / clips, "acc": 100.0 * sums["correct"] / clips, "time": round(seconds, 2),
+            "clips_per_s": round(clips / seconds, 2), "failed_videos": int(sums["failed_videos"])}
 
 
 @torch.no_grad()
@@ -195,15 +182,6 @@ def evaluate(fc, feats, dataset):
     feats, ok = feats
     scores = fc(feats.to(fc.weight.device)).softmax(-1).mean(1)  # (V, num_classes)
     return utils.classification_metrics(scores, dataset.labels, dataset.classes, ok)
-
-
-def save_state(fc, optimizer, args, epoch, step, sums, best, path):
-    """A checkpoint of the fc after `epoch` epochs and `step` steps of the next one."""
-    if utils.is_main_process():
-        utils.save_checkpoint({"model": fc.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                               "step": step, "sums": None if sums is None else sums.tolist(), "best": best,
-                               "world_size": utils.get_world_size(), "pretrained": args.pretrained,
-                               "args": utils.plain(vars(args))}, path)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,6 @@ import argparse
 import functools
 import math
 import os
-import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -41,15 +39,14 @@ PRESETS = {  # defaults that depend on --dataset; the paper's A.1 values are the
                       moco_m=0.99, knn_every=4, crop_scale=[0.5, 1.0], flip=False),
     **{name: dict(moco_k=2048) for name in ("ucf101", "hmdb51", "diving48", "folder")},  # A.1: 2048 for UCF101
 }
-RESUME_KEYS = ("arch", "dataset", "data", "split", "frames", "stride", "crop", "crop_scale", "flip",
-               "synthetic_version", "synthetic_videos", "synthetic_size", "synthetic_length", "synthetic_seed",
-               "synthetic_sprite", "synthetic_backdrop", "batch_size", "seed", "beta", "fame_method", "background",
-               "fame_branches", "moco_dim", "moco_k", "moco_m", "moco_t")  # what defines a run
+RESUMABLE = (*utils.RESUMABLE,  # the settings a resume may change; any other change is refused (utils.load_resume)
+             "save_every",  # how often a checkpoint_NNNN.pth is kept
+             "knn_every", "knn_split", "knn_k")  # the kNN monitor: it reads the encoder in eval mode, changing nothing
 
 
 def get_args_parser():
     parser = utils.Parser("MoCo + FAME self-supervised video pretraining (paper Sec. 4.2, A.1).", PRESETS,
-                          paper_schedule=(200, (120, 180)))
+                          paper_schedule=(200, (120, 180)), resumable=RESUMABLE)
     data.add_data_args(parser)
     utils.add_run_args(parser, batch_size=64)
     utils.add_training_args(parser, epochs=200, milestones=(120, 180), lr=0.01, momentum=0.9, wd=1e-4)
@@ -126,7 +123,10 @@ def main(args):
         print(f"warning: {cudnn_warning}")
     fame_op = fame.FAME(beta=args.beta, method=args.fame_method) if args.beta < 1 else None
 
-    start_epoch, step, sums, _ = utils.resume(args, RESUME_KEYS, model=model, optimizer=optimizer, scaler=scaler)
+    # encoder_q: what the evaluation scripts load from a checkpoint
+    checkpointing = utils.Checkpointing(args, encoder_q=model.encoder_q, model=model, optimizer=optimizer,
+                                        scaler=scaler)
+    start_epoch = checkpointing.resume(get_args_parser())
     if utils.is_main_process():
         utils.write_json(out / "args.json", {**vars(args), "git_commit": commit, "world_size": world})
     knn_loaders = knn_monitor_loaders(args) if args.knn_every else None
@@ -134,12 +134,10 @@ def main(args):
     key_sims = [e["key_sim"] for e in log.entries()]  # the collapse monitor's history, over resumes too
     warned = collapse_warning(key_sims, args.epochs) is not None
 
-    with utils.Checkpointing(args.save_every_steps, args.save_every_minutes) as checkpointing:
+    with checkpointing:
         for epoch in range(start_epoch, args.epochs):
             lr = utils.adjust_learning_rate(optimizer, epoch, args)
-            stats = train_one_epoch(ddp_model, fame_op, loader, optimizer, scaler, epoch, args, checkpointing,
-                                    step, sums)
-            step, sums = 0, None
+            stats = train_one_epoch(ddp_model, fame_op, loader, optimizer, scaler, args, checkpointing)
             key_sim = model.key_similarity()  # collapse monitor: 1.0 = every video embedded alike
             knn = {}
             if knn_loaders and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
@@ -153,9 +151,9 @@ def main(args):
             if warning and not warned and utils.is_main_process():
                 print(warning, flush=True)
                 warned = True
-            save_state(model, optimizer, scaler, args, epoch + 1, 0, None, out / "checkpoint.pth")
+            checkpointing.save(out / "checkpoint.pth")
             if args.save_every and (epoch + 1) % args.save_every == 0:
-                save_state(model, optimizer, scaler, args, epoch + 1, 0, None, out / f"checkpoint_{epoch + 1:04d}.pth")
+                checkpointing.save(out / f"checkpoint_{epoch + 1:04d}.pth")
 
     if utils.is_main_process():
         if start_epoch >= args.epochs:
@@ -166,40 +164,33 @@ def main(args):
     return model
 
 
-def train_one_epoch(model, fame_op, loader, optimizer, scaler, epoch, args, checkpointing, step=0, sums=None):
-    """One epoch, from `step` on (a resume inside the epoch passes the step and the sums of its earlier steps).
-    Saves checkpoint.pth inside the epoch when `checkpointing` says so. Returns the epoch's log entry."""
+def train_one_epoch(model, fame_op, loader, optimizer, scaler, args, checkpointing):
+    """One epoch: the one `checkpointing` is at, from its step on (a resume may start inside it); checkpointing.check
+    saves checkpoint.pth inside the epoch when due. Returns the epoch's log entry."""
     model.train()
     device = next(model.parameters()).device
     amp = utils.amp_dtype(args.amp, device)
-    loader.sampler.set_epoch(epoch, skip=step * loader.batch_size)
-    sums = torch.zeros(4, dtype=torch.float64) if sums is None else sums  # loss, acc, failed videos, seconds
-    bar = tqdm(loader, initial=step, total=step + len(loader), desc=f"epoch {epoch + 1}/{args.epochs}",
+    world = utils.get_world_size()
+    epoch, start = checkpointing.begin_epoch()
+    loader.sampler.set_epoch(epoch, skip=start * loader.batch_size)
+    bar = tqdm(loader, initial=start, total=start + len(loader), desc=f"epoch {epoch + 1}/{args.epochs}",
                disable=not utils.is_main_process(), dynamic_ncols=True, mininterval=1.0)
-    last = time.perf_counter()
-    for batch in bar:
+    for step, batch in enumerate(bar, start):
         utils.seed_everything(args.seed, epoch, step)  # this step's augmentation, backgrounds and key shuffle
         q, k = fame_views(batch, fame_op, args, device)
         loss, acc = train_step(model, q, k, optimizer, scaler, amp)
-        stats = utils.reduce_sum(torch.stack([loss, acc, batch["failed"].sum().to(device, torch.float)]))
-        stats[:2] /= utils.get_world_size()  # loss and accuracy: the mean over processes
-        step += 1
-        utils.check_finite(stats[0].item(), epoch, step)
-        now = time.perf_counter()
-        sums += torch.cat([stats, torch.tensor([now - last], dtype=torch.float64)])
-        last = now
-        bar.set_postfix(loss=f"{stats[0]:.3f}", acc=f"{stats[1]:.1f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}",
-                        refresh=False)
-        save, stop = checkpointing.check(step)
-        if save:
-            path = Path(args.output_dir) / "checkpoint.pth"
-            save_state(getattr(model, "module", model), optimizer, scaler, args, epoch, step, sums, path)
-            if stop:
-                checkpointing.stop(path)
+        # loss and accuracy: the mean over the processes
+        stats = checkpointing.add({"loss": loss.double() / world, "acc": acc.double() / world,
+                                   "failed_videos": batch["failed"].sum()})
+        utils.check_finite(stats["loss"], epoch, step + 1)
+        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc']:.1f}",
+                        lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
+        checkpointing.check()
     bar.close()
-    loss, acc, failed, seconds = sums.tolist()
-    return {"loss": loss / step, "acc": acc / step, "time": round(seconds, 2),
-            "clips_per_s": round(2 * args.batch_size * step / seconds, 2), "failed_videos": int(failed)}
+    sums = checkpointing.end_epoch()
+    steps, seconds = sums["steps"], sums["seconds"]
+    return {"loss": sums["loss"] / steps, "acc": sums["acc"] / steps, "time": round(seconds, 2),
+            "clips_per_s": round(2 * args.batch_size * steps / seconds, 2), "failed_videos": int(sums["failed_videos"])}
 
 
 def fame_views(batch, fame_op, args, device):
@@ -254,17 +245,6 @@ def knn_monitor(backbone, loaders, args, device):
     backbone.train()
     return {f"knn_{split}": round(utils.knn_top1(*feats[split], *feats[args.knn_split], k=args.knn_k), 2)
             for split in loaders if split != args.knn_split}
-
-
-def save_state(model, optimizer, scaler, args, epoch, step, sums, path):
-    """checkpoint.pth after `epoch` epochs and `step` steps of the next one (sums: that epoch's running sums)."""
-    if not utils.is_main_process():
-        return
-    utils.save_checkpoint({
-        "encoder_q": model.encoder_q.state_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(), "epoch": epoch, "step": step, "sums": None if sums is None else sums.tolist(),
-        "world_size": utils.get_world_size(), "args": utils.plain(vars(args)), "git_commit": utils.git_commit()},
-        path)
 
 
 COLLAPSE_KEY_SIM = 0.9  # mean cosine between two queue keys above which the embedding treats all videos alike

@@ -1736,6 +1736,69 @@ def test_utils_amp_choice():
     assert utils.grad_scaler(torch.float16, cpu).is_enabled() and not utils.grad_scaler(None, cpu).is_enabled()
 
 
+def test_utils_resume_refuses_changed_settings_and_restores_named_sums(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    parser = pretrain.get_args_parser()
+    args = parser.parse_args(["--output-dir", str(tmp_path), "--lr", "0.05"])
+    stored = utils.plain(vars(args))
+
+    def resume(changes=None, removed=(), step=0, sums=None):
+        settings = {**{k: v for k, v in stored.items() if k not in removed}, **(changes or {})}
+        utils.save_checkpoint({"args": settings, "epoch": 1, "step": step, "sums": sums, "world_size": 1},
+                              tmp_path / "checkpoint.pth")
+        checkpointing = utils.Checkpointing(args)
+        assert checkpointing.resume(parser) == 1
+        return checkpointing
+
+    # any flag outside pretrain.RESUMABLE is refused, each named with its old and new value
+    with pytest.raises(utils.UsageError, match=r"other settings: --lr 0\.03 \(now 0\.05\), --moco-t 0\.2 \(now "
+                                               r"0\.1\)\. .*another --output-dir .*may change only --epochs"):
+        resume({"lr": 0.03, "moco_t": 0.2})
+    resume({"epochs": 5, "workers": 3})  # flags that may change: printed, and they take effect
+    printed = capsys.readouterr().out
+    assert "--epochs 5 (now 24)" in printed and f"--workers 3 (now {args.workers})" in printed
+    # a flag the checkpoint predates counts as having had its default (the --dataset preset's): --lr 0.03
+    resume(removed=("moco_t",))
+    with pytest.raises(utils.UsageError, match=r"--lr 0\.03 \(now 0\.05; the checkpoint predates it"):
+        resume(removed=("lr",))
+    resume({"a_flag_no_longer_there": 1})  # a stored setting the script lacks is ignored
+
+    # the running sums of an epoch, by name; in the positional form too (pretraining's 4 slots)
+    assert resume(step=1, sums=[1.5, 50.0, 2.0, 3.0]).sums == {"steps": 1, "loss": 1.5, "acc": 50.0,
+                                                               "failed_videos": 2.0, "seconds": 3.0}
+    checkpointing = utils.Checkpointing(args)
+    checkpointing.begin_epoch()
+    checkpointing.add({"loss": torch.tensor(2.5), "clips": 4})
+    checkpointing.add({"loss": torch.tensor(1.0), "clips": 4})
+    checkpointing.save(tmp_path / "checkpoint.pth")
+    resumed = utils.Checkpointing(args)
+    assert resumed.resume(parser) == 0 and resumed.step == 2
+    assert resumed.sums == checkpointing.sums and {k: resumed.sums[k] for k in ("loss", "clips", "steps")} == {
+        "loss": 3.5, "clips": 8, "steps": 2}
+    assert "in epoch 1 after step 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module", [pretrain, finetune, linear_probe])
+def test_utils_resume_in_each_stage_refuses_a_changed_flag(module, request, tmp_path, capsys):
+    # a flag in no stage's RESUMABLE (--lr) is refused on a resume; one in it (--save-every-minutes) is accepted
+    out = tmp_path / "run"
+    if module is pretrain:
+        argv = request.getfixturevalue("pretrain_env").argv(out)
+    else:
+        flags, ckpt, _ = request.getfixturevalue("eval_tiny")
+        argv = flags + ["--pretrained", ckpt, "--epochs", "1", "--batch-size", "8", "--clips", "1",
+                        "--output-dir", str(out), *(["--cache-features"] if module is linear_probe else [])]
+
+    def run(*extra):
+        module.main(module.get_args_parser().parse_args(argv + list(extra)))
+
+    run()
+    with pytest.raises(utils.UsageError, match=r"other settings: --lr [0-9.]+ \(now 0\.001\)\. "):
+        run("--lr", "0.001")
+    run("--save-every-minutes", "5")  # resumed after its last epoch: nothing left to train
+    assert "changed: --save-every-minutes 30.0 (now 5.0)" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 # Every script run as a user runs it: each case forks from one process that imported the project once (a case

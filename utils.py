@@ -277,51 +277,52 @@ def resume_path(args):
     return path if os.path.isfile(path) else None
 
 
+# The flags of every training stage that a resume may change (each stage's RESUMABLE adds its own)
+RESUMABLE = (
+    "epochs", "schedule",  # the schedule's length (the default milestones scale with it): the epochs left follow it
+    "resume", "output_dir",  # where the checkpoint is read from and the run's files go
+    "workers",  # loader processes: every clip is drawn from its own seed, whatever process decodes it
+    "save_every_steps", "save_every_minutes")  # how often checkpoint.pth is written inside an epoch
 # Settings of a run that are not flags: what the refusal of a resume calls them
 DERIVED_SETTINGS = {"pretrained_sha1": "the weights behind --pretrained (sha1 of the loaded backbone)"}
+# The running sums of checkpoints that stored them by position, by their count: pretraining's; finetuning's and
+# the linear probe's
+POSITIONAL_SUMS = {4: ("loss", "acc", "failed_videos", "seconds"),
+                   5: ("loss", "correct", "clips", "failed_videos", "seconds")}
 
 
-def load_resume(path, args, keys):
-    """Loads a checkpoint to resume. Refuses one trained with other values of `keys` (they define the run); other
-    changed settings (e.g. --epochs, --lr) are printed and take effect. Also refuses a checkpoint saved inside an
-    epoch by another number of processes (the position in the epoch would not carry over)."""
+def load_resume(path, args, parser):
+    """Loads a checkpoint to resume, refusing one trained with other settings: every setting of `args` (the flags
+    and DERIVED_SETTINGS) must equal the checkpoint's, except the flags in parser.resumable, whose changes are
+    printed and take effect. A setting that the checkpoint does not hold (a flag added to the script after it was
+    saved) counts as having had its default, the parser's for this --dataset (a derived setting has none, so it
+    is refused); a stored setting that the script no longer has is ignored. Also refuses a checkpoint saved inside
+    an epoch by another number of processes (the position in the epoch would not carry over)."""
     ckpt = models.load_checkpoint(path)
     old = ckpt.get("args") if isinstance(ckpt, dict) else None
     if not isinstance(old, dict):
         raise models.CheckpointError(f"{path} is not a checkpoint of this script (no stored settings): delete it to "
                                      f"start fresh, or use another --output-dir")
-    refused = [f"{DERIVED_SETTINGS[k]} {old.get(k)} (now {getattr(args, k)})" if k in DERIVED_SETTINGS else
-               f"--{k.replace('_', '-')} {old.get(k)} (now {getattr(args, k)})" for k in keys
-               if not _same_setting(old.get(k), getattr(args, k))]
+    defaults = vars(parser.parse_args(["--dataset", args.dataset]))
+    refused, changed = [], []
+    for key, value in vars(args).items():
+        before = old.get(key, defaults.get(key))
+        if not _same_setting(before, value):
+            note = "" if key in old else "; the checkpoint predates it: its default assumed"
+            (changed if key in parser.resumable else refused).append(
+                f"{DERIVED_SETTINGS.get(key, _flags([key]))} {plain(before)} (now {plain(value)}{note})")
     if refused:
-        raise UsageError(f"{path} was trained with other settings: {', '.join(refused)}. Use the same settings to "
-                         f"resume, or another --output-dir for a new run")
+        raise UsageError(f"{path} was trained with other settings: {', '.join(refused)}. Resume with the "
+                         f"checkpoint's values, or use another --output-dir for a new run (a resume may change only "
+                         f"{_flags(parser.resumable)})")
     if ckpt.get("step", 0) and ckpt.get("world_size") != get_world_size():
         raise UsageError(f"{path} was saved inside epoch {ckpt['epoch'] + 1} by {ckpt.get('world_size')} processes; "
                          f"resume it with that many (this run has {get_world_size()})")
-    ignored = {"resume", "output_dir", "workers"}
-    changed = {k: (v, plain(getattr(args, k, None))) for k, v in old.items()
-               if k not in ignored and k not in keys and plain(getattr(args, k, None)) != v}
     if is_main_process():
         where = f"in epoch {ckpt['epoch'] + 1} after step {ckpt['step']}" if ckpt.get("step") else \
             f"after epoch {ckpt['epoch']}"
-        print(f"resuming from {path} ({where})"
-              + (f"; settings that differ from the checkpoint's (old, new): {changed}" if changed else ""))
+        print(f"resuming from {path} ({where})" + (f"; changed: {', '.join(changed)}" if changed else ""))
     return ckpt
-
-
-def resume(args, keys, **state):
-    """Restores a run from its checkpoint (resume_path, load_resume): each `state` object (e.g. model=...,
-    optimizer=...) loads the checkpoint entry of its name. Returns (epochs done, steps done in the next epoch, that
-    epoch's running sums or None, the checkpoint or None for a fresh start)."""
-    path = resume_path(args)
-    if path is None:
-        return 0, 0, None, None
-    ckpt = load_resume(path, args, keys)
-    for name, obj in state.items():
-        obj.load_state_dict(ckpt[name])
-    sums = torch.tensor(ckpt["sums"], dtype=torch.float64) if ckpt["step"] else None
-    return ckpt["epoch"], ckpt["step"], sums, ckpt
 
 
 def _same_setting(a, b):
@@ -332,17 +333,27 @@ def _same_setting(a, b):
     return a == b
 
 
+def _flags(keys):
+    """Settings as their flags: "--epochs, --save-every"."""
+    return ", ".join("--" + key.replace("_", "-") for key in keys)
+
+
 class Checkpointing:
-    """When to save checkpoint.pth inside an epoch: every --save-every-steps steps, every --save-every-minutes,
-    and after the step during which SIGTERM or SIGUSR1 arrived (what SLURM sends before a preemption or the time
-    limit); after such a signal the run stops. Use as a context manager: it installs the signal handlers and
-    puts the previous ones back."""
+    """The checkpoints of a training run, and where the run is: `epoch` (epochs done), `step` (steps done in the
+    next one) and that epoch's running `sums` by name. A checkpoint holds the state objects given (e.g. model=,
+    optimizer=, scaler=: their state_dict; a plain dict such as the best score so far: as it is), where the run is
+    and the settings; resume() restores them in place. Inside an epoch, add() sums each step's values and check()
+    saves checkpoint.pth every --save-every-steps steps, every --save-every-minutes, and after the step during
+    which SIGTERM or SIGUSR1 arrived (what SLURM sends before a preemption or the time limit), then stops the run.
+    Use as a context manager around the epochs: it installs the signal handlers and puts the previous ones back."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, every_steps=0, every_minutes=0.0):
-        self.every_steps, self.every_seconds = every_steps, 60 * every_minutes
-        self.last_save, self.signal, self.previous = time.monotonic(), None, {}
+    def __init__(self, args, **state):
+        self.args, self.state, self.commit = args, state, git_commit()
+        self.epoch, self.step, self.sums = 0, 0, {}
+        self.every_steps, self.every_seconds = args.save_every_steps, 60 * args.save_every_minutes
+        self.last_save, self.last_step, self.signal, self.previous = time.monotonic(), None, None, {}
 
     def __enter__(self):
         for sig in self.SIGNALS:
@@ -356,26 +367,79 @@ class Checkpointing:
     def _receive(self, signum, frame):
         self.signal = signal.Signals(signum).name
 
-    def check(self, step):
-        """After `step` steps of an epoch: (save now, stop after saving). Every process gets the same answer."""
+    def resume(self, parser):
+        """Restores the run from its checkpoint, if there is one (resume_path; load_resume checks the settings
+        against `parser`'s). Returns the epochs done (0 for a fresh start)."""
+        path = resume_path(self.args)
+        if path is None:
+            return 0
+        ckpt = load_resume(path, self.args, parser)
+        for name, obj in self.state.items():
+            if isinstance(obj, dict):
+                obj.update(ckpt[name])
+            else:
+                obj.load_state_dict(ckpt[name])
+        self.epoch, self.step = ckpt["epoch"], ckpt["step"]
+        self.sums = ckpt["sums"] if self.step else {}
+        if isinstance(self.sums, list):
+            self.sums = {"steps": self.step, **dict(zip(POSITIONAL_SUMS[len(self.sums)], self.sums))}
+        return self.epoch
+
+    def begin_epoch(self):
+        """Starts the clock of the epoch's steps; returns (the epoch, the steps already done in it)."""
+        self.last_step = time.perf_counter()
+        return self.epoch, self.step
+
+    def add(self, values, reduce=True):
+        """After a step: adds its values ({name: number or tensor}) to the epoch's sums, with the step's count and
+        seconds. reduce: each value summed over the processes (False: every process computed the same values).
+        Returns the step's values as floats."""
+        names = sorted(values)  # the same order on every process
+        device = next((v.device for v in values.values() if torch.is_tensor(v)), None)
+        stats = torch.stack([torch.as_tensor(values[name], device=device).double() for name in names])
+        stats = dict(zip(names, (reduce_sum(stats) if reduce else stats).tolist()))
+        now = time.perf_counter()
+        for name, value in {**stats, "steps": 1, "seconds": now - self.last_step}.items():
+            self.sums[name] = self.sums.get(name, 0) + value
+        self.step, self.last_step = self.step + 1, now
+        return stats
+
+    def check(self):
+        """After add(): saves checkpoint.pth when due; after a signal, saves it and stops the run. Every process
+        decides alike."""
         stop = self.signal is not None
         if get_world_size() > 1:  # a signal seen by any process stops them all, at the same step
             flag = torch.tensor([float(stop)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
-        due = bool(self.every_steps and step % self.every_steps == 0)
+        due = bool(self.every_steps and self.step % self.every_steps == 0)
         due |= bool(self.every_seconds and time.monotonic() - self.last_save >= self.every_seconds)
-        if stop or due:
-            self.last_save = time.monotonic()
-        return stop or due, stop
+        if not (stop or due):
+            return
+        self.last_save = time.monotonic()
+        path = Path(self.args.output_dir) / "checkpoint.pth"
+        self.save(path)
+        if stop:
+            if is_main_process():
+                print(f"stopped by {self.signal or 'a signal on another process'}: saved {path}; run the same "
+                      f"command again to resume from it", flush=True)
+            finish_distributed()
+            sys.exit(EXIT_PREEMPTED)
 
-    def stop(self, path):
-        """Ends the run after a signal's save (every process), saying how to continue."""
+    def end_epoch(self):
+        """After the epoch's last step: returns its sums, and the run is at the start of the next epoch."""
+        sums = self.sums
+        self.epoch, self.step, self.sums = self.epoch + 1, 0, {}
+        return sums
+
+    def save(self, path):
+        """Writes a checkpoint of the run as it is now, atomically (on the main process only)."""
         if is_main_process():
-            print(f"stopped by {self.signal or 'a signal on another process'}: saved {path}; run the same command "
-                  f"again to resume from it", flush=True)
-        finish_distributed()
-        sys.exit(EXIT_PREEMPTED)
+            save_checkpoint({**{name: obj if isinstance(obj, dict) else obj.state_dict()
+                                for name, obj in self.state.items()},
+                             "epoch": self.epoch, "step": self.step, "sums": self.sums,
+                             "world_size": get_world_size(), "args": plain(vars(self.args)), "git_commit": self.commit},
+                            path)
 
 
 def check_finite(loss, epoch, step):
@@ -589,10 +653,12 @@ def write_results(args, results, **extra):
 class Parser(argparse.ArgumentParser):
     """A stage's command line: its defaults are the paper's, and `presets` holds the defaults that change with
     --dataset (e.g. the CPU-sized settings of the synthetic benchmark, the default when --data is omitted).
-    After parsing, --dataset is set and an unset --schedule is the paper's milestones scaled to --epochs."""
+    After parsing, --dataset is set and an unset --schedule is the paper's milestones scaled to --epochs.
+    `resumable`: the settings that may differ from a checkpoint's when a run resumes from it (load_resume)."""
 
-    def __init__(self, description, presets=None, paper_schedule=None, **kwargs):
+    def __init__(self, description, presets=None, paper_schedule=None, resumable=(), **kwargs):
         self.presets, self.paper_schedule = presets or {}, paper_schedule  # paper_schedule: (epochs, milestones)
+        self.resumable = resumable
         lines = [f"  --dataset {name}: " + " ".join(_shown(k, v) for k, v in p.items())
                  for name, p in self.presets.items()]
         epilog = "defaults that depend on --dataset:\n" + "\n".join(lines) if lines else None
@@ -659,7 +725,9 @@ def add_training_args(parser, epochs, milestones, lr, momentum, wd):
     parser.add_argument("--cos", action=argparse.BooleanOptionalAction, default=False,
                         help="half-cosine lr decay over --epochs instead of --schedule")
     parser.add_argument("--resume", default="auto", metavar="PATH",
-                        help="checkpoint to resume from; auto: <output-dir>/checkpoint.pth when it exists")
+                        help=f"checkpoint to resume from; auto: <output-dir>/checkpoint.pth when it exists. A resume "
+                             f"refuses any setting that differs from the checkpoint's, except "
+                             f"{_flags(parser.resumable)}")
     parser.add_argument("--save-every-steps", type=int, default=0, metavar="N",
                         help="also save checkpoint.pth every N steps inside an epoch (0: only at epoch ends)")
     parser.add_argument("--save-every-minutes", type=float, default=30.0, metavar="M",
