@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import augment
 import data
 import fame
 import models
@@ -379,7 +380,7 @@ def bench_pretrain(args):
         if op is not None:
             q = op(q)
         t = _book(parts, "fame", t, device)
-        q, k = data.augment(q), data.augment(k)
+        q, k = augment.augment_and_normalize(q), augment.augment_and_normalize(k)
         t = _book(parts, "augment", t, device)
         pretrain.train_step(model, q, k, optimizer, scaler, amp)
         _book(parts, "encoders", t, device)
@@ -489,8 +490,8 @@ def _gpu_pretrain(device, small, channels_last, compiled, flops, name):
         layout = torch.channels_last_3d if channels_last else torch.contiguous_format
 
         def views():
-            return (data.augment(op(q)).contiguous(memory_format=layout),
-                    data.augment(k).contiguous(memory_format=layout))
+            return (augment.augment_and_normalize(op(q)).contiguous(memory_format=layout),
+                    augment.augment_and_normalize(k).contiguous(memory_format=layout))
 
         if flops is None:  # model FLOPs of one step (forward and backward), counted once in eager mode
             from torch.utils.flop_counter import FlopCounterMode

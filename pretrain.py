@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import augment
 import data
 import fame
 import models
@@ -213,7 +214,7 @@ def fame_views(batch, fame_op, args, device):
         q = fame_op(q, background=background)  # Eq. (4)
         if args.fame_branches == "both":
             k = fame_op(k, background=background)
-    return data.augment(q), data.augment(k)
+    return augment.augment_and_normalize(q), augment.augment_and_normalize(k)
 
 
 def train_step(model, q, k, optimizer, scaler, amp):
@@ -249,7 +250,8 @@ def knn_monitor(backbone, loaders, args, device):
     backbone.eval()
     feats = {}  # split: ((V, D) features, (V,) labels) of the videos that decoded
     for split, loader in loaders.items():
-        values, ok = utils.clip_outputs(lambda clips: backbone.forward_features(data.normalize(clips)), loader, device)
+        values, ok = utils.clip_outputs(lambda clips: backbone.forward_features(augment.normalize(clips)), loader,
+                                        device)
         feats[split] = values[ok, 0], loader.dataset.labels[ok]
     backbone.train()
     return {f"knn_{split}": round(utils.knn_top1(*feats[split], *feats[args.knn_split], k=args.knn_k), 2)

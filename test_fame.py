@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import augment
 import bench
 import data
 import fame
@@ -387,9 +388,10 @@ def test_fame_soft_mask_is_bayes_rule_on_colours():
 # --- what the module needs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", ["fame", "models"])
-def test_fame_and_models_import_only_torch(module):
-    # Users copy fame.py, and take models.py for the backbones, without the rest of the project or PyAV.
+@pytest.mark.parametrize("module", ["fame", "augment", "models"])
+def test_fame_augment_and_models_import_only_torch(module):
+    # Users copy fame.py and augment.py, and take models.py for the backbones, without the rest of the project or
+    # PyAV.
     tree = ast.parse((_FAME_REPO / f"{module}.py").read_text())
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
@@ -397,6 +399,48 @@ def test_fame_and_models_import_only_torch(module):
     loaded = subprocess.run([sys.executable, "-c", f"import sys, {module}; print(sorted(sys.modules))"],
                             capture_output=True, text=True, cwd=_FAME_REPO, check=True).stdout
     assert not {"'av'", "'data'", "'utils'", "'synthetic'"} & set(loaded.strip()[1:-1].split(", ")), loaded
+
+
+# ============================================================================================================
+# augment.py: the colour augmentation (A.2) and normalization
+# ============================================================================================================
+
+def test_augment_consistent_in_time():
+    g = torch.Generator().manual_seed(0)
+    frame = torch.rand(1, 3, 1, 24, 24, generator=g)
+    clips = frame.expand(16, 3, 6, 24, 24).contiguous()  # 16 identical clips with identical frames
+    out = augment.augment_and_normalize(clips, generator=torch.Generator().manual_seed(1))
+    assert out.shape == clips.shape and torch.isfinite(out).all()
+    assert torch.allclose(out, out[:, :, :1].expand_as(out), atol=1e-5)  # constant over frames
+    distinct = {tuple(o[:, 0].flatten()[:50].round(decimals=4).tolist()) for o in out}
+    assert len(distinct) > 8  # parameters drawn per clip
+    again = augment.augment_and_normalize(clips, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+    plain = augment.normalize(clips)
+    assert torch.allclose(plain, (clips - torch.tensor(augment.KINETICS_MEAN).view(3, 1, 1, 1))
+                          / torch.tensor(augment.KINETICS_STD).view(3, 1, 1, 1))
+    assert torch.equal(augment.normalize((clips * 255).round().byte()), augment.normalize((clips * 255).round() / 255))
+
+
+def test_augment_order_and_blur_size():
+    # RandomGrayscale before ColorJitter (the authors' order): a red pixel made grey (0.299) and then brightened
+    # by 1.4 is 0.419; brightened first it would clip at 1 and turn grey at 0.299.
+    red = torch.zeros(1, 3, 2, 8, 8)
+    red[:, 0] = 1.0
+    p = augment.augmentation_params(1)
+    p.update(gray=torch.tensor([True]), brightness=torch.tensor([1.4]), contrast=torch.ones(1),
+             saturation=torch.ones(1), hue=torch.zeros(1), blur=torch.tensor([False]))
+    out = augment.apply_augmentation(red, p)
+    assert torch.allclose(out, torch.full_like(red, 0.299 * 1.4), atol=1e-4)
+    # the four jitter operations in a random order per batch (kornia's ColorJitter), all four of them
+    orders = {tuple(augment.augmentation_params(2, torch.Generator().manual_seed(s))["order"]) for s in range(30)}
+    assert len(orders) > 3 and all(sorted(o) == [0, 1, 2, 3] for o in orders)
+    # the blur kernel: int(0.1 * crop) // 2 * 2 + 1 taps (the authors' rule): 11 at 112, 23 at 224
+    for size, taps in ((112, 11), (224, 23)):
+        x = torch.zeros(1, 1, 1, size, size)
+        x[..., size // 2, size // 2] = 1.0
+        spread = augment.gaussian_blur(x, torch.tensor([50.0]))[0, 0, 0, size // 2]
+        assert int((spread > 0).sum()) == taps
 
 
 # ============================================================================================================
@@ -827,7 +871,7 @@ def test_models_moco_real_backbone_trains():
 
 
 # ============================================================================================================
-# data.py: datasets, decoding, sampling, augmentation
+# data.py: datasets, decoding, sampling, loaders
 # ============================================================================================================
 
 def _data_write(path, frames, codec="libx264"):
@@ -1158,44 +1202,6 @@ def test_data_test_mode_clips(tmp_path):
     assert item["clip"].shape == (5, 3, 4, 16, 16)
     starts = torch.round(item["clip"][:, :, 0].float().mean(dim=(1, 2, 3)) / 6).long().tolist()
     assert starts == [0, 8, 16, 25, 33]  # uniformly spaced over 0 .. 40 - 7
-
-
-def test_data_augment_consistent_in_time(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    frame = torch.rand(1, 3, 1, 24, 24, generator=g)
-    clips = frame.expand(16, 3, 6, 24, 24).contiguous()  # 16 identical clips with identical frames
-    out = data.augment(clips, generator=torch.Generator().manual_seed(1))
-    assert out.shape == clips.shape and torch.isfinite(out).all()
-    assert torch.allclose(out, out[:, :, :1].expand_as(out), atol=1e-5)  # constant over frames
-    distinct = {tuple(o[:, 0].flatten()[:50].round(decimals=4).tolist()) for o in out}
-    assert len(distinct) > 8  # parameters drawn per clip
-    again = data.augment(clips, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(out, again)
-    plain = data.normalize(clips)
-    assert torch.allclose(plain, (clips - torch.tensor(data.KINETICS_MEAN).view(3, 1, 1, 1))
-                          / torch.tensor(data.KINETICS_STD).view(3, 1, 1, 1))
-    assert torch.equal(data.normalize((clips * 255).round().byte()), data.normalize((clips * 255).round() / 255))
-
-
-def test_data_augment_order_and_blur_size():
-    # RandomGrayscale before ColorJitter (the authors' order): a red pixel made grey (0.299) and then brightened
-    # by 1.4 is 0.419; brightened first it would clip at 1 and turn grey at 0.299.
-    red = torch.zeros(1, 3, 2, 8, 8)
-    red[:, 0] = 1.0
-    p = data.augmentation_params(1)
-    p.update(gray=torch.tensor([True]), brightness=torch.tensor([1.4]), contrast=torch.ones(1),
-             saturation=torch.ones(1), hue=torch.zeros(1), blur=torch.tensor([False]))
-    out = data.apply_augmentation(red, p)
-    assert torch.allclose(out, torch.full_like(red, 0.299 * 1.4), atol=1e-4)
-    # the four jitter operations in a random order per batch (kornia's ColorJitter), all four of them
-    orders = {tuple(data.augmentation_params(2, torch.Generator().manual_seed(s))["order"]) for s in range(30)}
-    assert len(orders) > 3 and all(sorted(o) == [0, 1, 2, 3] for o in orders)
-    # the blur kernel: int(0.1 * crop) // 2 * 2 + 1 taps (the authors' rule): 11 at 112, 23 at 224
-    for size, taps in ((112, 11), (224, 23)):
-        x = torch.zeros(1, 1, 1, size, size)
-        x[..., size // 2, size // 2] = 1.0
-        spread = data.gaussian_blur(x, torch.tensor([50.0]))[0, 0, 0, size // 2]
-        assert int((spread > 0).sum()) == taps
 
 
 def test_data_training_frames_never_shrink_below_the_smallest_crop(tmp_path, monkeypatch):
