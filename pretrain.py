@@ -180,7 +180,7 @@ def train_one_epoch(model, fame_op, loader, optimizer, scaler, epoch, args, chec
     last = time.perf_counter()
     for batch in bar:
         utils.seed_everything(args.seed, epoch, step)  # this step's augmentation, backgrounds and key shuffle
-        q, k = fame_views(batch, fame_op, args, device)
+        q, k = query_and_key_views(batch, fame_op, args, device)
         loss, acc = train_step(model, q, k, optimizer, scaler, amp)
         stats = utils.reduce_sum(torch.stack([loss, acc, batch["failed"].sum().to(device, torch.float)]))
         stats[:2] /= utils.get_world_size()  # loss and accuracy: the mean over processes
@@ -203,9 +203,9 @@ def train_one_epoch(model, fame_op, loader, optimizer, scaler, epoch, args, chec
             "clips_per_s": round(2 * args.batch_size * step / seconds, 2), "failed_videos": int(failed)}
 
 
-def fame_views(batch, fame_op, args, device):
-    """The two views of a step from the loader's uint8 clips (B, 3, T, S, S): FAME on the query (or on both),
-    then colour augmentation and normalization on the device. -> q, k float (B, 3, T, S, S)."""
+def query_and_key_views(batch, fame_op, args, device):
+    """MoCo's query and key views of a step, from the loader's uint8 clips (B, 3, T, S, S): FAME on the query (or
+    on both), then colour augmentation and normalization on the device. -> q, k float (B, 3, T, S, S)."""
     q = batch["q"].to(device, non_blocking=True)
     k = batch["k"].to(device, non_blocking=True)
     if fame_op is not None:  # on uint8, before the float conversion: a quarter of the bytes to merge
@@ -285,7 +285,7 @@ def collapse_warning(key_sims, epochs):
         return None
     return (f"WARNING: key_sim is {last:.2f} after epoch {len(key_sims)} of {epochs} (over {COLLAPSE_KEY_SIM} and not "
             f"falling): the keys have collapsed onto one direction, so every video looks alike and the loss stays "
-            f"near chance, ln(K + 1). Try a backbone that suits the clip size (README, 'The CPU stand-in'), a lower "
+            f"near chance, ln(K + 1). Try a backbone that suits the clip size (README, 'The cnn3d backbone'), a lower "
             f"--lr, a larger --moco-m or --batch-size.")
 
 

@@ -846,7 +846,7 @@ def test_models_moco_learns_trivially_distinct_videos():
     # preset's backbone and clip size, on 64 videos that cannot be confused (each a texture of its own scrolling
     # one pixel per frame; two clips of a video are two random cyclic shifts of it at random times), must bring
     # InfoNCE well below chance and spread its keys within 100 steps. A broken MoCo, a dead backbone or a
-    # collapsing head fails it (so does r2plus1d_tiny: README, "The CPU stand-in").
+    # collapsing head fails it (so does r2plus1d_tiny: README, "The cnn3d backbone").
     sys.path.insert(0, str(_FAME_REPO / "experiments"))
     import background_bias
 
