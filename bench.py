@@ -109,10 +109,13 @@ def bench_fame_parts(u8, f32, device, args):
         out = F.pad(maps[:, None], (k // 2,) * 4, mode="reflect")
         return F.conv2d(F.conv2d(out, w.view(1, 1, k, 1)), w.view(1, 1, 1, k))[:, 0]
 
-    def per_clip(x):  # the merge of FAME.forward: each background read where it lies
+    def per_clip(x, where=False):  # the merge of FAME.forward: each background read where it lies
         out = torch.empty_like(x)
         for i, j in enumerate(perm.tolist()):
-            fame.merge(x[i:i + 1], mask[i:i + 1], x[j:j + 1], out=out[i:i + 1])
+            if where:  # the plain selection instead of merge()'s integer arithmetic
+                torch.where(mask[i:i + 1, None, None] != 0, x[i:i + 1], x[j:j + 1], out=out[i:i + 1])
+            else:
+                fame.merge(x[i:i + 1], mask[i:i + 1], x[j:j + 1], out=out[i:i + 1])
         return out
 
     parts = {
@@ -123,10 +126,11 @@ def bench_fame_parts(u8, f32, device, args):
         "colour mask": lambda: fame.colour_mask(S, image),
         "binarize": lambda: fame.binarize(S, args.beta),
         "merge uint8, per clip (fame.py)": lambda: per_clip(u8),
+        "merge uint8, per clip, torch.where": lambda: per_clip(u8, where=True),
         "merge uint8, gathered": lambda: fame.merge(u8, mask, u8[perm]),
-        "merge uint8, gathered, torch.where": lambda: torch.where(mask[:, None, None].bool(), u8, u8[perm]),
         "merge float, per clip (fame.py)": lambda: per_clip(f32),
         "merge float, gathered": lambda: fame.merge(f32, mask, f32[perm]),
+        "[0, 1] check, float (aminmax)": f32.aminmax,
     }
     for name, seconds in medians(parts, device, args.repeats).items():
         print(f"      {name:<34} {1e3 * seconds:7.1f} ms")

@@ -248,6 +248,22 @@ def test_fame_rejects_bad_arguments():
         fame.FAME()(clips, background=clips[:, :, :4])
 
 
+def test_fame_refuses_float_clips_outside_0_1():
+    # Normalized clips would put colours outside the 10^3 colour bins (an index error, a device-side assert on
+    # CUDA, or a wrong mask): every entry point that computes a mask refuses them and says what FAME expects.
+    clips, _ = _fame_synthetic(2)
+    clips[0, :, 0, 0, 0], clips[1, :, 0, 0, 0] = 0.0, 1.0                 # both ends of [0, 1] are fine
+    assert fame.foreground_mask(clips).shape == (2, 64, 64)
+    nan = clips.clone()
+    nan[1, 0, 2, 5, 5] = float("nan")
+    bad = [augment.normalize(clips), clips * 1.01, clips - 0.01, nan]
+    for x in bad:
+        for call in (fame.FAME(), fame.foreground_mask, fame.soft_mask, lambda c: fame.foreground_mask(c, 0.5, "grid")):
+            with pytest.raises(ValueError, match=r"uint8 clips or float clips in \[0, 1\], before normalization"):
+                call(x)
+    assert fame.FAME()((clips * 255).round().byte()).dtype == torch.uint8  # uint8 is in range by its type
+
+
 # --- merge and derangement ---------------------------------------------------------------------------------
 
 
