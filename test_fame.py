@@ -1536,16 +1536,21 @@ def test_synthetic_v2_one_look_and_per_video_motion():
     assert len(v1) == 4
 
 
+def _synthetic_digest(version):
+    """SHA-1 of the frames and masks of one short video per motion and of one on the flat backdrop."""
+    h = hashlib.sha1()
+    for motion in synthetic.MOTIONS:
+        for a in synthetic.render(motion, 3, 11, 64, 12, version=version):
+            h.update(a.tobytes())
+    h.update(synthetic.render("circle", 5, 12, 64, 12, version=version, backdrop="flat")[0].tobytes())
+    return h.hexdigest()
+
+
 def test_synthetic_v1_v2_bit_for_bit():
     # Versions 1 and 2 are generated exactly as before version 3 was added (hashes of frames and masks).
     for version, digest in ((1, "f01d1e9bf37148012d1340c350859a9edd6ec220"),
                             (2, "9e6a081b1b8afce4f25f07ae80af0a5ac33565e2")):
-        h = hashlib.sha1()
-        for motion in synthetic.MOTIONS:
-            for a in synthetic.render(motion, 3, 11, 64, 12, version=version):
-                h.update(a.tobytes())
-        h.update(synthetic.render("circle", 5, 12, 64, 12, version=version, backdrop="flat")[0].tobytes())
-        assert h.hexdigest() == digest, version
+        assert _synthetic_digest(version) == digest, version
 
 
 def test_synthetic_v3_is_v2_at_a_quarter_of_the_frame():
@@ -2624,3 +2629,20 @@ def test_background_bias_version_defaults_and_any_checkpoint(tmp_path):
                              "settings": {"moco_k": 512}, "mask_iou": {"results": {"32px": {"fame_beta0.5": {
                                  "recall": 0.9, "own_background": 0.25, "donor_object": 0.3}}}}}).splitlines()
     assert gates[2].endswith("| – |") and gates[3].endswith("| yes |") and gates[5].endswith("| no |")
+
+
+def test_background_bias_v3_protocol_is_frozen():
+    # experiments/results_v3.json holds the version-3 protocol's results: the driver's defaults for
+    # --synthetic-version 3 must still be the settings recorded there (as main() records them), and the benchmark
+    # must still render the videos and splits those runs trained on (hashes from the generator they used).
+    sys.path.insert(0, str(_FAME_REPO / "experiments"))
+    import background_bias as bb
+
+    args = bb.protocol_defaults(bb.get_args_parser().parse_args(["--synthetic-version", "3"]))
+    recorded = json.loads((_FAME_REPO / "experiments" / "results_v3.json").read_text())["settings"]
+    assert {k: getattr(args, k) for k in bb.SETTINGS} == recorded
+    assert _synthetic_digest(3) == "cb9699ecbed831e801ae1a0c1b535b5f84a655c3"
+    splits = hashlib.sha1()
+    for split in synthetic.SPLITS:
+        splits.update(repr(synthetic.specs(split, recorded["synthetic_videos"], 0)).encode())
+    assert splits.hexdigest() == "0b83ace1e03c4aabb61db23dca41912b94d8db82"
