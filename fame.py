@@ -116,7 +116,8 @@ def colour_bins(image):
 
     HSV with the hue h as an angle, then the colour cone a = (s cos h + 1) / 2, b = (s sin h + 1) / 2 and v,
     each rounded to one of LEVELS levels (the authors' coordinates). Their code multiplies kornia's hue, which
-    is already in radians, by another 2 pi; here h is the angle itself (README, "Where we differ").
+    is already in radians, by another 2 pi; here h is the angle itself. Inputs outside [0, 1] would give bins
+    outside [0, 1000): foreground_mask and FAME refuse them.
     """
     red, green, blue = image.unbind(1)  # (B, H, W) each
     v = image.amax(1)
