@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import augment
 import data
 import fame
 import models
@@ -114,10 +115,13 @@ def bench_fame_parts(u8, f32, device, args):
         out = F.pad(maps[:, None], (k // 2,) * 4, mode="reflect")
         return F.conv2d(F.conv2d(out, w.view(1, 1, k, 1)), w.view(1, 1, 1, k))[:, 0]
 
-    def per_clip(x):  # the merge of FAME.forward: each background read where it lies
+    def per_clip(x, where=False):  # the merge of FAME.forward: each background read where it lies
         out = torch.empty_like(x)
         for i, j in enumerate(perm.tolist()):
-            fame.merge(x[i:i + 1], mask[i:i + 1], x[j:j + 1], out=out[i:i + 1])
+            if where:  # the plain selection instead of merge()'s integer arithmetic
+                torch.where(mask[i:i + 1, None, None] != 0, x[i:i + 1], x[j:j + 1], out=out[i:i + 1])
+            else:
+                fame.merge(x[i:i + 1], mask[i:i + 1], x[j:j + 1], out=out[i:i + 1])
         return out
 
     parts = {
@@ -128,10 +132,11 @@ def bench_fame_parts(u8, f32, device, args):
         "colour mask": lambda: fame.colour_mask(S, image),
         "binarize": lambda: fame.binarize(S, args.beta),
         "merge uint8, per clip (fame.py)": lambda: per_clip(u8),
+        "merge uint8, per clip, torch.where": lambda: per_clip(u8, where=True),
         "merge uint8, gathered": lambda: fame.merge(u8, mask, u8[perm]),
-        "merge uint8, gathered, torch.where": lambda: torch.where(mask[:, None, None].bool(), u8, u8[perm]),
         "merge float, per clip (fame.py)": lambda: per_clip(f32),
         "merge float, gathered": lambda: fame.merge(f32, mask, f32[perm]),
+        "[0, 1] check, float (aminmax)": f32.aminmax,
     }
     for name, seconds in medians(parts, device, args.repeats).items():
         print(f"      {name:<34} {1e3 * seconds:7.1f} ms")
@@ -385,7 +390,7 @@ def bench_pretrain(args):
         if op is not None:
             q = op(q)
         t = _book(parts, "fame", t, device)
-        q, k = data.augment(q), data.augment(k)
+        q, k = augment.augment_and_normalize(q), augment.augment_and_normalize(k)
         t = _book(parts, "augment", t, device)
         pretrain.train_step(model, q, k, optimizer, scaler, amp)
         _book(parts, "encoders", t, device)
@@ -495,8 +500,8 @@ def _gpu_pretrain(device, small, channels_last, compiled, flops, name):
         layout = torch.channels_last_3d if channels_last else torch.contiguous_format
 
         def views():
-            return (data.augment(op(q)).contiguous(memory_format=layout),
-                    data.augment(k).contiguous(memory_format=layout))
+            return (augment.augment_and_normalize(op(q)).contiguous(memory_format=layout),
+                    augment.augment_and_normalize(k).contiguous(memory_format=layout))
 
         if flops is None:  # model FLOPs of one step (forward and backward), counted once in eager mode
             from torch.utils.flop_counter import FlopCounterMode

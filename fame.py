@@ -7,7 +7,7 @@ FAME keeps the moving foreground of each clip and pastes it onto the background 
 
 The steps, in the paper's order (each a function below):
     seed_region     Eq. (2)  S: absolute frame differences summed over colours, averaged over time
-                             (clip_statistics computes it in one pass with the mean image of the clip)
+                             (clip_statistics computes it together with the mean image of the clip)
     smooth                   Gaussian smoothing of S (and of M): size int(0.1 H) // 2 * 2 + 1, sigma size / 3
     colour_mask              M = P(F | x): colour statistics of the top 50% (F) and bottom 10% (B) of S
     binarize        Eq. (3)  the mask: the [beta H W] pixels with the largest M
@@ -17,7 +17,8 @@ The mask variants of the paper's Table 4 ("seed", "grid", "gauss") replace M; se
 
 A uint8 batch gives exactly the masks of the same batch as float32 / 255 (the statistics are computed in
 float32 from the same values), and the merge of a 0/1 mask is a selection, so the merged uint8 clips equal the
-merged float clips times 255.
+merged float clips times 255. Float clips outside [0, 1] (e.g. already normalized) are refused: their colours
+would fall outside the colour bins.
 
 This file needs torch only and can be copied into another project as it is.
 """
@@ -30,40 +31,42 @@ FOREGROUND_SHARE = 0.5  # N^(F) = [0.5 H W] pixels with the largest S
 BACKGROUND_SHARE = 0.1  # N^(B) = [0.1 H W] pixels with the smallest S
 LEVELS = 10  # levels per colour coordinate, 10^3 colours: the authors' moco/loader.py, FAME.getSeg (dimH, dimS, dimV)
 GRID = 4  # the "grid" variant splits the frame into GRID x GRID cells
-# clip_statistics() converts this many bytes of clips to float32 at a time: on CPU one 112 px clip (4 MiB) keeps
-# the frame differences in cache, about 5x faster than one pass over the batch (44 vs 216 ms for 64 uint8 clips of
-# 16x112x112 on 2 cores, `python bench.py fame --parts`).
-CHUNK_BYTES = {"cpu": 4 << 20}
-DEFAULT_CHUNK_BYTES = 1 << 30
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Eq. (2): the seed region
 
 
-def clip_statistics(clips):
-    """Eq. (2) and the mean image, from one pass over the clips.
+def seed_region(clips):
+    """Eq. (2): the seed region S = 1/(T-1) sum_c sum_t |X_{c,t+1} - X_{c,t}|, the absolute frame differences
+    summed over colours and averaged over time. clips (B, C, T, H, W) -> S (B, H, W) float32."""
+    return clip_statistics(clips)[0]
 
-    clips: (B, C, T, H, W), uint8 or float in [0, 1] -> S: (B, H, W) with
-    S = 1/(T-1) sum_c sum_t |X_{c,t+1} - X_{c,t}| (Eq. 2), and X~: (B, C, H, W) = sum_t X_t / T, the clip viewed
-    as one image for the colour statistics; both float32.
+
+# On CPU, clip_statistics converts about this many bytes of clips to float32 at a time, so that each converted
+# chunk is still in the cache when it is read again (frame differences, then the mean): several times faster than
+# converting a large batch at once. Other devices convert the whole batch at once.
+CPU_CHUNK_BYTES = 4 << 20
+
+
+def clip_statistics(clips):
+    """Eq. (2) and the mean image, from one float conversion of the clips.
+
+    clips: (B, C, T, H, W), uint8 or float in [0, 1], read as X in [0, 1] ->
+        S = 1/(T-1) sum_c sum_t |X_{c,t+1} - X_{c,t}|    (B, H, W)     Eq. (2)
+        X~ = 1/T sum_t X_t                                (B, C, H, W)  the clip as one image, for colour_mask
+    both float32.
     """
     B, C, T, H, W = clips.shape
     S = torch.empty(B, H, W, device=clips.device)
     image = torch.empty(B, C, H, W, device=clips.device)
-    # A few clips at a time (CHUNK_BYTES of float32), each converted once for both statistics.
-    n = max(1, CHUNK_BYTES.get(clips.device.type, DEFAULT_CHUNK_BYTES) // (clips[0].numel() * 4))
+    n = max(1, CPU_CHUNK_BYTES // (clips[0].numel() * 4)) if clips.device.type == "cpu" else B  # clips per chunk
     for i in range(0, B, n):
         x = clips[i:i + n]
-        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()  # (b, C, T, H, W) in [0, 1]
+        x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()  # (n, C, T, H, W) in [0, 1]
         torch.sum((x[:, :, 1:] - x[:, :, :-1]).abs_(), dim=(1, 2), out=S[i:i + n])  # sum over c and t
         torch.mean(x, dim=2, out=image[i:i + n])
     return S.div_(T - 1), image
-
-
-def seed_region(clips):
-    """Eq. (2): the seed region S. clips (B, C, T, H, W) -> (B, H, W) float32."""
-    return clip_statistics(clips)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -81,8 +84,8 @@ def smooth(maps):
     reflected border, as the authors' kornia.filters.GaussianBlur2d((size, size), (size / 3, size / 3)), which
     their FAME.getmask applies to S and FAME.getSeg to M (the paper smooths neither). -> (B, H, W)
 
-    Computed as A_H @ maps @ A_W^T with banded Gaussian matrices: on CPU 1.8-2.8x faster than a one-channel
-    separable conv2d (7 vs 13 ms at 112 px, 47 vs 133 ms at 224 px, `python bench.py fame --parts`).
+    A separable convolution of the reflect-padded maps, written as two matrix products A_H @ maps @ A_W^T, whose
+    (n, n) matrices hold the Gaussian around their diagonal: several times faster on CPU than a one-channel conv2d.
     """
     B, H, W = maps.shape
     k = gaussian_kernel_size(H)
@@ -113,7 +116,8 @@ def colour_bins(image):
 
     HSV with the hue h as an angle, then the colour cone a = (s cos h + 1) / 2, b = (s sin h + 1) / 2 and v,
     each rounded to one of LEVELS levels (the authors' coordinates). Their code multiplies kornia's hue, which
-    is already in radians, by another 2 pi; here h is the angle itself (README, "Where we differ").
+    is already in radians, by another 2 pi; here h is the angle itself. Inputs outside [0, 1] would give bins
+    outside [0, 1000): foreground_mask and FAME refuse them.
     """
     red, green, blue = image.unbind(1)  # (B, H, W) each
     v = image.amax(1)
@@ -235,15 +239,16 @@ def merge(X, mask, Y, out=None):
 
     X (foreground source), Y (background source): (B, C, T, H, W); mask: (B, H, W), or (B, T, H, W) per frame.
     A 0/1 mask selects pixels exactly, in any dtype; a soft mask blends float clips (integer clips take any
-    nonzero value as 1). Returns the merged clips (into `out` if given).
+    nonzero value of the mask in their dtype as 1). Returns the merged clips (B, C, T, H, W) in X's dtype (into
+    `out` if given).
     """
     if Y.shape != X.shape:
         raise ValueError(f"background {tuple(Y.shape)} must match clips {tuple(X.shape)}")
     M = (mask[:, None, None] if mask.dim() == 3 else mask[:, None]).to(X.dtype)  # (B, 1, 1 or T, H, W)
     if X.is_floating_point():
         return torch.lerp(Y, X, M, out=out)  # Y + M (X - Y), computed so that it is exact at M = 0 and M = 1
-    # Integers: Y + M (X - Y) with wrap-around arithmetic is exactly X or Y for M in {0, 1}, and on CPU about 1.3x
-    # faster than torch.where with the mask broadcast over channels and frames (`python bench.py fame --parts`).
+    # Integers: the selection torch.where(M != 0, X, Y), computed as Y + (X - Y) * [M != 0]. In uint8 X - Y wraps
+    # around and adding it to Y wraps back, so the result is exactly X or Y; on CPU 1.5-2x faster than where().
     return torch.add(Y, (X - Y) * (M != 0), out=out)
 
 
@@ -291,10 +296,10 @@ class FAME(torch.nn.Module):
         mask = foreground_mask(clips, self.beta, self.method)  # (B, H, W), Eqs. (2)-(3)
         if background is not None:
             return merge(clips, mask, background)  # Eq. (4)
-        # Eq. (4) with Y = clips[perm], one clip at a time: each background is read where it lies instead of
-        # from a gathered copy of the batch: on CPU 19.5 vs 134 ms for uint8 and 70 vs 118 ms for float32 at 112 px
-        # (`python bench.py fame --parts`).
-        out = torch.empty_like(clips)
+        # Eq. (4) with Y = clips[perm], perm a derangement: merge(clips, mask, clips[perm]), computed one clip at a
+        # time, so that each background is read where it lies instead of from a gathered copy of the batch (on CPU
+        # about 2-3x faster).
+        out = torch.empty_like(clips)  # (B, 3, T, H, W)
         for i, j in enumerate(derangement(len(clips), generator).tolist()):
             merge(clips[i:i + 1], mask[i:i + 1], clips[j:j + 1], out=out[i:i + 1])
         return out
@@ -317,3 +322,9 @@ def _check_clips(clips, min_frames=2):
         raise ValueError(f"frame differences need T >= {min_frames} frames, got T={clips.shape[2]}")
     if not (clips.is_floating_point() or clips.dtype == torch.uint8):
         raise TypeError(f"expected uint8 clips or float clips in [0, 1], got {clips.dtype}")
+    if clips.is_floating_point() and clips.numel():
+        lo, hi = (float(v) for v in clips.aminmax())
+        if not (lo >= 0 and hi <= 1):  # NaN fails too
+            raise ValueError(f"FAME expects uint8 clips or float clips in [0, 1], before normalization; these float "
+                             f"clips range over [{lo:.3g}, {hi:.3g}] (normalized clips put colours outside the "
+                             f"{LEVELS ** 3} colour bins)")

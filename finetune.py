@@ -7,10 +7,10 @@ Reproduces the paper's finetune protocol (Table 5, "Freeze" unticked) on UCF101 
 
 with the paper's defaults: R(2+1)D-18, batch 128, 150 epochs, SGD lr 0.025 (x0.1 at epochs 60 and 120),
 momentum 0.9, weight decay 1e-4, dropout 0.7 before the classifier (UCF101; 0.5 on HMDB51 and the others).
-Training clips get a random crop and flip (loader) and the basic colour augmentation (data.augment); a test
-video is scored by the softmax averaged over --clips 10 uniformly spaced clips. Reports video-level top-1,
-top-5 and per-class accuracy in <output-dir>/results.json; checkpoint.pth (atomic, resumable inside an
-epoch) and best.pth (the best --test-split top-1) are kept there too.
+Training clips get a random crop and flip (loader) and the basic colour augmentation
+(augment.augment_and_normalize); a test video is scored by the softmax averaged over --clips 10 uniformly spaced
+clips. Reports video-level top-1, top-5 and per-class accuracy in <output-dir>/results.json; checkpoint.pth (atomic,
+resumable inside an epoch) and best.pth (the best --test-split top-1) are kept there too.
 
 Without --data the synthetic benchmark is used with the CPU preset that --help lists:
 
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import augment
 import data
 import models
 import utils
@@ -113,7 +114,7 @@ def train_one_epoch(model, loader, optimizer, scaler, args, checkpointing):
                disable=not utils.is_main_process(), leave=False)
     for step, batch in enumerate(bar, start):
         utils.seed_everything(args.seed, epoch, step)  # this step's colour augmentation and dropout
-        x = data.augment(batch["clip"].to(device, non_blocking=True))  # (B, 3, T, S, S)
+        x = augment.augment_and_normalize(batch["clip"].to(device, non_blocking=True))  # (B, 3, T, S, S)
         y = batch["label"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(x)  # (B, num_classes)
@@ -141,7 +142,7 @@ def evaluate(model, loader, device, args):
 
     def scores(clips):  # (n, 3, T, S, S) uint8 -> (n, num_classes)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            return model(data.normalize(clips)).float().softmax(1)
+            return model(augment.normalize(clips)).float().softmax(1)
 
     start = time.perf_counter()
     video_scores, ok = utils.clip_outputs(scores, loader, device)  # (V, N, num_classes), (V,)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import augment
 import data
 import models
 import utils
@@ -81,7 +82,7 @@ def main(args):
 
     def features(clips):  # (n, 3, T, S, S) uint8 -> (n, D), unit length (A.3)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            return F.normalize(backbone.forward_features(data.normalize(clips)).float(), dim=1)
+            return F.normalize(backbone.forward_features(augment.normalize(clips)).float(), dim=1)
 
     start = time.perf_counter()
     test_sets = {split: data.build_dataset(args, split, "test") for split in utils.eval_splits(args)}

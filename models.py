@@ -1,7 +1,8 @@
-"""The networks: R(2+1)D-18 and I3D (the paper's backbones), the CPU stand-in, the MoCo model FAME is trained
-with, and loading backbone weights from our and the authors' checkpoints. Torch only.
+"""The networks: R(2+1)D-18 and I3D (the paper's backbones), cnn3d (a plain 3D CNN for CPU runs on the synthetic
+benchmark), the MoCo model FAME is trained with, and loading backbone weights from our and the authors'
+checkpoints. Torch only.
 
-Clips are (B, 3, T, H, W), normalized with the Kinetics mean and std (data.normalize).
+Clips are (B, 3, T, H, W), normalized with the Kinetics mean and std (augment.normalize).
 """
 import argparse
 import os
@@ -95,8 +96,9 @@ def r2plus1d_18(num_classes=400, width=64, layers=(2, 2, 2, 2), dropout=0.0):
 
 
 def r2plus1d_tiny(num_classes=400, dropout=0.0):
-    """A small R(2+1)D (width 16, one block per stage) for quick tests. It is not the CPU stand-in: at 32 px its
-    last stage sees a 2x2 map, and it does not learn instance discrimination there (README, "The CPU stand-in")."""
+    """A small R(2+1)D (width 16, one block per stage) for quick tests. It is not for CPU pretraining (cnn3d is): at
+    32 px its last stage sees a 2x2 map, and it does not learn instance discrimination there (README, "The cnn3d
+    backbone")."""
     return R2Plus1D(num_classes, width=16, layers=(1, 1, 1, 1), dropout=dropout)
 
 
@@ -213,13 +215,14 @@ class I3D(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The CPU stand-in: a plain 3D CNN for the synthetic benchmark
+# cnn3d: a plain 3D CNN for CPU runs on the synthetic benchmark
 # ----------------------------------------------------------------------------------------------------------------
 
-class Plain3D(nn.Module):
-    """The CPU stand-in ("cnn3d"): a stack of 3x3x3 conv + BatchNorm + ReLU layers, then global average pooling;
-    `layers` lists each layer's (channels, temporal stride, spatial stride). At 8x32x32 its last map is 2x4x4, and
-    it learns instance discrimination where R(2+1)D variants of its cost do not (README, "The CPU stand-in")."""
+class CNN3D(nn.Module):
+    """The backbone "cnn3d", for CPU runs on the synthetic benchmark: a stack of 3x3x3 conv + BatchNorm + ReLU
+    layers, then global average pooling; `layers` lists each layer's (channels, temporal stride, spatial stride). At
+    8x32x32 its last map is 2x4x4, and it learns instance discrimination where R(2+1)D variants of its cost do not
+    (README, "The cnn3d backbone")."""
 
     def __init__(self, num_classes=400, layers=((32, 1, 2), (64, 2, 2), (128, 2, 2), (256, 1, 1)), dropout=0.0):
         super().__init__()
@@ -245,7 +248,7 @@ class Plain3D(nn.Module):
         return self.fc(self.dropout(self.forward_features(x)))  # (B, num_classes)
 
 
-ARCHS = {"r2plus1d_18": r2plus1d_18, "r2plus1d_tiny": r2plus1d_tiny, "i3d": I3D, "cnn3d": Plain3D}
+ARCHS = {"r2plus1d_18": r2plus1d_18, "r2plus1d_tiny": r2plus1d_tiny, "i3d": I3D, "cnn3d": CNN3D}
 
 
 def build_backbone(arch, num_classes=400, dropout=0.0):

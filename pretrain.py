@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+import augment
 import data
 import fame
 import models
@@ -177,7 +178,7 @@ def train_one_epoch(model, fame_op, loader, optimizer, scaler, args, checkpointi
                disable=not utils.is_main_process(), dynamic_ncols=True, mininterval=1.0)
     for step, batch in enumerate(bar, start):
         utils.seed_everything(args.seed, epoch, step)  # this step's augmentation, backgrounds and key shuffle
-        q, k = fame_views(batch, fame_op, args, device)
+        q, k = query_and_key_views(batch, fame_op, args, device)
         loss, acc = train_step(model, q, k, optimizer, scaler, amp)
         # loss and accuracy: the mean over the processes
         stats = checkpointing.add({"loss": loss.double() / world, "acc": acc.double() / world,
@@ -193,9 +194,9 @@ def train_one_epoch(model, fame_op, loader, optimizer, scaler, args, checkpointi
             "clips_per_s": round(2 * args.batch_size * steps / seconds, 2), "failed_videos": int(sums["failed_videos"])}
 
 
-def fame_views(batch, fame_op, args, device):
-    """The two views of a step from the loader's uint8 clips (B, 3, T, S, S): FAME on the query (or on both),
-    then colour augmentation and normalization on the device. -> q, k float (B, 3, T, S, S)."""
+def query_and_key_views(batch, fame_op, args, device):
+    """MoCo's query and key views of a step, from the loader's uint8 clips (B, 3, T, S, S): FAME on the query (or
+    on both), then colour augmentation and normalization on the device. -> q, k float (B, 3, T, S, S)."""
     q = batch["q"].to(device, non_blocking=True)
     k = batch["k"].to(device, non_blocking=True)
     if fame_op is not None:  # on uint8, before the float conversion: a quarter of the bytes to merge
@@ -204,7 +205,7 @@ def fame_views(batch, fame_op, args, device):
         q = fame_op(q, background=background)  # Eq. (4)
         if args.fame_branches == "both":
             k = fame_op(k, background=background)
-    return data.augment(q), data.augment(k)
+    return augment.augment_and_normalize(q), augment.augment_and_normalize(k)
 
 
 def train_step(model, q, k, optimizer, scaler, amp):
@@ -240,7 +241,8 @@ def knn_monitor(backbone, loaders, args, device):
     backbone.eval()
     feats = {}  # split: ((V, D) features, (V,) labels) of the videos that decoded
     for split, loader in loaders.items():
-        values, ok = utils.clip_outputs(lambda clips: backbone.forward_features(data.normalize(clips)), loader, device)
+        values, ok = utils.clip_outputs(lambda clips: backbone.forward_features(augment.normalize(clips)), loader,
+                                        device)
         feats[split] = values[ok, 0], loader.dataset.labels[ok]
     backbone.train()
     return {f"knn_{split}": round(utils.knn_top1(*feats[split], *feats[args.knn_split], k=args.knn_k), 2)
@@ -263,7 +265,7 @@ def collapse_warning(key_sims, epochs):
         return None
     return (f"WARNING: key_sim is {last:.2f} after epoch {len(key_sims)} of {epochs} (over {COLLAPSE_KEY_SIM} and not "
             f"falling): the keys have collapsed onto one direction, so every video looks alike and the loss stays "
-            f"near chance, ln(K + 1). Try a backbone that suits the clip size (README, 'The CPU stand-in'), a lower "
+            f"near chance, ln(K + 1). Try a backbone that suits the clip size (README, 'The cnn3d backbone'), a lower "
             f"--lr, a larger --moco-m or --batch-size.")
 
 

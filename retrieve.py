@@ -25,6 +25,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+import augment
 import data
 import models
 import utils
@@ -60,7 +61,7 @@ def main(args):
 
     def features(clips):  # (n, 3, T, S, S) uint8 -> (n, D) pooled backbone features
         with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            return backbone.forward_features(data.normalize(clips)).float()
+            return backbone.forward_features(augment.normalize(clips)).float()
 
     sets, feats, ok = {}, {}, {}
     for split in dict.fromkeys([args.train_split, *utils.eval_splits(args)]):  # each split once

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
+import augment
 import bench
 import data
 import fame
@@ -247,6 +248,22 @@ def test_fame_rejects_bad_arguments():
         fame.FAME()(clips, background=clips[:, :, :4])
 
 
+def test_fame_refuses_float_clips_outside_0_1():
+    # Normalized clips would put colours outside the 10^3 colour bins (an index error, a device-side assert on
+    # CUDA, or a wrong mask): every entry point that computes a mask refuses them and says what FAME expects.
+    clips, _ = _fame_synthetic(2)
+    clips[0, :, 0, 0, 0], clips[1, :, 0, 0, 0] = 0.0, 1.0                 # both ends of [0, 1] are fine
+    assert fame.foreground_mask(clips).shape == (2, 64, 64)
+    nan = clips.clone()
+    nan[1, 0, 2, 5, 5] = float("nan")
+    bad = [augment.normalize(clips), clips * 1.01, clips - 0.01, nan]
+    for x in bad:
+        for call in (fame.FAME(), fame.foreground_mask, fame.soft_mask, lambda c: fame.foreground_mask(c, 0.5, "grid")):
+            with pytest.raises(ValueError, match=r"uint8 clips or float clips in \[0, 1\], before normalization"):
+                call(x)
+    assert fame.FAME()((clips * 255).round().byte()).dtype == torch.uint8  # uint8 is in range by its type
+
+
 # --- merge and derangement ---------------------------------------------------------------------------------
 
 
@@ -387,9 +404,10 @@ def test_fame_soft_mask_is_bayes_rule_on_colours():
 # --- what the module needs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", ["fame", "models"])
-def test_fame_and_models_import_only_torch(module):
-    # Users copy fame.py, and take models.py for the backbones, without the rest of the project or PyAV.
+@pytest.mark.parametrize("module", ["fame", "augment", "models"])
+def test_fame_augment_and_models_import_only_torch(module):
+    # Users copy fame.py and augment.py, and take models.py for the backbones, without the rest of the project or
+    # PyAV.
     tree = ast.parse((_FAME_REPO / f"{module}.py").read_text())
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
@@ -397,6 +415,48 @@ def test_fame_and_models_import_only_torch(module):
     loaded = subprocess.run([sys.executable, "-c", f"import sys, {module}; print(sorted(sys.modules))"],
                             capture_output=True, text=True, cwd=_FAME_REPO, check=True).stdout
     assert not {"'av'", "'data'", "'utils'", "'synthetic'"} & set(loaded.strip()[1:-1].split(", ")), loaded
+
+
+# ============================================================================================================
+# augment.py: the colour augmentation (A.2) and normalization
+# ============================================================================================================
+
+def test_augment_consistent_in_time():
+    g = torch.Generator().manual_seed(0)
+    frame = torch.rand(1, 3, 1, 24, 24, generator=g)
+    clips = frame.expand(16, 3, 6, 24, 24).contiguous()  # 16 identical clips with identical frames
+    out = augment.augment_and_normalize(clips, generator=torch.Generator().manual_seed(1))
+    assert out.shape == clips.shape and torch.isfinite(out).all()
+    assert torch.allclose(out, out[:, :, :1].expand_as(out), atol=1e-5)  # constant over frames
+    distinct = {tuple(o[:, 0].flatten()[:50].round(decimals=4).tolist()) for o in out}
+    assert len(distinct) > 8  # parameters drawn per clip
+    again = augment.augment_and_normalize(clips, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(out, again)
+    plain = augment.normalize(clips)
+    assert torch.allclose(plain, (clips - torch.tensor(augment.KINETICS_MEAN).view(3, 1, 1, 1))
+                          / torch.tensor(augment.KINETICS_STD).view(3, 1, 1, 1))
+    assert torch.equal(augment.normalize((clips * 255).round().byte()), augment.normalize((clips * 255).round() / 255))
+
+
+def test_augment_order_and_blur_size():
+    # RandomGrayscale before ColorJitter (the authors' order): a red pixel made grey (0.299) and then brightened
+    # by 1.4 is 0.419; brightened first it would clip at 1 and turn grey at 0.299.
+    red = torch.zeros(1, 3, 2, 8, 8)
+    red[:, 0] = 1.0
+    p = augment.augmentation_params(1)
+    p.update(gray=torch.tensor([True]), brightness=torch.tensor([1.4]), contrast=torch.ones(1),
+             saturation=torch.ones(1), hue=torch.zeros(1), blur=torch.tensor([False]))
+    out = augment.apply_augmentation(red, p)
+    assert torch.allclose(out, torch.full_like(red, 0.299 * 1.4), atol=1e-4)
+    # the four jitter operations in a random order per batch (kornia's ColorJitter), all four of them
+    orders = {tuple(augment.augmentation_params(2, torch.Generator().manual_seed(s))["order"]) for s in range(30)}
+    assert len(orders) > 3 and all(sorted(o) == [0, 1, 2, 3] for o in orders)
+    # the blur kernel: int(0.1 * crop) // 2 * 2 + 1 taps (the authors' rule): 11 at 112, 23 at 224
+    for size, taps in ((112, 11), (224, 23)):
+        x = torch.zeros(1, 1, 1, size, size)
+        x[..., size // 2, size // 2] = 1.0
+        spread = augment.gaussian_blur(x, torch.tensor([50.0]))[0, 0, 0, size // 2]
+        assert int((spread > 0).sum()) == taps
 
 
 # ============================================================================================================
@@ -802,7 +862,7 @@ def test_models_moco_learns_trivially_distinct_videos():
     # preset's backbone and clip size, on 64 videos that cannot be confused (each a texture of its own scrolling
     # one pixel per frame; two clips of a video are two random cyclic shifts of it at random times), must bring
     # InfoNCE well below chance and spread its keys within 100 steps. A broken MoCo, a dead backbone or a
-    # collapsing head fails it (so does r2plus1d_tiny: README, "The CPU stand-in").
+    # collapsing head fails it (so does r2plus1d_tiny: README, "The cnn3d backbone").
     sys.path.insert(0, str(_FAME_REPO / "experiments"))
     import background_bias
 
@@ -827,7 +887,7 @@ def test_models_moco_real_backbone_trains():
 
 
 # ============================================================================================================
-# data.py: datasets, decoding, sampling, augmentation
+# data.py: datasets, decoding, sampling, loaders
 # ============================================================================================================
 
 def _data_write(path, frames, codec="libx264"):
@@ -1160,44 +1220,6 @@ def test_data_test_mode_clips(tmp_path):
     assert starts == [0, 8, 16, 25, 33]  # uniformly spaced over 0 .. 40 - 7
 
 
-def test_data_augment_consistent_in_time(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    frame = torch.rand(1, 3, 1, 24, 24, generator=g)
-    clips = frame.expand(16, 3, 6, 24, 24).contiguous()  # 16 identical clips with identical frames
-    out = data.augment(clips, generator=torch.Generator().manual_seed(1))
-    assert out.shape == clips.shape and torch.isfinite(out).all()
-    assert torch.allclose(out, out[:, :, :1].expand_as(out), atol=1e-5)  # constant over frames
-    distinct = {tuple(o[:, 0].flatten()[:50].round(decimals=4).tolist()) for o in out}
-    assert len(distinct) > 8  # parameters drawn per clip
-    again = data.augment(clips, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(out, again)
-    plain = data.normalize(clips)
-    assert torch.allclose(plain, (clips - torch.tensor(data.KINETICS_MEAN).view(3, 1, 1, 1))
-                          / torch.tensor(data.KINETICS_STD).view(3, 1, 1, 1))
-    assert torch.equal(data.normalize((clips * 255).round().byte()), data.normalize((clips * 255).round() / 255))
-
-
-def test_data_augment_order_and_blur_size():
-    # RandomGrayscale before ColorJitter (the authors' order): a red pixel made grey (0.299) and then brightened
-    # by 1.4 is 0.419; brightened first it would clip at 1 and turn grey at 0.299.
-    red = torch.zeros(1, 3, 2, 8, 8)
-    red[:, 0] = 1.0
-    p = data.augmentation_params(1)
-    p.update(gray=torch.tensor([True]), brightness=torch.tensor([1.4]), contrast=torch.ones(1),
-             saturation=torch.ones(1), hue=torch.zeros(1), blur=torch.tensor([False]))
-    out = data.apply_augmentation(red, p)
-    assert torch.allclose(out, torch.full_like(red, 0.299 * 1.4), atol=1e-4)
-    # the four jitter operations in a random order per batch (kornia's ColorJitter), all four of them
-    orders = {tuple(data.augmentation_params(2, torch.Generator().manual_seed(s))["order"]) for s in range(30)}
-    assert len(orders) > 3 and all(sorted(o) == [0, 1, 2, 3] for o in orders)
-    # the blur kernel: int(0.1 * crop) // 2 * 2 + 1 taps (the authors' rule): 11 at 112, 23 at 224
-    for size, taps in ((112, 11), (224, 23)):
-        x = torch.zeros(1, 1, 1, size, size)
-        x[..., size // 2, size // 2] = 1.0
-        spread = data.gaussian_blur(x, torch.tensor([50.0]))[0, 0, 0, size // 2]
-        assert int((spread > 0).sum()) == taps
-
-
 def test_data_training_frames_never_shrink_below_the_smallest_crop(tmp_path, monkeypatch):
     # 480x360 frames stay as they are; 1920x1080 ones are decoded smaller, but never so small that the smallest
     # RandomResizedCrop (20% of the frame) has fewer than --crop pixels on its short side.
@@ -1514,16 +1536,21 @@ def test_synthetic_v2_one_look_and_per_video_motion():
     assert len(v1) == 4
 
 
+def _synthetic_digest(version):
+    """SHA-1 of the frames and masks of one short video per motion and of one on the flat backdrop."""
+    h = hashlib.sha1()
+    for motion in synthetic.MOTIONS:
+        for a in synthetic.render(motion, 3, 11, 64, 12, version=version):
+            h.update(a.tobytes())
+    h.update(synthetic.render("circle", 5, 12, 64, 12, version=version, backdrop="flat")[0].tobytes())
+    return h.hexdigest()
+
+
 def test_synthetic_v1_v2_bit_for_bit():
     # Versions 1 and 2 are generated exactly as before version 3 was added (hashes of frames and masks).
     for version, digest in ((1, "f01d1e9bf37148012d1340c350859a9edd6ec220"),
                             (2, "9e6a081b1b8afce4f25f07ae80af0a5ac33565e2")):
-        h = hashlib.sha1()
-        for motion in synthetic.MOTIONS:
-            for a in synthetic.render(motion, 3, 11, 64, 12, version=version):
-                h.update(a.tobytes())
-        h.update(synthetic.render("circle", 5, 12, 64, 12, version=version, backdrop="flat")[0].tobytes())
-        assert h.hexdigest() == digest, version
+        assert _synthetic_digest(version) == digest, version
 
 
 def test_synthetic_v3_is_v2_at_a_quarter_of_the_frame():
@@ -2685,3 +2712,20 @@ def test_background_bias_version_defaults_and_any_checkpoint(tmp_path):
                              "settings": {"moco_k": 512}, "mask_iou": {"results": {"32px": {"fame_beta0.5": {
                                  "recall": 0.9, "own_background": 0.25, "donor_object": 0.3}}}}}).splitlines()
     assert gates[2].endswith("| – |") and gates[3].endswith("| yes |") and gates[5].endswith("| no |")
+
+
+def test_background_bias_v3_protocol_is_frozen():
+    # experiments/results_v3.json holds the version-3 protocol's results: the driver's defaults for
+    # --synthetic-version 3 must still be the settings recorded there (as main() records them), and the benchmark
+    # must still render the videos and splits those runs trained on (hashes from the generator they used).
+    sys.path.insert(0, str(_FAME_REPO / "experiments"))
+    import background_bias as bb
+
+    args = bb.protocol_defaults(bb.get_args_parser().parse_args(["--synthetic-version", "3"]))
+    recorded = json.loads((_FAME_REPO / "experiments" / "results_v3.json").read_text())["settings"]
+    assert {k: getattr(args, k) for k in bb.SETTINGS} == recorded
+    assert _synthetic_digest(3) == "cb9699ecbed831e801ae1a0c1b535b5f84a655c3"
+    splits = hashlib.sha1()
+    for split in synthetic.SPLITS:
+        splits.update(repr(synthetic.specs(split, recorded["synthetic_videos"], 0)).encode())
+    assert splits.hexdigest() == "0b83ace1e03c4aabb61db23dca41912b94d8db82"

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.utils import make_grid, save_image
 
+import augment
 import data
 import fame
 import models
@@ -128,7 +129,7 @@ def caam_rows(clips, checkpoints, arch, alpha, device, unsafe=False):
 
 def caam(model, clips):
     """Class-agnostic activation map: (B, 3, T, H, W) in [0,1] -> (B, T, H, W) in [0,1], per clip min-max scaled."""
-    fmap = model.last_conv_features(data.normalize(clips))  # (B, C, T', H', W')
+    fmap = model.last_conv_features(augment.normalize(clips))  # (B, C, T', H', W')
     amap = fmap.sum(1, keepdim=True)  # (B, 1, T', H', W'): channel sum
     amap = F.interpolate(amap, size=clips.shape[2:], mode="trilinear", align_corners=False)[:, 0]  # (B, T, H, W)
     lo = amap.flatten(1).min(1).values.view(-1, 1, 1, 1)

@@ -56,6 +56,7 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # the stage scripts' modules
+import augment  # noqa: E402
 import data  # noqa: E402
 import fame  # noqa: E402
 import models  # noqa: E402
@@ -617,7 +618,7 @@ def learnability_check(arch, frames, crop, videos=64, batch=16, K=32, steps=100,
             t, dy, dx = (int(v) for v in torch.randint(0, crop, (3,), generator=g))
             out.append(torch.stack([textures[i].roll((dy + direction[i, 0] * (t + j), dx + direction[i, 1] * (t + j)),
                                                      (1, 2)) for j in range(frames)], 1))
-        return data.normalize(torch.stack(out))
+        return augment.normalize(torch.stack(out))
 
     torch.manual_seed(seed)
     moco = models.MoCo(functools.partial(models.build_backbone, arch), K=K, m=0.99, T=0.1)
@@ -779,7 +780,8 @@ def measure_findable(args, device, batches=4, batch_size=64):
     for method, seed, backbone in frozen_backbones(args, device):
 
         def top1(q, k, colour=True):  # (B,) hits of uint8 query and key clips
-            views = [data.augment(x) if colour else data.normalize(x) for x in (q.to(device), k.to(device))]
+            views = [augment.augment_and_normalize(x) if colour else augment.normalize(x)
+                     for x in (q.to(device), k.to(device))]
             q, k = (F.normalize(backbone.forward_features(x), dim=1) for x in views)  # (B, D)
             return ((q @ k.t()).argmax(1).cpu() == torch.arange(len(q))).tolist()
 
@@ -824,7 +826,7 @@ def measure_composites(args, device, pairs=200):
                             ("B", synthetic.clip(str(root / b[0]), first)[0]),
                             ("X", np.where(mask_a[..., None], object_a, scene_b))):
             clips[key].append(data.crop_resize(frames, box, ns.crop))  # (3, T, s, s) uint8
-    clips = {key: data.normalize(torch.stack(v)) for key, v in clips.items()}  # (N, 3, T, s, s)
+    clips = {key: augment.normalize(torch.stack(v)) for key, v in clips.items()}  # (N, 3, T, s, s)
     out = {"pairs": len(rows[:pairs]), "models": {}}
     for method, seed, backbone in frozen_backbones(args, device):
         f = {key: backbone.forward_features(x.to(device)).cpu() for key, x in clips.items()}  # (N, D) each
