@@ -689,9 +689,11 @@ def get_args_parser():
     p.add_argument("--small", action="store_true", help="toy sizes also on a GPU")
     p.add_argument("--out", default=None, help="JSON file for the table")
 
+    for name in ("fame", "models", "gpu"):  # pretrain takes pretrain.py's device; the loader runs on the CPU
+        sub.choices[name].add_argument("--device", default=default_device, help="device to time on")
+    for name in ("fame", "models"):
+        sub.choices[name].add_argument("--repeats", type=int, default=7, help="timed repeats (median)")
     for p in sub.choices.values():
-        p.add_argument("--device", default=default_device, help="device to time on")
-        p.add_argument("--repeats", type=int, default=7, help="timed repeats (median)")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
         p.add_argument("--markdown", default=None, metavar="FILE",
                        help="also write the figures as a table into FILE, in the section named by --section")
