@@ -591,13 +591,14 @@ def machine():
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as f:
             model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    text = f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    threads = torch.get_num_threads()
+    text = f"{model}, {os.cpu_count()} cores, {threads} torch thread{'s' * (threads != 1)}"
     if torch.cuda.is_available():
         text += f", {torch.cuda.get_device_name()}"
     return text
 
 
-def markdown_tables(rows, max_columns=10):
+def markdown_tables(rows, max_columns=12):
     """Rows (dicts) as markdown tables: one per run of consecutive rows whose first key is the same, with the
     union of their keys as columns (blank where a row lacks one); wider than max_columns, two columns: the first
     key, and the other figures as a list."""
