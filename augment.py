@@ -122,7 +122,7 @@ def gaussian_blur(x, sigma):
     reflected border. The kernel size is the authors' (moco/loader.py, Augment_GPU_pre): int(0.1 * crop) // 2 * 2
     + 1, i.e. 11 at 112 px and 23 at 224 (the paper's "radius 23")."""
     B, C, T, H, W = x.shape
-    r = min(int(0.1 * min(H, W)) // 2, min(H, W) - 1)  # the kernel's radius: (size - 1) / 2
+    r = min(int(0.1 * min(H, W)) // 2, min(H, W) - 1)  # the radius (size - 1) / 2; FAME's smoothing uses the same size
     if r == 0:
         return x
     k = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)

@@ -43,10 +43,11 @@ def seed_region(clips):
     return clip_statistics(clips)[0]
 
 
-# On CPU, clip_statistics converts about this many bytes of clips to float32 at a time, so that each converted
-# chunk is still in the cache when it is read again (frame differences, then the mean): several times faster than
-# converting a large batch at once. Other devices convert the whole batch at once.
+# clip_statistics converts this many bytes of clips to float32 at a time. On CPU a small chunk is still in the
+# cache when it is read again (frame differences, then the mean): several times faster than converting a large
+# batch at once. Elsewhere the chunk only bounds the memory of the float copy.
 CPU_CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 1 << 30
 
 
 def clip_statistics(clips):
@@ -60,7 +61,8 @@ def clip_statistics(clips):
     B, C, T, H, W = clips.shape
     S = torch.empty(B, H, W, device=clips.device)
     image = torch.empty(B, C, H, W, device=clips.device)
-    n = max(1, CPU_CHUNK_BYTES // (clips[0].numel() * 4)) if clips.device.type == "cpu" else B  # clips per chunk
+    chunk = CPU_CHUNK_BYTES if clips.device.type == "cpu" else CHUNK_BYTES
+    n = max(1, chunk // (clips[0].numel() * 4))  # clips per chunk
     for i in range(0, B, n):
         x = clips[i:i + n]
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()  # (n, C, T, H, W) in [0, 1]

@@ -356,6 +356,7 @@ class Checkpointing:
         self.last_save, self.last_step, self.signal, self.previous = time.monotonic(), None, None, {}
 
     def __enter__(self):
+        self.last_save = time.monotonic()  # --save-every-minutes counts from the first step, not from set-up
         for sig in self.SIGNALS:
             self.previous[sig] = signal.signal(sig, self._receive)
         return self
