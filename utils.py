@@ -156,6 +156,7 @@ def adjust_learning_rate(optimizer, epoch, args):
 # Files
 
 
+@functools.cache  # asked by the script's printout and by every checkpoint: two git calls once per process
 def git_commit():
     """The commit the code runs at ("+dirty" with uncommitted changes), or "unknown" outside git."""
     here = Path(__file__).resolve().parent
