@@ -39,6 +39,8 @@ import math
 import os
 import re
 import shutil
+import struct
+import tempfile
 import time
 import warnings
 from fractions import Fraction
@@ -66,7 +68,7 @@ LAYOUTS = {
     "synthetic": "<root>/splits/<split>.txt and <root>/meta.json, written by synthetic.py",
 }
 SPLIT_DATASETS = ("ucf101", "hmdb51")  # the datasets with official splits (--split)
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: the seek, orient and note fields
 MAX_RETRIES = 10
 MIN_CROP_SCALE = 0.2  # RandomResizedCrop's area share is in [0.2, 1] (A.2)
 DECODE_THREADS_MIN_PIXELS = 640 * 480  # below this, frame threading costs more than it gains
@@ -384,8 +386,18 @@ def list_videos(dataset, root, split, fold=1):
 
 def probe_video(path):
     """Reads a video's packets (no decoding beyond the first frame) and returns its index entry
-    {frames, fps, tb: [num, den], start, keys: keyframe pts}; raises ValueError if the file is unreadable.
-    Counting demuxed packets is exact where container headers lie (truncated files, missing frame counts)."""
+    {frames, fps, tb: [num, den], start, keys: keyframe pts, pts, seek, orient, note}; raises ValueError if the
+    file is unreadable or not a video (a still picture, a single frame). Counting demuxed packets is exact where
+    container headers lie (truncated files, missing frame counts).
+
+    pts: frame k is the frame shown at the k-th tick of the fps grid since the first timestamp; without timestamps,
+    or where they span far more or far fewer ticks than the stream holds frames (a jump of hours in a 200-frame
+    file), frame k is the k-th frame in display order instead. seek: whether decode_frames may seek. A seek lands by
+    the container's own index only where it keeps one: MPEG program and transport streams, Ogg and raw streams are
+    searched by guessed timestamps and land on later or undecodable frames, and some indexed files (B-frames behind
+    very short GOPs) land past their keyframe too; such files are read from their start, correctly but slower, and
+    `note` says why (so does any other departure from the file's own timeline). orient: the display matrix as
+    [a, b, c, d] signs (see _orient), applied by decode_frames as a player applies it."""
     if os.path.getsize(path) == 0:
         raise ValueError("zero-byte file")
     try:
@@ -394,10 +406,8 @@ def probe_video(path):
                 raise ValueError("no video stream")
             s = c.streams.video[0]
             s.codec_context.thread_count = 1  # one probing process per core
-            rate = s.average_rate or s.guessed_rate or s.base_rate
-            fps = float(rate) if rate else 25.0
             tb = s.time_base or Fraction(1, 1000000)
-            stamps, keys, decoded = [], [], False
+            stamps, keys, first = [], [], None
             try:
                 for packet in c.demux(s):
                     if packet.size == 0:
@@ -406,23 +416,84 @@ def probe_video(path):
                     stamps.append(ts)
                     if packet.is_keyframe:
                         keys.append(ts)
-                    if not decoded:
-                        decoded = bool(s.codec_context.decode(packet))
+                    if first is None:
+                        first = next(iter(s.codec_context.decode(packet)), None)
             except av.error.FFmpegError:
                 if not stamps:
                     raise
-            if not decoded:
-                decoded = bool(s.codec_context.decode(None))
+            if first is None:
+                first = next(iter(s.codec_context.decode(None)), None)
+            if first is None:
+                raise ValueError("no decodable frame")
+            if len(stamps) < 2:
+                raise ValueError(f"a single {s.codec_context.name} frame in a {c.format.name} file: a still "
+                                 f"picture, not a video")
+            rate = s.average_rate
+            if not rate and None not in stamps and max(stamps) > min(stamps):  # the mean rate of the timestamps
+                rate = Fraction(len(stamps) - 1) / ((max(stamps) - min(stamps)) * tb)
+            rate = rate or s.guessed_rate or s.base_rate
+            unindexed = c.format.flags & UNINDEXED_FORMAT
+            info = _timeline(stamps, keys, float(rate) if rate else 25.0, tb,
+                             f"{c.format.name} files have no index to seek by, and their timestamps can jump"
+                             if unindexed else None)
+            info["orient"] = _display_matrix(first)
+            if info["seek"] and not _seek_lands(c, s, info):
+                info["seek"], info["note"] = False, "read from the start: a seek lands past its keyframe"
+            if info["orient"] != [1, 0, 0, 1]:
+                turned = "frames turned as its display matrix says (as a player shows them)"
+                info["note"] = f"{info['note']}; {turned}" if info["note"] else turned
     except av.error.FFmpegError as e:
         raise ValueError(f"{type(e).__name__}: {e}") from None
-    if not decoded:
-        raise ValueError("no decodable frame")
-    if None in stamps:  # no timestamps: frame index = decode order, read from the start
-        return {"frames": len(stamps), "fps": fps, "tb": [1, 1], "start": 0, "keys": [0], "pts": False}
-    start = min(stamps)
-    frames = round((max(stamps) - start) * tb * fps) + 1
-    return {"frames": int(frames), "fps": fps, "tb": [tb.numerator, tb.denominator], "start": int(start),
-            "keys": sorted(int(k) for k in keys) or [int(start)], "pts": True}
+    return info
+
+
+UNINDEXED_FORMAT = 0x100 | 0x200  # AVFMT_GENERIC_INDEX | AVFMT_TS_DISCONT: no index of its own, or jumping times
+MAX_TICKS_PER_FRAME = 4  # timestamps spanning more fps ticks per frame than this (or under half) are not a timeline
+
+
+def _timeline(stamps, keys, fps, tb, unindexed=None):
+    """The timing fields of probe_video's entry, from the packets' timestamps (in time base tb) and keyframes;
+    unindexed: why the container's timestamps cannot be trusted, if they cannot."""
+    if unindexed:
+        note = f"read in display order from the start: {unindexed}"
+    elif None not in stamps:
+        start = min(stamps)
+        frames = round((max(stamps) - start) * tb * fps) + 1
+        if len(stamps) / 2 <= frames <= MAX_TICKS_PER_FRAME * len(stamps):
+            return {"frames": int(frames), "fps": fps, "tb": [tb.numerator, tb.denominator], "start": int(start),
+                    "keys": sorted(int(k) for k in keys) or [int(start)], "pts": True, "seek": True, "note": ""}
+        note = (f"read in display order: its timestamps span {frames:,} frames at {fps:g} fps, but it holds "
+                f"{len(stamps):,}")
+    else:
+        note = "read in display order: it has no timestamps"
+    return {"frames": len(stamps), "fps": fps, "tb": [1, 1], "start": 0, "keys": [0], "pts": False, "seek": False,
+            "note": note}
+
+
+def _seek_lands(c, s, info):
+    """Whether a seek to the middle keyframe, as decode_frames makes it, decodes from that keyframe or before."""
+    key = frame_index(info)(info["keys"][len(info["keys"]) // 2])
+    if key == 0:
+        return True
+    c.seek(info["start"] + int(round(key / (float(Fraction(*info["tb"])) * info["fps"]))), stream=s, backward=True, any_frame=False)
+    for frame in c.decode(s):
+        return frame.pts is None or frame_index(info)(frame.pts) <= key
+    return False
+
+
+def _display_matrix(frame):
+    """The display matrix of a decoded frame as the signs [a, b, c, d] of its 2x2 part ([1, 0, 0, 1]: none): a
+    player shows the pixel at column x, row y at column a*x + c*y, row b*x + d*y (modulo the size). A matrix that
+    is no multiple of 90 degrees is refused."""
+    for side in frame.side_data:
+        if side.type == av.sidedata.sidedata.Type.DISPLAYMATRIX:
+            a, b, _, c, d = struct.unpack("=5i", bytes(side)[:20])  # 16.16 fixed point
+            signs = [int(np.sign(v)) if abs(v) >= 2 ** 15 else 0 for v in (a, b, c, d)]
+            if abs(signs[0]) + abs(signs[1]) != 1 or abs(signs[0]) != abs(signs[3]) or abs(signs[1]) != abs(signs[2]):
+                raise ValueError(f"a display matrix that turns by a fraction of a right angle ({a, b, c, d}): not "
+                                 f"supported")
+            return signs
+    return [1, 0, 0, 1]
 
 
 def _probe_safe(path):
@@ -441,18 +512,16 @@ def cache_dir():
 def load_index(root, rel_paths, cache_file, workers=1, progress=None):
     """Probe entries for rel_paths (a dict, or an error string for unreadable or missing files), probing in
     parallel only the files that are new or whose size or mtime changed since the cache was written. progress:
-    a description to show a progress bar with."""
+    a description to show a progress bar with. A cache file that is not an index of this version is rebuilt (with
+    a warning where it is damaged or foreign), and so is any entry of it that lacks a field."""
+    folder = os.path.dirname(os.path.abspath(cache_file))
+    check_writable(folder, _cache_name() if folder == os.path.abspath(cache_dir()) else "the index cache")
+    if os.path.isdir(cache_file):
+        raise utils.DataError(f"the index cache {cache_file} is a folder: remove it, or set FAME_CACHE to another "
+                              f"folder")
     with utils.file_lock(cache_file + ".lock", waiting="another run is indexing the same videos; this one goes on "
                                                       "when it is done"):
-        cached = {}
-        if os.path.isfile(cache_file):
-            try:
-                with open(cache_file) as f:
-                    index = json.load(f)
-                if index.get("version") == INDEX_VERSION:
-                    cached = index["entries"]
-            except (OSError, ValueError):
-                cached = {}
+        cached = _read_index(cache_file)
         stats, todo, entries = {}, [], {}
         for rel in rel_paths:
             try:
@@ -461,9 +530,9 @@ def load_index(root, rel_paths, cache_file, workers=1, progress=None):
             except OSError:
                 entries[rel] = "file not found"
                 continue
-            old = cached.get(rel)
-            if old is not None and old[0] == stats[rel]:
-                entries[rel] = old[1]
+            old = _cached_entry(cached.get(rel), stats[rel])
+            if old is not None:
+                entries[rel] = old
             elif rel not in entries:
                 entries[rel] = None
                 todo.append(rel)
@@ -476,6 +545,61 @@ def load_index(root, rel_paths, cache_file, workers=1, progress=None):
                      "entries": {**cached, **{r: [stats[r], entries[r]] for r in stats}}}
             utils.atomic_write(cache_file, lambda f: json.dump(index, f, separators=(",", ":")), mode="w")
     return [entries[rel] for rel in rel_paths]
+
+
+ENTRY_FIELDS = {"frames": int, "fps": float, "tb": list, "start": int, "keys": list, "pts": bool, "seek": bool,
+                "orient": list, "note": str}  # probe_video's entry
+
+
+def _read_index(cache_file):
+    """The entries of an index cache file, {} where there is none of this version; a damaged or foreign file is
+    warned about (load_index then writes a new one)."""
+    try:
+        with open(cache_file) as f:
+            index = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        index, why = None, f"{type(e).__name__}: {e}"
+    else:
+        why = "not an index of data.py"
+    if isinstance(index, dict) and index.get("version") != INDEX_VERSION and isinstance(index.get("version"), int):
+        return {}  # another version's index: built anew
+    if isinstance(index, dict) and isinstance(index.get("entries"), dict):
+        return index["entries"]
+    warnings.warn(f"the index cache {cache_file} is unreadable ({why}): it is built anew", RuntimeWarning)
+    return {}
+
+
+def _cached_entry(old, stat):
+    """The probe result cached as `old` ([[size, mtime], entry]) for a file of `stat` ([size, mtime]); None where
+    it is stale or malformed (probed again)."""
+    if not (isinstance(old, list) and len(old) == 2 and old[0] == stat):
+        return None
+    info = old[1]
+    if isinstance(info, str) or (isinstance(info, dict) and all(
+            isinstance(info.get(k), t) and not (t is int and isinstance(info[k], bool))
+            for k, t in ENTRY_FIELDS.items())):
+        return info
+    return None
+
+
+def _cache_name():
+    folder = os.environ.get("FAME_CACHE")
+    return f"FAME_CACHE={folder}" if folder else f"the cache folder {cache_dir()} (FAME_CACHE unset)"
+
+
+def check_writable(folder, what):
+    """Creates `folder` if needed and checks that a file can be written in it, before any work: a utils.UsageError
+    naming `what` (the flag or setting that gave the folder) otherwise."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        raise utils.UsageError(f"{what}: {folder} is not a folder (a file is in the way)") from None
+    except OSError as e:
+        raise utils.UsageError(f"{what}: cannot write in {folder} ({e.strerror or type(e).__name__})") from None
 
 
 def index_split(args, split, progress=None):
@@ -503,23 +627,42 @@ def synthetic_root(args):
 
 
 def decode_frames(path, indices, info, short_side=None, counter=None, threads=None, stacked=True):
-    """RGB uint8 frames (len(indices), H, W, 3) at the given frame indices (any order, repeats allowed); with
-    stacked=False a list of (H, W, 3) arrays instead, a repeated index sharing one array (no copy).
-    Seeks to the keyframe before each needed run only when that skips frames; converts only the frames that
-    are used. short_side: a number, or a function of the frame's (width, height); frames whose short side
-    exceeds twice it are downscaled to it right away (bounded memory for HD/4K sources), smaller ones keep their
-    size, as scaling in swscale costs about 3x the colour conversion and the loader's one crop and resize does it
-    anyway. counter["decoded"] counts decoded frames.
+    """RGB uint8 frames (len(indices), H, W, 3) at the given frame indices (any order, repeats allowed), turned
+    as the file's display matrix says (as a player shows them); with stacked=False a list of (H, W, 3) arrays
+    instead, a repeated index sharing one array (no copy).
+    Seeks to the keyframe before each needed run only when that skips frames, in the files whose index entry
+    allows seeks (probe_video); a seek that lands past the frame it was made for has the file read from its start
+    instead, so that the frames are always those of sequential decoding. Converts only the frames that are used.
+    short_side: a number, or a function of the frame's (width, height); frames whose short side exceeds twice it
+    are downscaled to it right away (bounded memory for HD/4K sources), smaller ones keep their size, as scaling
+    in swscale costs about 3x the colour conversion and the loader's one crop and resize does it anyway.
+    counter["decoded"] counts decoded frames.
 
     threads: decoding and colour conversion threads; None: one in a loader worker (the workers are the
     parallelism), else FFmpeg's choice."""
-    index_of, scale = frame_index(info), float(Fraction(*info["tb"])) * info["fps"]
-    start = info["start"]
-    key_idx = [index_of(k) for k in info["keys"]] if info["pts"] else [0]
-    want = sorted(set(indices))
-    out, decoded = {}, 0
     if threads is None:
         threads = 1 if torch.utils.data.get_worker_info() is not None else 0  # 0: FFmpeg's choice
+    want, decoded = sorted(set(indices)), [0]
+    out = _decode_wanted(path, want, info, short_side, threads, info["seek"], decoded)
+    if out is None:  # a seek missed: read from the start
+        out = _decode_wanted(path, want, info, short_side, threads, False, decoded)
+    if counter is not None:
+        counter["decoded"] = counter.get("decoded", 0) + decoded[0]
+    if not out:
+        raise RuntimeError(f"no frames decoded from {path}")
+    have = sorted(out)
+    # frames missing at the end (truncated stream) or at pts gaps: nearest earlier decoded frame
+    frames = [out[have[max(0, bisect.bisect_right(have, j) - 1)]] for j in indices]
+    return np.stack(frames) if stacked else frames
+
+
+def _decode_wanted(path, want, info, short_side, threads, seek, decoded):
+    """{index: frame} of the sorted frame indices `want` that the stream holds (decode_frames), seeking only if
+    `seek`; None if a seek landed past the frame it was made for. decoded[0] counts decoded frames."""
+    index_of, scale = frame_index(info), float(Fraction(*info["tb"])) * info["fps"]
+    seek = seek and info["pts"]  # without timestamps, a frame is known by its count from the start
+    key_idx = [index_of(k) for k in info["keys"]] if seek else [0]
+    out = {}
     with av.open(path) as c:
         s = c.streams.video[0]
         s.codec_context.thread_count = threads
@@ -530,20 +673,25 @@ def decode_frames(path, indices, info, short_side=None, counter=None, threads=No
         while i < len(want):
             key = key_idx[max(0, bisect.bisect_right(key_idx, want[i]) - 1)]
             if gen is None or (key > pos and key != sought):
-                if info["pts"]:
-                    c.seek(start + int(round(key / scale)), stream=s, backward=True, any_frame=False)
-                gen, sought, count = c.decode(s), key, key - 1
+                if seek:
+                    c.seek(info["start"] + int(round(key / scale)), stream=s, backward=True, any_frame=False)
+                gen, sought, count, landed = c.decode(s), key, key - 1, not seek
             needs_seek = False
             for frame in gen:
-                decoded += 1
+                decoded[0] += 1
                 count += 1
                 idx = index_of(frame.pts) if (info["pts"] and frame.pts is not None) else count
+                if not landed:
+                    if idx > want[i]:
+                        return None
+                    landed = True
                 count = pos = idx
                 if i < len(want) and idx == want[i]:
                     if size is None:
                         size = _target_size(frame.width, frame.height, short_side)
-                    out[idx] = reformatter.reformat(frame, width=size[0], height=size[1], format="rgb24",
-                                                    interpolation="AREA", threads=threads).to_ndarray()
+                    out[idx] = _orient(reformatter.reformat(frame, width=size[0], height=size[1], format="rgb24",
+                                                            interpolation="AREA", threads=threads).to_ndarray(),
+                                       info["orient"])
                 while i < len(want) and want[i] <= idx:
                     i += 1
                 if i == len(want):
@@ -553,17 +701,19 @@ def decode_frames(path, indices, info, short_side=None, counter=None, threads=No
                     needs_seek = True
                     break
             else:
-                break  # end of stream: missing frames are filled below
+                break  # end of stream: missing frames are filled by decode_frames
             if not needs_seek and i == len(want):
                 break
-    if counter is not None:
-        counter["decoded"] = counter.get("decoded", 0) + decoded
-    if not out:
-        raise RuntimeError(f"no frames decoded from {path}")
-    have = sorted(out)
-    # frames missing at the end (truncated stream) or at pts gaps: nearest earlier decoded frame
-    frames = [out[have[max(0, bisect.bisect_right(have, j) - 1)]] for j in indices]
-    return np.stack(frames) if stacked else frames
+    return out
+
+
+def _orient(image, orient):
+    """An (H, W, C) array as a player shows it under the display matrix signs [a, b, c, d] (probe_video): a view,
+    no copy."""
+    a, b, c, d = orient
+    if b:  # a quarter turn: the stored columns become the rows
+        return image.transpose(1, 0, 2)[::b, ::c]
+    return image[::d, ::a]
 
 
 HEAP_KEEP = 64 * 2 ** 20  # freed memory a process keeps for the next sample's frames
@@ -904,8 +1054,9 @@ def prepare_size(w, h, short_side):
 def encode_copy(src, f, info, gop=16, short_side=None, crf=PREPARE_CRF, fastdecode=True, threads=1):
     """Re-encodes the video at `src` (index entry `info`) into the open file `f`: H.264 (libx264) yuv420p in MP4,
     no audio, a closed GOP of exactly `gop` frames, short side per prepare_size(). Frame k of the copy is frame k
-    of the source as decode_frames() reads it (a frame missing at a pts gap or at the end repeats the one before),
-    at the source's frame rate, so that a clip covers the same seconds in both."""
+    of the source as decode_frames() reads it (a frame missing at a pts gap or at the end repeats the one before,
+    turned as the source's display matrix says), at the source's frame rate, so that a clip covers the same seconds
+    in both."""
     rate = Fraction(info["fps"]).limit_denominator(100000)
     total, index_of = info["frames"], frame_index(info)
     params = f"keyint={gop}:min-keyint={gop}:scenecut=0"
@@ -914,7 +1065,9 @@ def encode_copy(src, f, info, gop=16, short_side=None, crf=PREPARE_CRF, fastdeco
         s = c.streams.video[0]
         s.codec_context.thread_count = threads
         o = out.add_stream("libx264", rate=rate, options=options)
-        o.width, o.height = prepare_size(s.codec_context.width, s.codec_context.height, short_side)
+        w, h = s.codec_context.width, s.codec_context.height
+        turned = info["orient"] != [1, 0, 0, 1]  # written as shown: the copy has no display matrix
+        o.width, o.height = prepare_size(*((h, w) if info["orient"][1] else (w, h)), short_side)
         o.pix_fmt, o.codec_context.thread_count, o.codec_context.time_base = "yuv420p", threads, 1 / rate
         last, k, count = None, 0, -1
         for frame in c.decode(s):
@@ -925,6 +1078,9 @@ def encode_copy(src, f, info, gop=16, short_side=None, crf=PREPARE_CRF, fastdeco
                 break  # every frame of the copy is written
             if idx < k:
                 continue  # a repeated or late timestamp
+            if turned:
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(_orient(frame.to_ndarray(format="rgb24"),
+                                                                                info["orient"])), format="rgb24")
             image = frame.reformat(width=o.width, height=o.height, format="yuv420p", interpolation="AREA")
             while k <= min(idx, total - 1):  # frames before the first decoded one repeat it, as in decode_frames
                 k = _encode_frame(out, o, image if k == idx or last is None else last, k)
@@ -959,25 +1115,44 @@ def prepare(args):
     if args.split != 1:
         raise utils.UsageError("--prepare copies the videos of every split; leave out --split")
     check_data_args(args)
+    if args.dataset != "synthetic" and (_inside(args.out, args.data) or _inside(args.data, args.out)):
+        raise utils.UsageError(f"--out {args.out} overlaps the source {args.data}: write the copy to a folder outside "
+                               f"it")
+    check_writable(args.out, "--out")
     src = synthetic_root(args) if args.dataset == "synthetic" else args.data
     out = os.path.join(args.out, os.path.basename(src)) if args.dataset == "synthetic" else args.out
-    a, b = os.path.realpath(src), os.path.realpath(out)
-    if a == b or b.startswith(a + os.sep) or a.startswith(b + os.sep):
+    if _inside(out, src) or _inside(src, out):
         raise utils.UsageError(f"--out {args.out} overlaps the source {src}: write the copy to a folder outside it")
-    settings = {"source": a, "dataset": args.dataset, "gop": args.gop, "crf": args.crf, "fastdecode": args.fastdecode,
+    report = args.report or os.path.join(out, "prepare_report.txt")
+    check_report_path(report, src)
+    if _inside(report, out) and os.path.exists(os.path.join(src, os.path.relpath(report, out))):
+        raise utils.UsageError(f"--report {report} would replace the copy of the source's "
+                               f"{os.path.relpath(report, out)}; give another path")
+    settings = {"source": os.path.realpath(src), "dataset": args.dataset, "gop": args.gop, "crf": args.crf,
+                "fastdecode": args.fastdecode,
                 "short_side": args.short_side or f"training_short_side({args.crop}, {args.crop_scale[0]})"}
-    os.makedirs(out, exist_ok=True)
+    check_writable(out, "--out")
     with utils.file_lock(os.path.join(out, ".prepare.lock")):
         old = os.path.join(out, "prepare.json")
         if os.path.isfile(old):
-            with open(old) as f:
-                if json.load(f) != settings:
-                    raise utils.UsageError(f"{out} holds a copy made with other settings ({old}); use another --out")
+            try:
+                with open(old) as f:
+                    same = json.load(f) == settings
+            except ValueError:
+                same = False
+            if not same:
+                raise utils.UsageError(f"{out} holds a copy made with other settings ({old}); use another --out")
         utils.write_json(old, settings)
-        return _prepare_locked(args, src, out)
+        return _prepare_locked(args, src, out, report)
 
 
-def _prepare_locked(args, src, out):
+def _inside(path, folder):
+    """Whether `path` is `folder` or lies inside it (links resolved)."""
+    a, b = os.path.realpath(path), os.path.realpath(folder)
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
+def _prepare_locked(args, src, out, report):
     import synthetic
 
     t0 = time.time()
@@ -1016,8 +1191,7 @@ def _prepare_locked(args, src, out):
     if args.dataset == "synthetic":  # its presence marks a complete benchmark
         _copy_atomic(os.path.join(src, "meta.json"), os.path.join(out, "meta.json"))
     left_out = {**bad, **failed}
-    report = args.report or os.path.join(out, "prepare_report.txt")
-    lines = [f"# {len(left_out)} of {len(jobs) + len(bad)} videos of {src} left out of {out}"]
+    lines = [PREPARE_REPORT_HEADER, f"# {len(left_out)} of {len(jobs) + len(bad)} videos of {src} left out of {out}"]
     utils.atomic_write(report, lambda f: f.write("\n".join(lines + [f"{r}\t{why}" for r, why in sorted(
         left_out.items())]) + "\n"), mode="w")
     size_in = sum(os.path.getsize(os.path.join(src, r)) for r in jobs)
@@ -1073,6 +1247,7 @@ def get_args_parser():
 
 
 REPORT_HEADER = "# data.py --scan report: unreadable and missing videos"
+PREPARE_REPORT_HEADER = "# data.py --prepare report: videos left out of the copy"
 SHOWN_UNREADABLE = 5  # unreadable files printed by --scan (all are in the report)
 
 
@@ -1089,9 +1264,11 @@ def main(args):
     if given:
         raise utils.UsageError(f"given without --prepare, which alone uses them: {', '.join(given)}")
     check_data_args(args)
+    if args.report is None:
+        check_writable(cache_dir(), _cache_name())
     report = args.report or os.path.join(cache_dir(), f"unreadable_{args.dataset}.txt")
-    check_report_path(report)
-    lines, total, bad = [REPORT_HEADER], 0, []
+    check_report_path(report, None if args.dataset == "synthetic" else args.data)
+    lines, total, bad, notes = [REPORT_HEADER], 0, [], []
     root = synthetic_root(args) if args.dataset == "synthetic" else args.data
     splits = ("train", "test") if has_test_split(args.dataset, root) else ("train",)
     if len(splits) == 1:
@@ -1100,29 +1277,45 @@ def main(args):
     for split in splits:
         root, rel, _, _, _, infos = index_split(args, split, progress=f"probing {args.dataset}/{split}")
         failed = [(r, why) for r, why in zip(rel, infos) if not isinstance(why, dict)]
+        noted = [(r, info["note"]) for r, info in zip(rel, infos) if isinstance(info, dict) and info["note"]]
         missing = sum(why == "file not found" for _, why in failed)
-        total, bad = total + len(rel), bad + failed
+        total, bad, notes = total + len(rel), bad + failed, notes + noted
         print(f"{args.dataset}/{split}: {len(rel)} videos, {len(rel) - len(failed)} readable, "
-              f"{len(failed) - missing} unreadable, {missing} missing")
+              f"{len(failed) - missing} unreadable, {missing} missing" +
+              (f"; {len(noted)} of the readable with a note" if noted else ""))
         lines += [f"# {split}: {len(failed) - missing} unreadable, {missing} missing of {len(rel)} under {root}"]
         lines += [f"{r}\t{why}" for r, why in failed]
+        lines += [f"# {split}: {len(noted)} readable with a note"] + [f"#  {r}\t{note}" for r, note in noted]
     utils.atomic_write(report, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
     for r, why in bad[:SHOWN_UNREADABLE]:
         print(f"  {r}: {why}")
     more = f" (the first {SHOWN_UNREADABLE} above)" if len(bad) > SHOWN_UNREADABLE else ""
     print(f"{len(bad)} of {total} videos cannot be read (training leaves them out): listed in {report}{more}")
+    for r, note in notes[:SHOWN_UNREADABLE]:
+        print(f"  {r}: {note}")
+    if notes:
+        more = f" (the first {SHOWN_UNREADABLE} above)" if len(notes) > SHOWN_UNREADABLE else ""
+        print(f"{len(notes)} of {total} videos are read with a note (correct frames, as said): listed in "
+              f"{report}{more}")
 
 
-def check_report_path(path):
-    """Refuses a --report path that holds anything but an earlier report (e.g. a dataset's split list)."""
+def check_report_path(path, source=None):
+    """Refuses, before any work, a --report path that holds anything but an earlier report (e.g. a dataset's split
+    list), that lies in the dataset folder `source` (no tool writes into a dataset), or that cannot be written."""
     if os.path.isdir(path):
         raise utils.UsageError(f"--report {path} is a folder; give a file name")
     if os.path.exists(path):
         with open(path, errors="replace") as f:
             first = f.readline().rstrip("\n")
-        if first != REPORT_HEADER and not first.startswith("# train: "):  # "# train:": reports before the header
-            raise utils.UsageError(f"--report {path} exists and is not an earlier scan report: refusing to "
-                                   f"overwrite it; give another path")
+        # "# train:" and "# N of M videos of": reports written before the headers
+        if first not in (REPORT_HEADER, PREPARE_REPORT_HEADER) and not first.startswith("# train: ") and \
+                not re.fullmatch(r"# \d+ of \d+ videos of .* left out of .*", first):
+            raise utils.UsageError(f"--report {path} exists and is not an earlier scan report (nor a --prepare "
+                                   f"one): refusing to overwrite it; give another path")
+    if source is not None and _inside(path, source):
+        raise utils.UsageError(f"--report {path} is inside the dataset {source}, which no tool writes into; give a "
+                               f"path outside it")
+    check_writable(os.path.dirname(os.path.abspath(path)), "--report")
 
 
 if __name__ == "__main__":

@@ -1482,6 +1482,202 @@ def test_data_prepared_copy_trains_and_keeps_clip_times(pretrain_env):
     assert results["splits"]["test"]["videos"] == 4
 
 
+# --- decoding is frame-exact or named, the index cache, tools that must not write ----------------------------
+
+def _data_encode(path, codec, fmt, frames, gop=6, bframes=2, rate=25, options=None, rotation=None, hflip=False):
+    """Writes (L,H,W,3) uint8 frames with any codec and container (PyAV), with the given GOP and B-frames."""
+    with av.open(str(path), "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=rate, options=options or {})
+        s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        s.codec_context.gop_size, s.codec_context.max_b_frames = gop, bframes
+        if rotation is not None:
+            s.set_display_rotation(rotation, hflip=hflip)
+        for f in frames:
+            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(s.encode())
+
+
+def _data_sequential(path):
+    """Every frame of a file by plain sequential decoding: what a seek must reproduce."""
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+
+
+_DATA_CONTAINERS = [  # file, codec, container, options, whether decode_frames may seek in it
+    ("ps.mpg", "mpeg1video", "mpeg", None, False),  # MPEG program streams: no index, interpolated timestamps
+    ("ps2.mpeg", "mpeg2video", "mpeg", None, False),
+    ("ts.ts", "mpeg2video", "mpegts", None, False),  # transport streams, likewise
+    ("h264.ts", "libx264", "mpegts", None, False),
+    ("raw.m4v", "mpeg4", "m4v", None, False),  # a raw stream: no timestamps
+    ("bframes.avi", "mpeg4", "avi", None, False),  # GOPs of 3 behind B-frames: a seek lands past its keyframe
+    ("open_gop.mkv", "libx264", "matroska", {"x264-params": "open-gop=1:keyint=6:min-keyint=6"}, True),
+    ("open_gop.mp4", "libx264", "mp4", {"x264-params": "open-gop=1:keyint=6:min-keyint=6"}, True),
+    ("vp9.webm", "libvpx-vp9", "webm", {"lag-in-frames": "0"}, True),
+    ("h264.flv", "libx264", "flv", {"x264-params": "keyint=6"}, True),
+    ("mpeg2.mov", "mpeg2video", "mov", None, True),
+]
+
+
+def test_data_every_container_decodes_the_frames_of_sequential_decoding(tmp_path):
+    # Through seeks or read from the start, decode_frames gives the frames that sequential decoding gives, in
+    # every container; a file read from the start is named by its index entry (and so by --scan). Before, MPEG
+    # program and transport streams landed on later frames and repeated their neighbours without a word.
+    frames = np.stack([np.roll(_data_noise(1, 32, 0)[0], 3 * k, axis=1) for k in range(36)])
+    picks = [[30, 2, 17], [5, 6, 7, 8], [35], [0, 12, 24, 33], [20, 9]]
+    for name, codec, fmt, options, seeks in _DATA_CONTAINERS:
+        path = tmp_path / name
+        _data_encode(path, codec, fmt, frames, gop=3 if name == "bframes.avi" else 6, options=options)
+        truth, info = _data_sequential(path), data.probe_video(str(path))
+        assert info["frames"] == len(truth) == 36 and info["seek"] == seeks and bool(info["note"]) != seeks, name
+        for entry in (info, {**info, "seek": True}):  # a seek that lands past its frame reads from the start
+            for idx in picks:
+                got = data.decode_frames(str(path), idx, entry, threads=1)
+                assert all(np.array_equal(g, truth[k]) for g, k in zip(got, idx)), (name, idx, entry["seek"])
+    assert "mpeg files have no index" in data.probe_video(str(tmp_path / "ps.mpg"))["note"]
+    assert "lands past its keyframe" in data.probe_video(str(tmp_path / "bframes.avi"))["note"]
+
+
+def test_data_index_names_pictures_jumps_and_turned_frames(tmp_path, capsys):
+    # A picture renamed .mp4, a one-frame file and an audio-only file are unreadable, named; a 10-hour
+    # timestamp jump in a 40-frame file is read as its 40 frames in display order, named, and prepared as 40
+    # frames (not 900,001); a display matrix is applied (frames as a player shows them), named, and the prepared
+    # copy holds the turned frames without one.
+    root = tmp_path / "f"
+    (root / "a").mkdir(parents=True)
+    Image.fromarray(_data_noise(1)[0]).save(root / "a" / "picture.mp4", format="PNG")
+    _data_write(str(root / "a" / "one_frame.mp4"), _data_noise(1))
+    with av.open(str(root / "a" / "audio.mp4"), "w") as c:
+        s = c.add_stream("aac", rate=8000)
+        for k in range(4):
+            frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = 8000, 1024 * k
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+    ramp = _data_ramp(40, 16, step=6)
+    with av.open(str(root / "a" / "jump.mkv"), "w") as c:
+        s = c.add_stream("libx264", rate=25)
+        s.width = s.height = 16
+        s.pix_fmt, s.codec_context.time_base = "yuv420p", Fraction(1, 25)
+        for k, f in enumerate(ramp):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts, frame.time_base = (k if k < 39 else 900_000), Fraction(1, 25)
+            c.mux(s.encode(frame))
+        c.mux(s.encode())
+    stored = np.zeros((12, 16, 24, 3), np.uint8)
+    stored[:, :4, :6] = 255  # a white corner at the top left of the stored frames
+    _data_encode(root / "a" / "plain.mp4", "libx264", "mp4", stored)
+    for deg, hflip in ((90, False), (180, False), (270, False), (0, True), (90, True)):
+        _data_encode(root / "a" / f"turned_{deg}_{hflip}.mp4", "libx264", "mp4", stored, rotation=deg, hflip=hflip)
+    (root / "train.txt").write_text("".join(f"a/{p.name}\n" for p in sorted((root / "a").iterdir())))
+    (root / "test.txt").write_text("a/plain.mp4\n")
+    infos = dict(zip(data.list_videos("folder", str(root), "train")[0],
+                     data.load_index(str(root), data.list_videos("folder", str(root), "train")[0],
+                                     str(tmp_path / "index.json"))))
+    assert "still picture, not a video" in infos["a/picture.mp4"] and "png" in infos["a/picture.mp4"]
+    assert "still picture, not a video" in infos["a/one_frame.mp4"] and infos["a/audio.mp4"] == "no video stream"
+    jump = infos["a/jump.mkv"]
+    assert jump["frames"] == 40 and not jump["pts"] and "span 900,001 frames" in jump["note"]
+    got = data.decode_frames(str(root / "a" / "jump.mkv"), [0, 20, 39], jump)
+    assert np.round(got.reshape(3, -1).mean(1) / 6).astype(int).tolist() == [0, 20, 39]
+    plain = data.decode_frames(str(root / "a" / "plain.mp4"), [0, 11], infos["a/plain.mp4"])
+    for deg, hflip in ((90, False), (180, False), (270, False), (0, True), (90, True)):
+        info = infos[f"a/turned_{deg}_{hflip}.mp4"]
+        expected = np.rot90(plain, deg // 90, axes=(1, 2))
+        expected = expected[:, :, ::-1] if hflip else expected
+        assert np.array_equal(data.decode_frames(str(root / "a" / f"turned_{deg}_{hflip}.mp4"), [0, 11], info),
+                              expected), (deg, hflip)
+        assert "display matrix" in info["note"]
+    data.main(data.get_args_parser().parse_args(["--scan", "--dataset", "folder", "--data", str(root), "--workers",
+                                                 "0", "--report", str(tmp_path / "report.txt")]))
+    printed = capsys.readouterr().out
+    assert "3 unreadable" in printed and "6 of the readable with a note" in printed and "a/jump.mkv: read in" in printed
+    assert "#  a/turned_90_False.mp4\tframes turned" in (tmp_path / "report.txt").read_text()
+    result = _data_prepare(root, tmp_path / "copy", "folder", "--short-side", "16")
+    assert sorted(result["left_out"]) == ["a/audio.mp4", "a/one_frame.mp4", "a/picture.mp4"]
+    copy = data.probe_video(str(tmp_path / "copy" / "a" / "jump.mkv"))
+    assert copy["frames"] == 40 and copy["pts"] and not copy["note"]
+    assert (tmp_path / "copy" / "a" / "jump.mkv").stat().st_size < 4 * (root / "a" / "jump.mkv").stat().st_size
+    copy = data.probe_video(str(tmp_path / "copy" / "a" / "turned_90_False.mp4"))
+    frames = data.decode_frames(str(tmp_path / "copy" / "a" / "turned_90_False.mp4"), [0], copy)
+    assert copy["orient"] == [1, 0, 0, 1] and frames.shape == (1, 24, 16, 3)
+    assert frames[0, -4:, :2].min() > 200 and frames[0, :4, :].max() < 60  # the white corner at the bottom left
+
+
+_DATA_BAD_CACHES = [  # what the index cache file holds, the warning
+    (b"[]", "not an index of data.py"),
+    (json.dumps({"version": data.INDEX_VERSION, "entries": None}).encode(), "not an index of data.py"),
+    (json.dumps({"version": data.INDEX_VERSION, "entries": [1, 2]}).encode(), "not an index of data.py"),
+    (b"\x93\x00garbage", "UnicodeDecodeError"),
+    (b'{"version": 2, "entr', "JSONDecodeError"),
+]
+
+
+def test_data_index_cache_damage_is_rebuilt_or_named(tmp_path, monkeypatch):
+    # A damaged or foreign cache file is rebuilt with a warning; an entry that lacks a field is probed again (it
+    # was a KeyError in a loader worker); an unusable cache location is one error line that names FAME_CACHE.
+    root = tmp_path / "f"
+    for k in range(2):
+        _data_write(str(root / "a" / f"v{k}.mp4"), _data_noise(8, 16, k))
+    monkeypatch.setenv("FAME_CACHE", str(tmp_path / "cache"))
+    args = _data_args(tmp_path, root, "folder")
+    data.index_split(args, "train")
+    cache_file = next((tmp_path / "cache").glob("index_folder_train_*.json"))
+    probed = json.loads(cache_file.read_text())["entries"]
+    for content, warning in _DATA_BAD_CACHES:
+        cache_file.write_bytes(content)
+        with pytest.warns(RuntimeWarning, match=f"index cache .* is unreadable .*{warning}"):
+            assert data.index_split(args, "train")[-1] == [probed[r][1] for r in ("a/v0.mp4", "a/v1.mp4")]
+        assert json.loads(cache_file.read_text())["entries"] == probed
+    lacking = {r: [stat, {k: v for k, v in info.items() if k != "start"}] for r, (stat, info) in probed.items()}
+    cache_file.write_text(json.dumps({"version": data.INDEX_VERSION, "root": str(root), "entries": lacking}))
+    dataset = data.build_dataset(args, "train", "pretrain")
+    assert all("start" in info for info in dataset.infos) and dataset[0]["q"].shape == (3, 4, 16, 16)
+    cache_file.unlink()
+    cache_file.mkdir()
+    with pytest.raises(utils.DataError, match="index cache .* is a folder: remove it, or set FAME_CACHE"):
+        data.index_split(args, "train")
+    (tmp_path / "afile").write_text("not a folder")
+    for cache, message in ((tmp_path / "afile", "is not a folder"), ("/proc/fame", "cannot write in /proc/fame")):
+        monkeypatch.setenv("FAME_CACHE", str(cache))
+        for run in (lambda: data.index_split(args, "train"),
+                    lambda: data.main(data.get_args_parser().parse_args(
+                        ["--scan", "--dataset", "folder", "--data", str(root), "--workers", "0"]))):
+            with pytest.raises(utils.UsageError, match=f"FAME_CACHE={cache}: .*{message}"):
+                run()
+
+
+def test_data_tools_never_write_into_the_source_and_check_outputs_first(tmp_path, monkeypatch):
+    # --prepare runs --scan's report check: --report naming the source's own split list is refused (it was
+    # overwritten), and so is any report inside the source, one replacing a list of the copy, an --out or
+    # --report that cannot be written (a read-only place, a file in the way), all before any video is probed.
+    root = tmp_path / "src"
+    for k in range(2):
+        _data_write(str(root / "a" / f"v{k}.mp4"), _data_noise(8, 16, k))
+    (root / "train.txt").write_text("a/v0.mp4\n")
+    (root / "test.txt").write_text("a/v1.mp4\n")
+    before = _data_tree(root)
+    (tmp_path / "afile").write_text("a user's file")
+    monkeypatch.setattr(data, "probe_video", lambda path: pytest.fail("probed before the checks"))
+    scan = ["--scan", "--dataset", "folder", "--data", str(root), "--workers", "0"]
+    prepare = ["--prepare", "--dataset", "folder", "--data", str(root), "--workers", "0", "--out"]
+    cases = [
+        (prepare + [str(tmp_path / "copy"), "--report", str(root / "train.txt")], "not an earlier scan report"),
+        (prepare + [str(tmp_path / "copy"), "--report", str(root / "new.txt")], "inside the dataset"),
+        (scan + ["--report", str(root / "new.txt")], "inside the dataset"),
+        (prepare + [str(tmp_path / "copy"), "--report", str(tmp_path / "copy" / "train.txt")],
+         "would replace the copy of the source's train.txt"),
+        (prepare + ["/proc/fame_copy"], "--out: cannot write in /proc/fame_copy"),
+        (prepare + [str(tmp_path / "afile")], "--out: .*afile is not a folder"),
+        (prepare + [str(tmp_path / "copy"), "--report", "/proc/fame/report.txt"], "--report: cannot write in /proc"),
+        (scan + ["--report", "/proc/fame/report.txt"], "--report: cannot write in /proc/fame"),
+        (scan + ["--report", str(tmp_path / "afile" / "report.txt")], "--report: .*afile is not a folder"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(utils.UsageError, match=message):
+            data.main(data.get_args_parser().parse_args(argv))
+    assert _data_tree(root) == before and (tmp_path / "afile").read_text() == "a user's file"
+
+
 # ============================================================================================================
 # synthetic.py: the background-bias benchmark
 # ============================================================================================================
