@@ -390,9 +390,10 @@ def probe_video(path):
     file is unreadable or not a video (a still picture, a single frame). Counting demuxed packets is exact where
     container headers lie (truncated files, missing frame counts).
 
-    pts: frame k is the frame shown at the k-th tick of the fps grid since the first timestamp; without timestamps,
-    or where they span far more or far fewer ticks than the stream holds frames (a jump of hours in a 200-frame
-    file), frame k is the k-th frame in display order instead. seek: whether decode_frames may seek. A seek lands by
+    pts: frame k is the frame shown at the k-th tick of the fps grid since the first shown timestamp (a tick without
+    a frame repeats the one before); without timestamps, where they span far more ticks than the stream holds
+    frames (a jump of hours in a 200-frame file), or where two frames fall on one tick, frame k is the k-th frame
+    in display order instead. seek: whether decode_frames may seek. A seek lands by
     the container's own index only where it keeps one: MPEG program and transport streams, Ogg and raw streams are
     searched by guessed timestamps and land on later or undecodable frames, and some indexed files (B-frames behind
     very short GOPs) land past their keyframe too; such files are read from their start, correctly but slower, and
@@ -407,15 +408,18 @@ def probe_video(path):
             s = c.streams.video[0]
             s.codec_context.thread_count = 1  # one probing process per core
             tb = s.time_base or Fraction(1, 1000000)
-            stamps, keys, first = [], [], None
+            stamps, keys, hidden_key, first = [], [], False, None
             try:
                 for packet in c.demux(s):
                     if packet.size == 0:
                         continue
                     ts = packet.pts if packet.pts is not None else packet.dts
-                    stamps.append(ts)
-                    if packet.is_keyframe:
-                        keys.append(ts)
+                    if packet.is_discard:  # before the start of an edit list: decoded, never shown
+                        hidden_key |= packet.is_keyframe
+                    else:
+                        stamps.append(ts)
+                        if packet.is_keyframe:
+                            keys.append(ts)
                     if first is None:
                         first = next(iter(s.codec_context.decode(packet)), None)
             except av.error.FFmpegError:
@@ -425,15 +429,17 @@ def probe_video(path):
                 first = next(iter(s.codec_context.decode(None)), None)
             if first is None:
                 raise ValueError("no decodable frame")
+            if hidden_key and None not in stamps and stamps:  # a seek to the first shown frame lands on it
+                keys.append(min(stamps))
             if len(stamps) < 2:
                 raise ValueError(f"a single {s.codec_context.name} frame in a {c.format.name} file: a still "
                                  f"picture, not a video")
             rate = s.average_rate
             if not rate and None not in stamps and max(stamps) > min(stamps):  # the mean rate of the timestamps
                 rate = Fraction(len(stamps) - 1) / ((max(stamps) - min(stamps)) * tb)
-            rate = rate or s.guessed_rate or s.base_rate
+            rates = [float(r) for r in (rate or s.guessed_rate or s.base_rate, s.guessed_rate) if r] or [25.0]
             unindexed = c.format.flags & UNINDEXED_FORMAT
-            info = _timeline(stamps, keys, float(rate) if rate else 25.0, tb,
+            info = _timeline(stamps, keys, rates, tb,
                              f"{c.format.name} files have no index to seek by, and their timestamps can jump"
                              if unindexed else None)
             info["orient"] = _display_matrix(first)
@@ -448,22 +454,34 @@ def probe_video(path):
 
 
 UNINDEXED_FORMAT = 0x100 | 0x200  # AVFMT_GENERIC_INDEX | AVFMT_TS_DISCONT: no index of its own, or jumping times
-MAX_TICKS_PER_FRAME = 4  # timestamps spanning more fps ticks per frame than this (or under half) are not a timeline
+MAX_TICKS_PER_FRAME = 4  # timestamps spanning more fps ticks per frame than this are not a timeline (a jump)
 
 
-def _timeline(stamps, keys, fps, tb, unindexed=None):
-    """The timing fields of probe_video's entry, from the packets' timestamps (in time base tb) and keyframes;
-    unindexed: why the container's timestamps cannot be trusted, if they cannot."""
+def _timeline(stamps, keys, rates, tb, unindexed=None):
+    """The timing fields of probe_video's entry, from the packets' timestamps (in time base tb) and keyframes, on
+    the grid of the first frame rate in `rates` (the mean rate, then FFmpeg's guess of the base rate, which a
+    variable frame rate needs) on which no two frames meet; unindexed: why the container's timestamps cannot be
+    trusted, if they cannot."""
+    fps = rates[0]
     if unindexed:
         note = f"read in display order from the start: {unindexed}"
     elif None not in stamps:
         start = min(stamps)
-        frames = round((max(stamps) - start) * tb * fps) + 1
-        if len(stamps) / 2 <= frames <= MAX_TICKS_PER_FRAME * len(stamps):
+        for fps in rates:
+            scale = float(tb) * fps  # as frame_index() counts
+            ticks = {round((t - start) * scale) for t in stamps}
+            frames = max(ticks) + 1
+            if len(ticks) == len(stamps):
+                break
+        if len(ticks) == len(stamps) and frames <= MAX_TICKS_PER_FRAME * len(stamps):
             return {"frames": int(frames), "fps": fps, "tb": [tb.numerator, tb.denominator], "start": int(start),
-                    "keys": sorted(int(k) for k in keys) or [int(start)], "pts": True, "seek": True, "note": ""}
-        note = (f"read in display order: its timestamps span {frames:,} frames at {fps:g} fps, but it holds "
-                f"{len(stamps):,}")
+                    "keys": sorted({int(k) for k in keys}) or [int(start)], "pts": True, "seek": True, "note": ""}
+        if len(ticks) < len(stamps):
+            note = (f"read in display order: {len(stamps) - len(ticks):,} of its {len(stamps):,} frames share a "
+                    f"frame time at {fps:g} fps with another")
+        else:
+            note = (f"read in display order: its timestamps span {frames:,} frames at {fps:g} fps, but it holds "
+                    f"{len(stamps):,}")
     else:
         note = "read in display order: it has no timestamps"
     return {"frames": len(stamps), "fps": fps, "tb": [1, 1], "start": 0, "keys": [0], "pts": False, "seek": False,
@@ -686,13 +704,14 @@ def _decode_wanted(path, want, info, short_side, threads, seek, decoded):
                         return None
                     landed = True
                 count = pos = idx
+                while i < len(want) and want[i] < idx:  # frames missing at a gap: filled by decode_frames
+                    i += 1
                 if i < len(want) and idx == want[i]:
                     if size is None:
                         size = _target_size(frame.width, frame.height, short_side)
                     out[idx] = _orient(reformatter.reformat(frame, width=size[0], height=size[1], format="rgb24",
                                                             interpolation="AREA", threads=threads).to_ndarray(),
                                        info["orient"])
-                while i < len(want) and want[i] <= idx:
                     i += 1
                 if i == len(want):
                     break

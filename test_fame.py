@@ -1484,37 +1484,56 @@ def test_data_prepared_copy_trains_and_keeps_clip_times(pretrain_env):
 
 # --- decoding is frame-exact or named, the index cache, tools that must not write ----------------------------
 
-def _data_encode(path, codec, fmt, frames, gop=6, bframes=2, rate=25, options=None, rotation=None, hflip=False):
-    """Writes (L,H,W,3) uint8 frames with any codec and container (PyAV), with the given GOP and B-frames."""
+def _data_encode(path, codec, fmt, frames, gop=6, bframes=2, options=None, rotation=None, hflip=False, pts=None):
+    """Writes (L,H,W,3) uint8 frames at 25 fps with any codec and container (PyAV), with the given GOP, B-frames,
+    display matrix and timestamps (in 1/25 s; default 0, 1, 2, ...)."""
     with av.open(str(path), "w", format=fmt) as c:
-        s = c.add_stream(codec, rate=rate, options=options or {})
+        s = c.add_stream(codec, rate=25, options=options or {})
         s.width, s.height, s.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         s.codec_context.gop_size, s.codec_context.max_b_frames = gop, bframes
+        s.codec_context.time_base = Fraction(1, 25)
         if rotation is not None:
             s.set_display_rotation(rotation, hflip=hflip)
-        for f in frames:
-            c.mux(s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        for k, f in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(f, format="rgb24")
+            frame.pts, frame.time_base = k if pts is None else pts[k], Fraction(1, 25)
+            c.mux(s.encode(frame))
         c.mux(s.encode())
 
 
-def _data_sequential(path):
-    """Every frame of a file by plain sequential decoding: what a seek must reproduce."""
+def _data_sequential(path, info):
+    """Frames 0 .. info["frames"]-1 of a file by plain sequential decoding, what a seek must reproduce: the k-th
+    frame shown, or where the index reads timestamps, the frame shown at the k-th tick of its frame rate."""
     with av.open(str(path)) as c:
-        return [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+        shown = [(f.pts, f.to_ndarray(format="rgb24")) for f in c.decode(video=0)]
+    if not info["pts"]:
+        return [f for _, f in shown]
+    at = {data.frame_index(info)(pts): f for pts, f in shown}
+    return [at[max(k for k in at if k <= j)] for j in range(max(at) + 1)]  # a tick without a frame: the one before
 
 
-_DATA_CONTAINERS = [  # file, codec, container, options, whether decode_frames may seek in it
-    ("ps.mpg", "mpeg1video", "mpeg", None, False),  # MPEG program streams: no index, interpolated timestamps
-    ("ps2.mpeg", "mpeg2video", "mpeg", None, False),
-    ("ts.ts", "mpeg2video", "mpegts", None, False),  # transport streams, likewise
-    ("h264.ts", "libx264", "mpegts", None, False),
-    ("raw.m4v", "mpeg4", "m4v", None, False),  # a raw stream: no timestamps
-    ("bframes.avi", "mpeg4", "avi", None, False),  # GOPs of 3 behind B-frames: a seek lands past its keyframe
-    ("open_gop.mkv", "libx264", "matroska", {"x264-params": "open-gop=1:keyint=6:min-keyint=6"}, True),
-    ("open_gop.mp4", "libx264", "mp4", {"x264-params": "open-gop=1:keyint=6:min-keyint=6"}, True),
-    ("vp9.webm", "libvpx-vp9", "webm", {"lag-in-frames": "0"}, True),
-    ("h264.flv", "libx264", "flv", {"x264-params": "keyint=6"}, True),
-    ("mpeg2.mov", "mpeg2video", "mov", None, True),
+_DATA_GAPS = [0, 1, 2, 4, 5, 6, 9, 10, 11, 12, 13, 14, 17, 18, 19, 20, 21, 22, 23, 24, 26, 27, 28, 29, 30, 31, 32,
+              35, 36, 37, 38, 39, 40, 41, 42, 43]  # a variable frame rate: 36 frames over 44 ticks of 1/25 s
+_DATA_CONTAINERS = [  # file, codec, container, extra _data_encode arguments, whether decode_frames may seek in it,
+    # how many frames the index counts
+    ("ps.mpg", "mpeg1video", "mpeg", {}, False, 36),  # MPEG program streams: no index, interpolated timestamps
+    ("ps2.mpeg", "mpeg2video", "mpeg", {}, False, 36),
+    ("ts.ts", "mpeg2video", "mpegts", {}, False, 36),  # transport streams, likewise
+    ("h264.ts", "libx264", "mpegts", {}, False, 36),
+    ("raw.m4v", "mpeg4", "m4v", {}, False, 36),  # a raw stream: no timestamps
+    ("bframes.avi", "mpeg4", "avi", {"gop": 3}, False, 36),  # short GOPs behind B-frames: a seek lands past its key
+    ("open_gop.mkv", "libx264", "matroska", {"options": {"x264-params": "open-gop=1:keyint=6:min-keyint=6"}},
+     True, 36),
+    ("open_gop.mp4", "libx264", "mp4", {"options": {"x264-params": "open-gop=1:keyint=6:min-keyint=6"}}, True, 36),
+    ("vp9.webm", "libvpx-vp9", "webm", {"options": {"lag-in-frames": "0"}}, True, 36),
+    ("h264.flv", "libx264", "flv", {"options": {"x264-params": "keyint=6"}}, True, 36),
+    ("mpeg2.mov", "mpeg2video", "mov", {}, True, 36),
+    ("edit_list.mp4", "libx264", "mp4", {"pts": [k - 3 for k in range(36)],  # 3 frames hidden by its edit list
+                                         "options": {"x264-params": "keyint=6"}}, True, 33),
+    ("vfr.mp4", "libx264", "mp4", {"pts": _DATA_GAPS, "options": {"x264-params": "keyint=6"}}, True, 44),
+    ("vfr.mkv", "libx264", "matroska", {"pts": _DATA_GAPS, "options": {"x264-params": "keyint=6"}}, True, 44),
+    ("same_pts.mkv", "libx264", "matroska", {"pts": [k // 2 for k in range(36)],  # two frames a tick
+                                             "options": {"x264-params": "keyint=6:bframes=0"}}, False, 36),
 ]
 
 
@@ -1524,17 +1543,20 @@ def test_data_every_container_decodes_the_frames_of_sequential_decoding(tmp_path
     # program and transport streams landed on later frames and repeated their neighbours without a word.
     frames = np.stack([np.roll(_data_noise(1, 32, 0)[0], 3 * k, axis=1) for k in range(36)])
     picks = [[30, 2, 17], [5, 6, 7, 8], [35], [0, 12, 24, 33], [20, 9]]
-    for name, codec, fmt, options, seeks in _DATA_CONTAINERS:
+    for name, codec, fmt, extra, seeks, count in _DATA_CONTAINERS:
         path = tmp_path / name
-        _data_encode(path, codec, fmt, frames, gop=3 if name == "bframes.avi" else 6, options=options)
-        truth, info = _data_sequential(path), data.probe_video(str(path))
-        assert info["frames"] == len(truth) == 36 and info["seek"] == seeks and bool(info["note"]) != seeks, name
+        _data_encode(path, codec, fmt, frames, **extra)
+        info = data.probe_video(str(path))
+        truth = _data_sequential(path, info)
+        assert info["frames"] == len(truth) == count and info["seek"] == seeks and bool(info["note"]) != seeks, name
         for entry in (info, {**info, "seek": True}):  # a seek that lands past its frame reads from the start
             for idx in picks:
+                idx = [k * count // 36 for k in idx]
                 got = data.decode_frames(str(path), idx, entry, threads=1)
                 assert all(np.array_equal(g, truth[k]) for g, k in zip(got, idx)), (name, idx, entry["seek"])
     assert "mpeg files have no index" in data.probe_video(str(tmp_path / "ps.mpg"))["note"]
     assert "lands past its keyframe" in data.probe_video(str(tmp_path / "bframes.avi"))["note"]
+    assert "18 of its 36 frames share a frame time" in data.probe_video(str(tmp_path / "same_pts.mkv"))["note"]
 
 
 def test_data_index_names_pictures_jumps_and_turned_frames(tmp_path, capsys):
