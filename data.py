@@ -489,13 +489,21 @@ def _timeline(stamps, keys, rates, tb, unindexed=None):
 
 
 def _seek_lands(c, s, info):
-    """Whether a seek to the middle keyframe, as decode_frames makes it, decodes from that keyframe or before."""
-    key = frame_index(info)(info["keys"][len(info["keys"]) // 2])
+    """Whether a seek to the middle keyframe, as decode_frames makes it, lands on a keyframe at or before it (read
+    from the packets alone: decoding starts at the packet a seek lands on)."""
+    index_of = frame_index(info)
+    key = index_of(info["keys"][len(info["keys"]) // 2])
     if key == 0:
         return True
-    c.seek(info["start"] + int(round(key / (float(Fraction(*info["tb"])) * info["fps"]))), stream=s, backward=True, any_frame=False)
-    for frame in c.decode(s):
-        return frame.pts is None or frame_index(info)(frame.pts) <= key
+    try:
+        c.seek(info["start"] + int(round(key / (float(Fraction(*info["tb"])) * info["fps"]))), stream=s,
+               backward=True, any_frame=False)
+        for packet in c.demux(s):
+            if packet.size:
+                ts = packet.pts if packet.pts is not None else packet.dts
+                return packet.is_keyframe and ts is not None and index_of(ts) <= key
+    except av.error.FFmpegError:
+        pass
     return False
 
 
