@@ -27,7 +27,10 @@ frame count), then pass it as --data to any stage. It is resumable, never writes
     python data.py --prepare --dataset k400 --data /datasets/kinetics400 --out /datasets/kinetics400_prepared
 
 Videos shorter than a clip's span ((frames-1)*stride+1) are read with a reduced stride (down to 1); if they
-have fewer frames than the clip, the last frame is repeated.
+have fewer frames than the clip, the last frame is repeated. Frame k of a video is the one shown at the k-th tick
+of its frame rate (a tick without a frame repeats the one before), or the k-th frame shown where its timestamps
+cannot be trusted; decoding gives the frames that sequential decoding gives, seeking only in files where seeks
+land exactly, turned as the file's display matrix says. --scan names every file read otherwise (probe_video).
 """
 import argparse
 import bisect
@@ -384,6 +387,10 @@ def list_videos(dataset, root, split, fold=1):
 # Probing and the cached index
 
 
+UNINDEXED_FORMAT = 0x100 | 0x200  # AVFMT_GENERIC_INDEX | AVFMT_TS_DISCONT: no index of its own, or jumping times
+MAX_TICKS_PER_FRAME = 4  # timestamps spanning more fps ticks per frame than this are not a timeline (a jump)
+
+
 def probe_video(path):
     """Reads a video's packets (no decoding beyond the first frame) and returns its index entry
     {frames, fps, tb: [num, den], start, keys: keyframe pts, pts, seek, orient, note}; raises ValueError if the
@@ -403,9 +410,9 @@ def probe_video(path):
         raise ValueError("zero-byte file")
     try:
         with av.open(path, metadata_errors="ignore") as c:
-            if not c.streams.video:
-                raise ValueError("no video stream")
-            s = c.streams.video[0]
+            s = video_stream(c)
+            if s is None:
+                raise ValueError("no video stream" + (" (only a cover picture)" if c.streams.video else ""))
             s.codec_context.thread_count = 1  # one probing process per core
             tb = s.time_base or Fraction(1, 1000000)
             stamps, keys, hidden_key, first = [], [], False, None
@@ -453,8 +460,10 @@ def probe_video(path):
     return info
 
 
-UNINDEXED_FORMAT = 0x100 | 0x200  # AVFMT_GENERIC_INDEX | AVFMT_TS_DISCONT: no index of its own, or jumping times
-MAX_TICKS_PER_FRAME = 4  # timestamps spanning more fps ticks per frame than this are not a timeline (a jump)
+def video_stream(c):
+    """The video stream of an open container that the index and decoding read: its first one that is not a cover
+    picture (an MP4's embedded thumbnail); None if there is none."""
+    return next((s for s in c.streams.video if not s.disposition & av.stream.Disposition.attached_pic), None)
 
 
 def _timeline(stamps, keys, rates, tb, unindexed=None):
@@ -483,7 +492,9 @@ def _timeline(stamps, keys, rates, tb, unindexed=None):
             note = (f"read in display order: its timestamps span {frames:,} frames at {fps:g} fps, but it holds "
                     f"{len(stamps):,}")
     else:
-        note = "read in display order: it has no timestamps"
+        missing = sum(t is None for t in stamps)
+        note = ("read in display order: it has no timestamps" if missing == len(stamps) else
+                f"read in display order: {missing:,} of its {len(stamps):,} frames have no timestamp")
     return {"frames": len(stamps), "fps": fps, "tb": [1, 1], "start": 0, "keys": [0], "pts": False, "seek": False,
             "note": note}
 
@@ -690,7 +701,7 @@ def _decode_wanted(path, want, info, short_side, threads, seek, decoded):
     key_idx = [index_of(k) for k in info["keys"]] if seek else [0]
     out = {}
     with av.open(path) as c:
-        s = c.streams.video[0]
+        s = video_stream(c)
         s.codec_context.thread_count = threads
         if threads != 1 and s.codec_context.width * s.codec_context.height >= DECODE_THREADS_MIN_PIXELS:
             s.thread_type = "AUTO"  # frame threading pays off only on large frames
@@ -1089,7 +1100,7 @@ def encode_copy(src, f, info, gop=16, short_side=None, crf=PREPARE_CRF, fastdeco
     params = f"keyint={gop}:min-keyint={gop}:scenecut=0"
     options = {"crf": str(crf), "x264-params": params, **({"tune": "fastdecode"} if fastdecode else {})}
     with av.open(src) as c, av.open(f, "w", format="mp4") as out:
-        s = c.streams.video[0]
+        s = video_stream(c)
         s.codec_context.thread_count = threads
         o = out.add_stream("libx264", rate=rate, options=options)
         w, h = s.codec_context.width, s.codec_context.height
