@@ -253,6 +253,8 @@ def _relative(path, where):
     characters or a byte-order mark (an invisible character that would make the name another file's)."""
     if path.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[\\/]", path):
         raise _ListError(f"{where}: absolute path {path!r}: list paths relative to the dataset root")
+    if "\\" in path and "/" not in path:
+        raise _ListError(f"{where}: {path!r} separates folders with '\\': use '/'")
     norm = posixpath.normpath(path)
     if norm == ".." or norm.startswith("../"):
         raise _ListError(f"{where}: {path!r} leaves the dataset root")
@@ -334,7 +336,7 @@ def _list_ucf101(root, split, fold):
     index = os.path.join(lists, "classInd.txt")
     classes = []
     for where, line in _read_lines(index):
-        number, _, name = line.partition(" ")
+        number, name = (line.split(None, 1) + [""])[:2]
         if number != str(len(classes) + 1) or not name.strip():
             raise _ListError(f"{where}: expected '{len(classes) + 1} <ClassName>' (classes numbered from 1 in "
                              f"order), got {line!r}")
@@ -792,7 +794,8 @@ def split_manifest(args, split, scored=False, held_out_from=None, progress=None)
             if key is None or k in why:
                 continue
             if key in training:
-                why[k] = ("in the training split", f"the {held_out_from} video {training[key]}" if training[key] != rel[k]
+                same = training[key]
+                why[k] = ("in the training split", f"the {held_out_from} video {same}" if same != rel[k]
                           else f"also listed in the {held_out_from} split")
             elif key in first:
                 why[k] = ("listed twice", f"the same file as {rel[first[key]]}")

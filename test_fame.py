@@ -1053,7 +1053,8 @@ def test_data_split_lines_with_spaces_tabs_and_unknown_classes(tmp_path):
     for train in ("walk/my clip.mp4\nrun/two  spaces.mp4\nrun/tabbed 7.mp4\n",
                   "walk/my clip.mp4 1\nrun/two  spaces.mp4 0\nrun/tabbed 7.mp4\t0\n"):
         (root / "train.txt").write_text(train)
-        (root / "test.txt").write_text("walk/a b.mp4\n" if train.startswith("walk/my clip.mp4\n") else "walk/a b.mp4 1\n")
+        labelled = not train.startswith("walk/my clip.mp4\n")
+        (root / "test.txt").write_text("walk/a b.mp4 1\n" if labelled else "walk/a b.mp4\n")
         rel, labels, classes, _ = data.list_videos("folder", str(root), "train")
         assert rel == ["walk/my clip.mp4", "run/two  spaces.mp4", "run/tabbed 7.mp4"] and classes == ["run", "walk"]
         assert labels == [1, 0, 0] and data.list_videos("folder", str(root), "test")[:2] == (["walk/a b.mp4"], [1])
@@ -1467,7 +1468,8 @@ def test_data_lists_users_bring_are_refused_in_one_line_naming_file_and_line(tmp
             utils.run_script(scripts[script].main, parser, parser.parse_args(argv))
         captured = capsys.readouterr()
         assert stop.value.code == 1 and captured.out == "", f"{case}: {captured}"
-        assert re.fullmatch(rf"{re.escape(script)}: error: [^\n]*{message}[^\n]*\n", captured.err), f"{case}: {captured}"
+        one_line = rf"{re.escape(script)}: error: [^\n]*{message}[^\n]*\n"
+        assert re.fullmatch(one_line, captured.err), f"{case}: {captured}"
     assert not any(tmp_path.glob("run*"))  # refused before an output folder was made
 
 
@@ -1529,7 +1531,8 @@ def test_data_every_listed_video_is_accounted_for(tmp_path, data_four_videos, ca
     assert len(ds) == 2 and ds.manifest["listed"] == 4 and ds.manifest["used"] == 2
     assert ds.manifest["left_out_by_reason"] == {"listed twice": 0, "missing file": 1, "in the training split": 0,
                                                  "unreadable at indexing": 1}
-    assert "folder/train: 4 listed, 2 used; left out: 1 missing file, 1 unreadable at indexing" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "folder/train: 4 listed, 2 used; left out: 1 missing file, 1 unreadable at indexing" in printed
     # split lists: a line listed twice is used once and said; one with another class is refused (the table above)
     (root / "train.txt").write_text("a/v0.mp4\nb/v1.mp4\na/v0.mp4\n")
     (root / "test.txt").write_text("b/missing.mp4\na/dead.mp4\n")
@@ -2705,7 +2708,7 @@ def test_eval_broken_test_videos_are_left_out(eval_tiny, tmp_path, monkeypatch, 
                                                   "--output-dir", str(tmp_path / "probe")])
     assert (probe["splits"]["test"]["videos"], probe["splits"]["test"]["left_out"]) == (7, 1)
     assert (probe["splits"]["test_swapped"]["videos"], probe["splits"]["test_swapped"]["left_out"]) == (8, 0)
-    assert "test: 1 videos could not be decoded and are left out" in capsys.readouterr().out
+    assert "test: 8 listed = 7 scored + 1 left out (1 failed to decode)" in capsys.readouterr().out
     with pytest.warns(RuntimeWarning, match="left out of the evaluation"):
         found = _eval_run(retrieve, common + ["--output-dir", str(tmp_path / "retrieve")])["splits"]["test"]
     assert (found["queries"], found["left_out"], found["gallery"], found["gallery_left_out"]) == (7, 1, 15, 1)
@@ -2785,6 +2788,69 @@ def test_eval_retrieve_one_vs_two_processes(eval_tiny, tmp_path):
     for a, b in zip(one["visualized"], two["visualized"], strict=True):  # same neighbours, same similarities
         assert [n["index"] for n in a["neighbours"]] == [n["index"] for n in b["neighbours"]]
         assert [n["sim"] for n in a["neighbours"]] == pytest.approx([n["sim"] for n in b["neighbours"]], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def eval_accounted(tmp_path_factory):
+    """A folder dataset whose test list holds one video of each fate: 2 scored, and one each listed twice, missing,
+    a training video under another name (hard link), unreadable at indexing (truncated) and failing to decode at
+    test time (b/fails.mp4, made to fail by the test)."""
+    root = tmp_path_factory.mktemp("accounted")
+    for k in range(9):
+        _data_write(str(root / "ab"[k % 2] / f"v{k}.mp4"), _data_noise(8, 16, 200 + k))
+    (root / "a" / "v8.mp4").rename(root / "b" / "fails.mp4")
+    good = (root / "b" / "v7.mp4").read_bytes()
+    (root / "a" / "truncated.mp4").write_bytes(good[: len(good) // 3])
+    os.link(root / "a" / "v0.mp4", root / "b" / "linked.mp4")
+    (root / "train.txt").write_text("".join(f"{'ab'[k % 2]}/v{k}.mp4\n" for k in range(6)))
+    (root / "test.txt").write_text("a/v6.mp4\nb/v7.mp4\nb/v7.mp4\na/missing.mp4\nb/linked.mp4\na/truncated.mp4\n"
+                                   "b/fails.mp4\n")
+    return ["--dataset", "folder", "--data", str(root), "--arch", "cnn3d", "--frames", "2", "--crop", "16",
+            "--clips", "1", "--batch-size", "2", "--workers", "0"]
+
+
+@pytest.mark.parametrize("module, extra", [(finetune, ["--epochs", "1"]),
+                                           (linear_probe, ["--epochs", "1", "--cache-features"]), (retrieve, [])])
+def test_eval_every_listed_test_video_is_scored_or_left_out_by_reason(eval_accounted, tmp_path, monkeypatch, capsys,
+                                                                       module, extra):
+    # kinds 2 and 3 in each evaluation: listed = scored + left out, by reason, in results.json and the printout
+    load = data.VideoDataset.load
+
+    def failing(self, i, generator=None):
+        if self.paths[i].endswith("fails.mp4"):
+            raise ValueError("simulated decode error")
+        return load(self, i, generator)
+
+    monkeypatch.setattr(data.VideoDataset, "load", failing)
+    with pytest.warns(RuntimeWarning, match="leaving out 4 of 7 listed videos"):
+        results = _eval_run(module, eval_accounted + extra + ["--output-dir", str(tmp_path / "run")])
+    test = results["splits"]["test"]
+    assert (test["listed"], test["scored"], test["left_out"]) == (7, 2, 5)
+    assert test["left_out_by_reason"] == {"listed twice": 1, "missing file": 1, "in the training split": 1,
+                                          "unreadable at indexing": 1, "failed to decode": 1}
+    assert sorted(r for r, _, _ in test["left_out_videos"]) == ["a/missing.mp4", "a/truncated.mp4", "b/fails.mp4",
+                                                                "b/linked.mp4", "b/v7.mp4"]
+    assert ("test: 7 listed = 2 scored + 5 left out (1 listed twice, 1 missing file, 1 in the training split, "
+            "1 unreadable at indexing, 1 failed to decode)") in capsys.readouterr().out
+    if module is retrieve:  # the gallery is accounted for too; a query never meets itself under another name
+        assert (test["queries"], results["gallery"]["listed"], results["gallery"]["scored"]) == (2, 6, 6)
+    else:
+        assert test["videos"] == 2 and sum(test["per_class_acc"].values()) >= 0
+
+
+def test_eval_non_finite_features_are_refused(eval_accounted, tmp_path, monkeypatch):
+    # a backbone giving non-finite features (e.g. NaN weights) is refused in one line, never scored
+    build = models.build_backbone
+
+    def nan_features(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.forward_features = lambda x: torch.full((len(x), model.feature_dim), float("nan"))
+        return model
+
+    monkeypatch.setattr(models, "build_backbone", nan_features)
+    with pytest.raises(utils.DataError, match=r"folder/train: the backbone gives non-finite outputs \(NaN or inf\) "
+                                              r"for 6 of 6 videos, e.g. .*v0.mp4: such scores mean nothing"):
+        _eval_run(retrieve, eval_accounted + ["--output-dir", str(tmp_path / "run")])
 
 
 # ============================================================================================================
