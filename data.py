@@ -8,12 +8,17 @@ Layouts (`--data` is the root):
     k400      train/<class>/*.mp4 and val/<class>/*.mp4 (classes sorted by name), or the common download:
               train/*.mp4 and val/*.mp4 named <youtube_id>_<start>_<end>.mp4 with annotations/{train,val}.csv
     diving48  rgb/<vid_name>.mp4, Diving48_V2_train.json, Diving48_V2_test.json (48 classes, V2 labels)
-    folder    <class>/<video>; splits from train.txt/test.txt ("<class>/<video>" lines) or train/ and test/
-              subfolders, else every video is in both splits (pretraining; the evaluations refuse this)
+    folder    <class>/<video>; splits from train.txt/test.txt ("<class>/<video>" lines, or "<path> <label>" lines
+              whose integer label column gives the class) or train/ and test/ subfolders, else every video is in
+              both splits (pretraining; the evaluations refuse this)
+    synthetic generated on first use (synthetic.py) under --data, else $FAME_CACHE or ~/.cache/fame
 
 In list files, a line's fields are separated by tabs if it has any; otherwise its numbers (labels) are read from the
-end of the line, so that paths may hold spaces.
-    synthetic generated on first use (synthetic.py) under --data, else $FAME_CACHE or ~/.cache/fame
+end of the line, so that paths may hold spaces. Lists may be UTF-8 (with or without a byte-order mark) or UTF-16
+with one, with LF or CRLF line ends. Each layout has one strict parser: a line or entry it cannot read, a path that
+is absolute or leaves --data, or a label outside the class list is refused naming the file and line. Every listed
+video is then used or left out for a reason that is said (split_manifest): listed twice, missing file, in the
+training split (an evaluation's test videos, compared by file identity), unreadable at indexing.
 
 Check a dataset before training: every video is probed once (the index is cached under $FAME_CACHE or
 ~/.cache/fame and reused while the files are unchanged) and the unreadable or missing ones are listed:
@@ -1448,9 +1453,10 @@ def main(args):
         print(describe_manifest(f"{args.dataset}/{split}", manifest))
         lines += [f"# {describe_manifest(split, manifest)} under {root}"]
         lines += [f"{r}\t{reason}: {detail}" for r, reason, detail in manifest["left_out"]]
-    utils.atomic_write(report, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
+    # names as on disk, whatever their encoding (a name that is not UTF-8 is read with surrogate escapes)
+    utils.atomic_write(report, lambda f: f.write(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")))
     for r, reason, detail in bad[:SHOWN_UNREADABLE]:
-        print(f"  {r}: {reason}: {detail}")
+        print(f"  {r}: {reason}: {detail}".encode("utf-8", "backslashreplace").decode("utf-8"))
     more = f" (the first {SHOWN_UNREADABLE} above)" if len(bad) > SHOWN_UNREADABLE else ""
     print(f"{len(bad)} of {total} listed videos are left out (training and evaluation leave them out): listed in "
           f"{report}{more}")

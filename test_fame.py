@@ -1535,15 +1535,17 @@ def test_data_every_listed_video_is_accounted_for(tmp_path, data_four_videos, ca
     assert "folder/train: 4 listed, 2 used; left out: 1 missing file, 1 unreadable at indexing" in printed
     # split lists: a line listed twice is used once and said; one with another class is refused (the table above)
     (root / "train.txt").write_text("a/v0.mp4\nb/v1.mp4\na/v0.mp4\n")
-    (root / "test.txt").write_text("b/missing.mp4\na/dead.mp4\n")
+    (root / "test.txt").write_bytes(b"b/missing.mp4\na/dead.mp4\na/gon\xe9.mp4\n")  # a name that is not UTF-8
     report = tmp_path / "report.txt"
     data.main(data.get_args_parser().parse_args(["--scan", "--dataset", "folder", "--data", str(root), "--workers",
                                                  "0", "--report", str(report)]))
     printed = capsys.readouterr().out
     assert "folder/train: 3 listed, 2 used; left out: 1 listed twice" in printed
-    assert "folder/test: 2 listed, 0 used; left out: 2 missing file" in printed
-    assert "3 of 5 listed videos are left out" in printed
-    assert re.search(r"a/v0.mp4\tlisted twice: listed twice \(first at .*train.txt:1\)", report.read_text())
+    assert "folder/test: 3 listed, 0 used; left out: 3 missing file" in printed
+    assert "4 of 6 listed videos are left out" in printed
+    assert re.search(r"a/v0.mp4\tlisted twice: listed twice \(first at .*train.txt:1\)",
+                     report.read_text(errors="replace"))
+    assert b"\na/gon\xe9.mp4\tmissing file: file not found\n" in report.read_bytes()  # the name as on disk
 
 
 def test_data_no_test_on_training_videos_by_file_identity(tmp_path, data_four_videos, capsys):
