@@ -534,6 +534,10 @@ def _list_folder(root, split, fold):
             if int(label) not in lookup:
                 raise _ListError(f"{where}: label {label}, which the training split does not have (labels: "
                                  f"{', '.join(map(str, values[:10]))}{' ...' if len(values) > 10 else ''})")
+            folder = rel.rpartition("/")[0]
+            if named and folder in classes and folder != classes[lookup[int(label)]]:  # a folder and a label disagree
+                raise _ListError(f"{where}: label {label} is the class of {classes[lookup[int(label)]]}/ in "
+                                 f"train.txt, but the video is in {folder}/")
             entries.append((where, rel, lookup[int(label)]))
         return entries, classes, None
     if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
@@ -593,7 +597,7 @@ def list_split(dataset, root, split, fold=1):
         if label != label0:
             raise LayoutError(f"{dataset} dataset: {where or rel}: {rel} is listed again with another class "
                               f"({classes[label]!r}; {classes[label0]!r} at {where0})")
-        duplicates.append((rel, f"listed twice (first at {where0})"))
+        duplicates.append((rel, f"first listed at {where0}"))
     return {"rel": [entries[k][1] for k in keep], "labels": [entries[k][2] for k in keep], "classes": classes,
             "scenes": None if scenes is None else [scenes[k] for k in keep], "duplicates": duplicates}
 

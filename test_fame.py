@@ -1442,6 +1442,8 @@ _DATA_REFUSED_LISTS = [
     ("F-testlabel", "data.py", "folder", {"train.txt": "videos/v.mp4 0\nvideos/w.mp4 1\n",
                                           "test.txt": "videos/t.mp4 7\n"},
      r"test.txt:1: label 7, which the training split does not have \(labels: 0, 1\)"),
+    ("F-disagree", "data.py", "folder", {"train.txt": "walk/v.mp4 0\nrun/w.mp4 1\n", "test.txt": "run/t.mp4 0\n"},
+     r"test.txt:1: label 0 is the class of walk/ in train.txt, but the video is in run/"),
     ("F-twice", "data.py", "folder", {"train.txt": "a/v.mp4 0\nb/w.mp4 1\na/v.mp4 1\n", **_FOLDER_TEST},
      r"train.txt:3: a/v.mp4 is listed again with another class \('1'; '0' at .*train.txt:1\)"),
     ("F-utf16", "data.py", "folder", {"train.txt": "a/v.mp4\n".encode("utf-16-le"), **_FOLDER_TEST},
@@ -1543,7 +1545,7 @@ def test_data_every_listed_video_is_accounted_for(tmp_path, data_four_videos, ca
     assert "folder/train: 3 listed, 2 used; left out: 1 listed twice" in printed
     assert "folder/test: 3 listed, 0 used; left out: 3 missing file" in printed
     assert "4 of 6 listed videos are left out" in printed
-    assert re.search(r"a/v0.mp4\tlisted twice: listed twice \(first at .*train.txt:1\)",
+    assert re.search(r"a/v0.mp4\tlisted twice: first listed at .*train.txt:1\n",
                      report.read_text(errors="replace"))
     assert b"\na/gon\xe9.mp4\tmissing file: file not found\n" in report.read_bytes()  # the name as on disk
 
