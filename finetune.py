@@ -97,7 +97,7 @@ def main(args):
     for split in utils.eval_splits(args)[1:]:
         test_set = data.build_dataset(args, split, "test", held_out_from=args.train_split)
         results[split] = evaluate(model, data.build_test_loader(test_set, args), device, args)
-    utils.write_results(args, results, best=best)
+    utils.write_results(args, results, best=best, train={"split": args.train_split, **train_set.manifest})
     utils.finish_distributed()
 
 

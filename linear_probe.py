@@ -118,7 +118,8 @@ def main(args):
     changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v, frozen[k])]
     if changed:
         raise RuntimeError(f"the frozen backbone changed during the probe: {changed[:5]}")
-    utils.write_results(args, results, best=best, timing=timing, backbone_unchanged=True)
+    utils.write_results(args, results, best=best, timing=timing, backbone_unchanged=True,
+                        train={"split": args.train_split, **train_set.manifest})
     utils.finish_distributed()
 
 

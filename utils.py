@@ -622,11 +622,11 @@ def video_accounting(dataset, ok):
     data.build_dataset dataset (its manifest: the videos left out when listed and indexed); ok: the (V,) mask of
     its videos that decoded at test time (clip_outputs). Returns {"listed", "scored", "left_out", "left_out_by_reason"
     (every reason, zeros included), "left_out_videos" [[path, reason, detail]]}."""
-    manifest = getattr(dataset, "manifest", None) or {"listed": len(dataset), "left_out": []}
+    manifest = dataset.manifest
     left_out = [list(entry) for entry in manifest["left_out"]]
     left_out += [[os.path.relpath(dataset.paths[i], dataset.root), FAILED_TO_DECODE, "at test time"]
                  for i in (~ok.cpu()).nonzero()[:, 0].tolist()]
-    reasons = {**manifest.get("left_out_by_reason", {}), FAILED_TO_DECODE: len(left_out) - len(manifest["left_out"])}
+    reasons = {**manifest["left_out_by_reason"], FAILED_TO_DECODE: len(left_out) - len(manifest["left_out"])}
     counts = {"listed": manifest["listed"], "scored": int(ok.sum()), "left_out": len(left_out)}
     if counts["listed"] != counts["scored"] + counts["left_out"]:
         raise RuntimeError(f"{dataset.name}: {counts} do not add up")
