@@ -507,6 +507,9 @@ def _folder_line(root, where, line):
 
 
 def _list_folder(root, split, fold):
+    for name in ("train.txt", "test.txt"):
+        if os.path.isdir(os.path.join(root, name)):
+            raise _LayoutError(f"{os.path.join(root, name)} is a folder, not a split list")
     if os.path.isfile(os.path.join(root, "train.txt")):
         train = _folder_list(root, "train.txt")
         lines = train if split == "train" else _folder_list(root, f"{split}.txt")

@@ -1448,6 +1448,8 @@ _DATA_REFUSED_LISTS = [
      r"train.txt:3: a/v.mp4 is listed again with another class \('1'; '0' at .*train.txt:1\)"),
     ("F-utf16", "data.py", "folder", {"train.txt": "a/v.mp4\n".encode("utf-16-le"), **_FOLDER_TEST},
      r"train.txt: holds NUL bytes \(UTF-16 or UTF-32 without a byte-order mark\?\)"),
+    ("F-listdir", "data.py", "folder", {"train.txt/a/v.mp4": "", **_FOLDER_TEST},
+     r"train.txt is a folder, not a split list"),
     ("F-empty", "data.py", "folder", {"train.txt": "\n  \n", **_FOLDER_TEST}, r"train.txt: lists no videos"),
     ("F-oneclass", "linear_probe.py", "folder", {"train.txt": "videos/v.mp4\nvideos/w.mp4\n",
                                                   "test.txt": "videos/t.mp4\n"},
