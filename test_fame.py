@@ -1480,10 +1480,10 @@ def test_data_lists_users_bring_are_refused_in_one_line_naming_file_and_line(tmp
 def test_data_lists_read_as_written(tmp_path):
     # kind 1: byte-order marks, UTF-16, CRLF, a 'path label' list of one folder and column orders are read, not
     # turned into phantom classes or missing files
-    bom = _data_lists(tmp_path / "bom", "folder", {"train.txt": b"\xef\xbb\xbfa/v.mp4\r\nb/w.mp4\r\n",
-                                                  "test.txt": "a/t.mp4\n".encode("utf-16")})
-    assert data.list_videos("folder", str(bom), "train")[:3] == (["a/v.mp4", "b/w.mp4"], [0, 1], ["a", "b"])  # L02
-    assert data.list_videos("folder", str(bom), "test")[:2] == (["a/t.mp4"], [0])  # L11: UTF-16 with its BOM
+    for name, train in (("L02", b"\xef\xbb\xbfa/v.mp4\r\nb/w.mp4\r\n"), ("L11", "a/v.mp4\nb/w.mp4\n".encode("utf-16"))):
+        root = _data_lists(tmp_path / name, "folder", {"train.txt": train, "test.txt": "\ufeffa/t.mp4\r\n".encode()})
+        assert data.list_videos("folder", str(root), "train")[:3] == (["a/v.mp4", "b/w.mp4"], [0, 1], ["a", "b"])
+        assert data.list_videos("folder", str(root), "test")[:2] == (["a/t.mp4"], [0])
     # the label column is the label: a flat folder of a 'path label' list is 3 classes, not 1 class 'videos'
     flat = _data_lists(tmp_path / "flat", "folder", {"train.txt": "videos/x.mp4 3\nvideos/y.mp4 0\nvideos/z.mp4 5\n",
                                                     "test.txt": "./videos/t.mp4\t5\n"})
