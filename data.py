@@ -8,12 +8,17 @@ Layouts (`--data` is the root):
     k400      train/<class>/*.mp4 and val/<class>/*.mp4 (classes sorted by name), or the common download:
               train/*.mp4 and val/*.mp4 named <youtube_id>_<start>_<end>.mp4 with annotations/{train,val}.csv
     diving48  rgb/<vid_name>.mp4, Diving48_V2_train.json, Diving48_V2_test.json (48 classes, V2 labels)
-    folder    <class>/<video>; splits from train.txt/test.txt ("<class>/<video>" lines) or train/ and test/
-              subfolders, else every video is in both splits (pretraining; the evaluations refuse this)
+    folder    <class>/<video>; splits from train.txt/test.txt ("<class>/<video>" lines, or "<path> <label>" lines
+              whose integer label column gives the class) or train/ and test/ subfolders, else every video is in
+              both splits (pretraining; the evaluations refuse this)
+    synthetic generated on first use (synthetic.py) under --data, else $FAME_CACHE or ~/.cache/fame
 
 In list files, a line's fields are separated by tabs if it has any; otherwise its numbers (labels) are read from the
-end of the line, so that paths may hold spaces.
-    synthetic generated on first use (synthetic.py) under --data, else $FAME_CACHE or ~/.cache/fame
+end of the line, so that paths may hold spaces. Lists may be UTF-8 (with or without a byte-order mark) or UTF-16
+with one, with LF or CRLF line ends. Each layout has one strict parser: a line or entry it cannot read, a path that
+is absolute or leaves --data, or a label outside the class list is refused naming the file and line. Every listed
+video is then used or left out for a reason that is said (split_manifest): listed twice, missing file, in the
+training split (an evaluation's test videos, compared by file identity), unreadable at indexing.
 
 Check a dataset before training: every video is probed once (the index is cached under $FAME_CACHE or
 ~/.cache/fame and reused while the files are unchanged) and the unreadable or missing ones are listed:
@@ -34,12 +39,15 @@ land exactly, turned as the file's display matrix says. --scan names every file 
 """
 import argparse
 import bisect
+import codecs
 import csv
 import functools
 import hashlib
+import io
 import json
 import math
 import os
+import posixpath
 import re
 import shutil
 import struct
@@ -159,12 +167,24 @@ def check_data_args(args):
 
 
 def check_held_out(args):
-    """Refuses an evaluation whose test videos would be its training videos: a folder dataset without split lists
-    or split folders lists every video in both splits (fine for pretraining, which only reads train). A split made
-    up here is no way out: clips cut from one source video usually share a class folder, and a random split puts
-    such near-duplicates on both sides."""
+    """Refuses an evaluation whose test videos would be its training videos, or whose labels cannot tell a backbone
+    from another: a folder dataset without split lists or split folders lists every video in both splits (fine for
+    pretraining, which only reads train; a split made up here is no way out: clips cut from one source video
+    usually share a class folder, and a random split puts such near-duplicates on both sides); a --test-split that
+    is the --train-split; a training split of one class (every prediction right). Training videos listed in the
+    test split under any name are left out of it (split_manifest)."""
     if args.dataset == "folder" and not has_test_split(args.dataset, args.data) and args.test_split == "test":
         raise utils.DataError(f"--data {args.data}: {FOLDER_NO_TEST}")
+    if args.train_split in utils.eval_splits(args):
+        raise utils.UsageError(f"--train-split {args.train_split} is a split this evaluation scores (--test-split "
+                               f"{args.test_split}): its scores would be on the videos it trains on (retrieval: "
+                               f"queries found in their own gallery)")
+    if getattr(args, "target", "action") == "action" and args.dataset != "synthetic":
+        _, labels, classes, _ = list_videos(args.dataset, args.data, args.train_split, args.split)
+        if len(set(labels)) < 2:
+            raise utils.DataError(f"{args.dataset}/{args.train_split}: every video is in the class "
+                                  f"{classes[labels[0]]!r}, so every prediction would be right: give each video its "
+                                  f"class ('<class>/<video>' lines, or '<path> <label>' lines)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -172,18 +192,40 @@ def check_held_out(args):
 
 
 class LayoutError(utils.DataError, FileNotFoundError):
-    """A dataset root whose files do not fit the layout of --dataset."""
+    """A dataset root whose files do not fit the layout of --dataset, or a list file that cannot be read."""
 
 
 class _LayoutError(Exception):
     pass
 
 
-def _read_lines(path):
+class _ListError(_LayoutError):
+    """A list file's content that cannot be read: the message names the file (and line or entry)."""
+
+
+def _read_text(path, what="split file"):
+    """The text of a list file: UTF-8 with or without a byte-order mark, or UTF-16 with one; the byte-order mark
+    is never part of the first name. Bytes that are not UTF-8 stay as they are on disk (surrogate escapes), so that
+    a name in another encoding still finds its file."""
     if not os.path.isfile(path):
-        raise _LayoutError(f"missing split file {path}")
-    with open(path) as f:
-        return [line.strip() for line in f if line.strip()]
+        raise _LayoutError(f"missing {what} {path}")
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError as e:
+            raise _ListError(f"{path}: starts with a UTF-16 byte-order mark but is not UTF-16 ({e.reason} at byte "
+                             f"{e.start}): save it as UTF-8") from None
+    if b"\0" in raw:
+        raise _ListError(f"{path}: holds NUL bytes (UTF-16 or UTF-32 without a byte-order mark?): save it as UTF-8")
+    return raw.removeprefix(codecs.BOM_UTF8).decode("utf-8", "surrogateescape")
+
+
+def _read_lines(path):
+    """[(where "file:line", line)] of a list file's non-blank lines, stripped (CRLF and LF ends alike)."""
+    return [(f"{path}:{n}", line.strip()) for n, line in enumerate(_read_text(path).splitlines(), 1)
+            if line.strip()]
 
 
 def _path_and_numbers(line):
@@ -192,9 +234,43 @@ def _path_and_numbers(line):
     ("walk/my clip.mp4 1" -> ("walk/my clip.mp4", ["1"]))."""
     if "\t" in line:
         path, *fields = [f.strip() for f in line.split("\t")]
-        return path, fields
+        return path, [f for f in fields if f]
     path, numbers = re.fullmatch(r"(.+?)((?:\s+-?\d+)*)\s*", line).groups()
     return path, numbers.split()
+
+
+def _list_line(where, line, numbers=(0, 1), ext=True):
+    """(relative path, [numbers]) of a list line with between numbers[0] and numbers[1] integer columns after the
+    path; refuses, naming `where`, a line it cannot read: another column count, a column that is not an integer,
+    a path that is absolute or leaves --data, a name that is not a video's (ext)."""
+    path, fields = _path_and_numbers(line)
+    if not numbers[0] <= len(fields) <= numbers[1]:
+        want = " or ".join(f"{n} integer column{'s' * (n != 1)}" for n in range(numbers[0], numbers[1] + 1))
+        raise _ListError(f"{where}: expected a video path and {want} after it, got {line!r}")
+    head, _, tail = path.rpartition(" ")
+    if ext and not _is_video(path):
+        if head and _is_video(head):
+            raise _ListError(f"{where}: {tail!r} after the path is not an integer label")
+        first, _, rest = path.partition(" ")
+        if re.fullmatch(r"-?\d+", first) and _is_video(rest):
+            raise _ListError(f"{where}: the label comes before the path; write '<path> <label>'")
+        raise _ListError(f"{where}: {path!r} is not a video file name (extensions {' '.join(VIDEO_EXTS)})")
+    return _relative(path, where), fields
+
+
+def _relative(path, where):
+    """`path` normalized; refuses a path that is absolute, leaves the folder it is relative to, or holds control
+    characters or a byte-order mark (an invisible character that would make the name another file's)."""
+    if path.startswith(("/", "\\")) or re.match(r"[A-Za-z]:[\\/]", path):
+        raise _ListError(f"{where}: absolute path {path!r}: list paths relative to the dataset root")
+    if "\\" in path and "/" not in path:
+        raise _ListError(f"{where}: {path!r} separates folders with '\\': use '/'")
+    norm = posixpath.normpath(path)
+    if norm == ".." or norm.startswith("../"):
+        raise _ListError(f"{where}: {path!r} leaves the dataset root")
+    if any(ord(c) < 32 or c in "\x7f\ufeff" for c in norm):
+        raise _ListError(f"{where}: {path!r} holds a control character or a byte-order mark")
+    return norm
 
 
 def _label_of(lookup, name, where):
@@ -202,8 +278,19 @@ def _label_of(lookup, name, where):
     try:
         return lookup[name]
     except KeyError:
-        raise _LayoutError(f"{where} lists class {name!r}, which the training split does not have (classes: "
-                           f"{', '.join(list(lookup)[:10])}{' ...' if len(lookup) > 10 else ''})") from None
+        raise _ListError(f"{where} lists class {name!r}, which the training split does not have (classes: "
+                         f"{', '.join(map(str, list(lookup)[:10]))}{' ...' if len(lookup) > 10 else ''})") from None
+
+
+def _integer_label(value, where, count):
+    """An integer label in [0, count) read from a list (a str or JSON value); refused naming `where`."""
+    if isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _ListError(f"{where}: label {value!r} is not an integer")
+    if not 0 <= value < count:
+        raise _ListError(f"{where}: label {value} is outside the {count} classes (0 to {count - 1})")
+    return value
 
 
 def _require_dir(path):
@@ -224,41 +311,68 @@ def _class_dirs(folder):
 
 
 def _scan_classes(folder, classes, prefix=""):
-    """The videos of class folders; refuses a class folder the training split lacks, warns about empty class
-    folders and counts files that are not taken as videos (another extension)."""
+    """The entries (None, path, label) of the videos in class folders; refuses a class folder the training split
+    lacks, warns about empty class folders and counts files that are not taken as videos (another extension). A
+    symbolic link named as a video is listed even when it is dangling, so that it is counted as missing."""
     unknown = sorted(e.name for e in os.scandir(folder) if e.is_dir() and e.name not in classes)
     if unknown:
         raise _LayoutError(f"{folder} has class folders that the training split does not have: "
                            f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''}")
-    rel, labels, empty, others = [], [], [], []
+    entries, empty, others = [], [], []
     for label, name in enumerate(classes):
         d = os.path.join(folder, name)
         if os.path.isdir(d):
-            files = [f for f in sorted(os.listdir(d)) if os.path.isfile(os.path.join(d, f))]
+            files = [f for f in sorted(os.listdir(d))
+                     if os.path.isfile(os.path.join(d, f)) or os.path.islink(os.path.join(d, f))]
             videos = [f for f in files if _is_video(f)]
             others += [os.path.join(name, f) for f in files if not _is_video(f)]
             if not videos:
                 empty.append(name)
-            rel += [os.path.join(prefix, name, f) for f in videos]
-            labels += [label] * len(videos)
+            entries += [(None, os.path.join(prefix, name, f), label) for f in videos]
     if empty:
         warnings.warn(f"{folder}: {len(empty)} class folders hold no videos: {', '.join(empty[:10])}"
                       f"{' ...' if len(empty) > 10 else ''}", RuntimeWarning)
     if others:
         warnings.warn(f"{folder}: {len(others)} files are not taken as videos (extensions other than "
                       f"{' '.join(VIDEO_EXTS)}), e.g. {', '.join(others[:3])}", RuntimeWarning)
-    return rel, labels
+    return entries
+
+
+# Each layout's listing: (entries [(where "file:line" or None, relative path, label)], class names, scenes or None)
 
 
 def _list_ucf101(root, split, fold):
     lists = os.path.join(root, "ucfTrainTestlist")
-    classes = [line.split(None, 1)[-1] for line in _read_lines(os.path.join(lists, "classInd.txt"))]
+    index = os.path.join(lists, "classInd.txt")
+    classes = []
+    for where, line in _read_lines(index):
+        number, name = (line.split(None, 1) + [""])[:2]
+        if number != str(len(classes) + 1) or not name.strip():
+            raise _ListError(f"{where}: expected '{len(classes) + 1} <ClassName>' (classes numbered from 1 in "
+                             f"order), got {line!r}")
+        classes.append(name.strip())
     lookup = {c.lower(): i for i, c in enumerate(classes)}
+    if len(lookup) < len(classes):
+        raise _ListError(f"{index}: a class is listed twice")
     listed = os.path.join(lists, f"{split}list0{fold}.txt")
-    lines = [_path_and_numbers(line)[0] for line in _read_lines(listed)]
+    entries = []
+    for where, line in _read_lines(listed):
+        rel, numbers = _list_line(where, line)
+        folder = rel.split("/")[0] if "/" in rel else None
+        if folder is None:
+            raise _ListError(f"{where}: {rel!r} is not in a class folder ('<Class>/<video>.avi')")
+        label = _label_of(lookup, folder.lower(), where)  # UCF101's folders differ from classInd in case only
+        if numbers and not 1 <= int(numbers[0]) <= len(classes):
+            raise _ListError(f"{where}: label {numbers[0]} is outside classInd.txt's 1 to {len(classes)}")
+        if numbers and int(numbers[0]) - 1 != label:
+            raise _ListError(f"{where}: label {numbers[0]} is {classes[int(numbers[0]) - 1]!r} in classInd.txt, "
+                             f"but the video is in the folder {folder!r}")
+        entries.append((where, os.path.join("UCF-101", rel), label))
     _require_dir(os.path.join(root, "UCF-101"))
-    return ([os.path.join("UCF-101", line) for line in lines],
-            [_label_of(lookup, line.split("/")[0].lower(), listed) for line in lines], classes, None)
+    return entries, classes, None
+
+
+HMDB51_TAGS = {"0": None, "1": "train", "2": "test"}  # 0: in neither split
 
 
 def _list_hmdb51(root, split, fold):
@@ -268,61 +382,106 @@ def _list_hmdb51(root, split, fold):
     if not files:
         raise _LayoutError(f"no *{suffix} files in {lists}")
     classes = [f[: -len(suffix)] for f in files]
-    tag = "1" if split == "train" else "2"
-    rel, labels = [], []
+    entries = []
     for label, (name, f) in enumerate(zip(classes, files)):
-        for line in _read_lines(os.path.join(lists, f)):
-            video, numbers = _path_and_numbers(line)
-            if numbers[:1] == [tag]:
-                rel.append(os.path.join(name, video))
-                labels.append(label)
-    return rel, labels, classes, None
+        for where, line in _read_lines(os.path.join(lists, f)):
+            video, numbers = _list_line(where, line, numbers=(1, 1))
+            if numbers[0] not in HMDB51_TAGS:
+                raise _ListError(f"{where}: tag {numbers[0]} is not 0 (unused), 1 (train) or 2 (test)")
+            if "/" in video:
+                raise _ListError(f"{where}: {video!r}: list the file name only (the class folder is {name})")
+            if HMDB51_TAGS[numbers[0]] == split:
+                entries.append((where, os.path.join(name, video), label))
+    return entries, classes, None
+
+
+KINETICS_COLUMNS = ("label", "youtube_id", "time_start", "time_end")
 
 
 def _list_k400(root, split, fold):
     sub = "train" if split == "train" else "val"
     if os.path.isfile(os.path.join(root, "annotations", "train.csv")):  # the common download: flat folders + csv
         rows = {s: _kinetics_rows(os.path.join(root, "annotations", f"{s}.csv")) for s in ("train", sub)}
-        classes = sorted({row["label"] for row in rows["train"]})
+        classes = sorted({label for _, label, _ in rows["train"]})
         lookup = {c: i for i, c in enumerate(classes)}
         _require_dir(os.path.join(root, sub))
-        rel = [os.path.join(sub, f"{r['youtube_id']}_{int(r['time_start']):06d}_{int(r['time_end']):06d}.mp4")
-               for r in rows[sub]]
-        where = os.path.join(root, "annotations", f"{sub}.csv")
-        return rel, [_label_of(lookup, r["label"], where) for r in rows[sub]], classes, None
+        return [(where, os.path.join(sub, name), _label_of(lookup, label, where))
+                for where, label, name in rows[sub]], classes, None
     if not os.path.isdir(os.path.join(root, "train")):
         raise _LayoutError("neither annotations/train.csv nor a train/ folder")
     classes = _class_dirs(os.path.join(root, "train"))
     _require_dir(os.path.join(root, sub))
-    return (*_scan_classes(os.path.join(root, sub), classes, sub), classes, None)
+    return _scan_classes(os.path.join(root, sub), classes, sub), classes, None
 
 
 def _kinetics_rows(path):
-    if not os.path.isfile(path):
-        raise _LayoutError(f"missing annotation file {path}")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    missing = {"label", "youtube_id", "time_start", "time_end"} - set(rows[0] if rows else ())
-    if missing:
-        raise _LayoutError(f"{path} lacks the columns {sorted(missing)}")
+    """[(where, label, file name)] of a Kinetics annotation CSV (columns in any order, more allowed): every row
+    has a label, a YouTube id and whole-second times, the file name being <youtube_id>_<start>_<end>.mp4."""
+    reader = csv.reader(io.StringIO(_read_text(path, "annotation file"), newline=""))
+    try:
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in KINETICS_COLUMNS if c not in header]
+        if missing:
+            raise _ListError(f"{path}: the header {','.join(header)!r} lacks the columns {missing} (expected "
+                             f"{','.join(KINETICS_COLUMNS)},...)")
+        col = {c: header.index(c) for c in KINETICS_COLUMNS}
+        rows = []
+        for row in reader:
+            where = f"{path}:{reader.line_num}"
+            if not any(field.strip() for field in row):
+                continue
+            if len(row) != len(header):
+                raise _ListError(f"{where}: {len(row)} fields where the header has {len(header)}")
+            label, youtube_id, *times = (row[col[c]].strip() for c in KINETICS_COLUMNS)
+            if not label or not youtube_id:
+                raise _ListError(f"{where}: empty label or youtube_id")
+            if not all(re.fullmatch(r"\d+", t) for t in times):
+                raise _ListError(f"{where}: time_start {times[0]!r} and time_end {times[1]!r} must be whole "
+                                 f"seconds (the files are named <youtube_id>_<start>_<end>.mp4)")
+            name = f"{youtube_id}_{int(times[0]):06d}_{int(times[1]):06d}.mp4"
+            rows.append((where, label, _relative(name, where)))
+    except csv.Error as e:
+        raise _ListError(f"{path}:{reader.line_num}: {e}") from None
+    if not rows:
+        raise _ListError(f"{path}: no rows after the header")
     return rows
+
+
+def _read_json(path, what):
+    try:
+        return json.loads(_read_text(path, what))
+    except json.JSONDecodeError as e:
+        raise _ListError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+
+
+DIVING48_CLASSES = 48
 
 
 def _list_diving48(root, split, fold):
     path = os.path.join(root, f"Diving48_V2_{split}.json")
-    if not os.path.isfile(path):
-        raise _LayoutError(f"missing split file {path}")
+    entries = _read_json(path, "split file")
     _require_dir(os.path.join(root, "rgb"))
-    with open(path) as f:
-        entries = json.load(f)
     vocab = os.path.join(root, "Diving48_vocab.json")
     if os.path.isfile(vocab):
-        with open(vocab) as f:
-            classes = ["_".join(map(str, v)) for v in json.load(f)]
+        names = _read_json(vocab, "class list")
+        if not isinstance(names, list) or not names or not all(isinstance(v, (list, str)) for v in names):
+            raise _ListError(f"{vocab}: expected a list of class descriptions (lists of words), got "
+                             f"{type(names).__name__}")
+        classes = [v if isinstance(v, str) else "_".join(map(str, v)) for v in names]
     else:
-        classes = [f"class_{i:02d}" for i in range(48)]
-    return ([os.path.join("rgb", e["vid_name"] + ".mp4") for e in entries], [int(e["label"]) for e in entries],
-            classes, None)
+        classes = [f"class_{i:02d}" for i in range(DIVING48_CLASSES)]
+    if not isinstance(entries, list):
+        raise _ListError(f"{path}: expected a list of {{\"vid_name\": ..., \"label\": ...}} entries, got a JSON "
+                         f"{type(entries).__name__}")
+    out = []
+    for k, e in enumerate(entries):
+        where = f"{path}: entry {k}"
+        if not isinstance(e, dict) or not isinstance(e.get("vid_name"), str) or not e["vid_name"] or "label" not in e:
+            raise _ListError(f"{where}: expected {{\"vid_name\": <name>, \"label\": <integer>, ...}}, got "
+                             f"{json.dumps(e)[:80]}")
+        rel = os.path.join("rgb", _relative(e["vid_name"] + ".mp4", where))
+        out.append((where, rel, _integer_label(e["label"], where, len(classes))))
+    return out, classes, None
 
 
 FOLDER_NO_TEST = ("this folder dataset has no test split (no train.txt and test.txt, no train/ and test/ folders), "
@@ -336,22 +495,67 @@ def has_test_split(dataset, root):
         os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")))
 
 
+def _folder_list(root, name):
+    """[(where, path, label str or None)] of a folder dataset's split list: '<class>/<video>' lines, or
+    '<path> <label>' lines (the label column gives the class, the path any folder under the root)."""
+    return [(where, *_folder_line(root, where, line)) for where, line in _read_lines(os.path.join(root, name))]
+
+
+def _folder_line(root, where, line):
+    rel, numbers = _list_line(where, line)
+    if not numbers and re.match(r"-?\d+\s", rel) and not os.path.lexists(os.path.join(root, rel)):
+        raise _ListError(f"{where}: the label comes before the path; write '<path> <label>'")
+    if not numbers and "/" not in rel:
+        raise _ListError(f"{where}: {rel!r} is neither in a class folder ('<class>/<video>') nor followed by a "
+                         f"label ('<path> <label>')")
+    return rel, numbers[0] if numbers else None
+
+
 def _list_folder(root, split, fold):
+    for name in ("train.txt", "test.txt"):
+        if os.path.isdir(os.path.join(root, name)):
+            raise _LayoutError(f"{os.path.join(root, name)} is a folder, not a split list")
     if os.path.isfile(os.path.join(root, "train.txt")):
-        listed = os.path.join(root, f"{split}.txt")
-        lines = [_path_and_numbers(line)[0] for line in _read_lines(listed)]
-        classes = sorted({_path_and_numbers(line)[0].split("/")[0]
-                          for line in _read_lines(os.path.join(root, "train.txt"))})
-        lookup = {c: i for i, c in enumerate(classes)}
-        return lines, [_label_of(lookup, line.split("/")[0], listed) for line in lines], classes, None
+        train = _folder_list(root, "train.txt")
+        lines = train if split == "train" else _folder_list(root, f"{split}.txt")
+        if not train:
+            raise _ListError(f"{os.path.join(root, 'train.txt')}: lists no videos")
+        labelled = train[0][2] is not None
+        for where, rel, label in train + lines:  # one format for both lists
+            if (label is not None) != labelled:
+                raise _ListError(f"{where}: {'no' if labelled else 'a'} label column, unlike {train[0][0]}: give "
+                                 f"every line of train.txt and test.txt a label, or none")
+        if not labelled:  # the class is the first folder of the path
+            classes = sorted({rel.split("/")[0] for _, rel, _ in train})
+            lookup = {c: i for i, c in enumerate(classes)}
+            return [(where, rel, _label_of(lookup, rel.split("/")[0], where)) for where, rel, _ in lines], classes, None
+        values = sorted({int(label) for _, _, label in train})
+        if values[0] < 0:
+            raise _ListError(f"{os.path.join(root, 'train.txt')}: label {values[0]}: labels are integers >= 0")
+        lookup = {v: i for i, v in enumerate(values)}
+        folders = {v: {rel.rpartition("/")[0] for _, rel, label in train if int(label) == v} for v in values}
+        named = all(len(f) == 1 and "" not in f for f in folders.values()) and \
+            len({next(iter(f)) for f in folders.values()}) == len(values)  # one folder per label: its name
+        classes = [next(iter(folders[v])) if named else str(v) for v in values]
+        entries = []
+        for where, rel, label in lines:
+            if int(label) not in lookup:
+                raise _ListError(f"{where}: label {label}, which the training split does not have (labels: "
+                                 f"{', '.join(map(str, values[:10]))}{' ...' if len(values) > 10 else ''})")
+            folder = rel.rpartition("/")[0]
+            if named and folder in classes and folder != classes[lookup[int(label)]]:  # a folder and a label disagree
+                raise _ListError(f"{where}: label {label} is the class of {classes[lookup[int(label)]]}/ in "
+                                 f"train.txt, but the video is in {folder}/")
+            entries.append((where, rel, lookup[int(label)]))
+        return entries, classes, None
     if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "test")):
         classes = _class_dirs(os.path.join(root, "train"))
-        return (*_scan_classes(os.path.join(root, split), classes, split), classes, None)
+        return _scan_classes(os.path.join(root, split), classes, split), classes, None
     classes = _class_dirs(root)
-    rel, labels = _scan_classes(root, classes)
-    if not rel:
+    entries = _scan_classes(root, classes)
+    if not entries:
         raise _LayoutError("no video files in the class folders")
-    return rel, labels, classes, None
+    return entries, classes, None
 
 
 def _list_synthetic(root, split, fold):
@@ -359,18 +563,24 @@ def _list_synthetic(root, split, fold):
 
     if split not in synthetic.SPLITS:
         raise utils.UsageError(f"synthetic split must be one of {synthetic.SPLITS}, got {split!r}")
-    fields = [line.split() for line in _read_lines(os.path.join(root, "splits", f"{split}.txt"))]
-    return [f[0] for f in fields], [int(f[1]) for f in fields], list(synthetic.MOTIONS), [int(f[2]) for f in fields]
+    entries, scenes = [], []
+    for where, line in _read_lines(os.path.join(root, "splits", f"{split}.txt")):
+        rel, (label, scene) = _list_line(where, line, numbers=(2, 2))
+        entries.append((where, rel, _integer_label(label, where, len(synthetic.MOTIONS))))
+        scenes.append(_integer_label(scene, where, len(synthetic.SCENES)))
+    return entries, list(synthetic.MOTIONS), scenes
 
 
 LISTINGS = {"ucf101": _list_ucf101, "hmdb51": _list_hmdb51, "k400": _list_k400, "diving48": _list_diving48,
             "folder": _list_folder, "synthetic": _list_synthetic}
 
 
-def list_videos(dataset, root, split, fold=1):
-    """(relative paths, labels, class names, scene labels or None) of `split` ("train" or "test"; synthetic has
-    more) of the dataset at `root`. Raises LayoutError (a FileNotFoundError) naming the expected layout when it does
-    not fit."""
+def list_split(dataset, root, split, fold=1):
+    """The listing of `split` ("train" or "test"; synthetic has more) of the dataset at `root`: a dict with "rel"
+    (relative paths), "labels", "classes", "scenes" (or None) and "duplicates", the entries [(path, why)] that
+    repeat an earlier one (left out: each video is listed once). One strict parser per layout reads its lists:
+    a line or entry it cannot read (a path that is absolute or leaves the root, a label outside the class list,
+    a malformed row) is refused naming its file and line. Raises LayoutError (a DataError)."""
     if dataset not in LISTINGS:
         raise utils.UsageError(f"unknown dataset {dataset!r}; valid: {', '.join(DATASETS)}")
     if dataset != "synthetic" and split not in ("train", "test"):
@@ -378,9 +588,77 @@ def list_videos(dataset, root, split, fold=1):
     try:
         if root is None or not os.path.isdir(root):
             raise _LayoutError("root folder not found")
-        return LISTINGS[dataset](root, split, fold)
+        entries, classes, scenes = LISTINGS[dataset](root, split, fold)
+        if not entries:
+            raise _LayoutError(f"the {split} split lists no videos")
+    except _ListError as e:
+        raise LayoutError(f"{dataset} dataset: {e}") from None
     except _LayoutError as e:
         raise LayoutError(f"{dataset} dataset at {root!r}: {e}. Expected layout: {LAYOUTS[dataset]}") from None
+    first, keep, duplicates = {}, [], []
+    for k, (where, rel, label) in enumerate(entries):
+        if rel not in first:
+            first[rel] = k
+            keep.append(k)
+            continue
+        where0, _, label0 = entries[first[rel]]
+        if label != label0:
+            raise LayoutError(f"{dataset} dataset: {where or rel}: {rel} is listed again with another class "
+                              f"({classes[label]!r}; {classes[label0]!r} at {where0})")
+        duplicates.append((rel, f"first listed at {where0}"))
+    return {"rel": [entries[k][1] for k in keep], "labels": [entries[k][2] for k in keep], "classes": classes,
+            "scenes": None if scenes is None else [scenes[k] for k in keep], "duplicates": duplicates}
+
+
+def list_videos(dataset, root, split, fold=1):
+    """(relative paths, labels, class names, scene labels or None) of `split` (list_split, each video once)."""
+    listing = list_split(dataset, root, split, fold)
+    return listing["rel"], listing["labels"], listing["classes"], listing["scenes"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# File identity: the same video under two names (a hard or symbolic link, a copy) is one video
+
+
+FINGERPRINT_BYTES = 64 * 1024
+
+
+def _fingerprint(path):
+    """A cheap content fingerprint: the size and a hash of the first and last FINGERPRINT_BYTES."""
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        h.update(f.read(FINGERPRINT_BYTES))
+        if size > FINGERPRINT_BYTES:
+            f.seek(max(FINGERPRINT_BYTES, size - FINGERPRINT_BYTES))
+            h.update(f.read(FINGERPRINT_BYTES))
+    return size, h.hexdigest()
+
+
+def file_identities(paths):
+    """One key per path (None where the file cannot be read) such that two paths with the same key hold the same
+    video: the device and inode (hard and symbolic links), and where two files of different inodes have the same
+    size, a content fingerprint (copies). Only files that share a size are read."""
+    stats = []
+    for p in paths:
+        try:
+            st = os.stat(p)
+            stats.append((st.st_dev, st.st_ino, st.st_size))
+        except OSError:
+            stats.append(None)
+    inodes = {}
+    for st in filter(None, stats):
+        inodes.setdefault(st[2], set()).add(st[:2])
+    keys = []
+    for p, st in zip(paths, stats):
+        if st is None or len(inodes[st[2]]) == 1:
+            keys.append(None if st is None else ("inode", *st[:2]))
+            continue
+        try:
+            keys.append(("content", *_fingerprint(p)))
+        except OSError:
+            keys.append(None)
+    return keys
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -639,14 +917,81 @@ def check_writable(folder, what):
         raise utils.UsageError(f"{what}: cannot write in {folder} ({e.strerror or type(e).__name__})") from None
 
 
-def index_split(args, split, progress=None):
-    """The listing of `split` and the index entries of its videos: (root, rel, labels, classes, scenes, infos)."""
+def _indexed(args, split, progress=None):
+    """(root, list_split's listing, index entries) of `split`."""
     root = synthetic_root(args) if args.dataset == "synthetic" else args.data
-    rel, labels, classes, scenes = list_videos(args.dataset, root, split, args.split)
+    listing = list_split(args.dataset, root, split, args.split)
     key = hashlib.sha1(f"{args.dataset}|{os.path.abspath(root)}|{split}|{args.split}".encode()).hexdigest()[:12]
     cache_file = os.path.join(cache_dir(), f"index_{args.dataset}_{split}_{key}.json")
-    infos = load_index(root, rel, cache_file, max(1, args.workers), progress)
-    return root, rel, labels, classes, scenes, infos
+    infos = load_index(root, listing["rel"], cache_file, max(1, args.workers), progress)
+    return root, listing, infos
+
+
+def index_split(args, split, progress=None):
+    """The listing of `split` and the index entries of its videos: (root, rel, labels, classes, scenes, infos)."""
+    root, listing, infos = _indexed(args, split, progress)
+    return root, listing["rel"], listing["labels"], listing["classes"], listing["scenes"], infos
+
+
+# Why a listed video is not used, in the order they are checked; an evaluation adds "failed to decode" (at test time)
+LEFT_OUT_REASONS = ("listed twice", "missing file", "in the training split", "unreadable at indexing")
+
+
+def split_manifest(args, split, scored=False, held_out_from=None, progress=None):
+    """Accounts for every listed video of `split`: (root, listing, infos, used, manifest), `used` the indices of
+    the listing's videos to use and manifest {"listed": entries listed, "used": count, "left_out": [[path, reason,
+    detail]]} with the reasons of LEFT_OUT_REASONS. scored: the split is scored (an evaluation's test split, or
+    retrieval's gallery), so a file listed twice under two names (a link, a copy) counts once. held_out_from: the
+    training split, whose videos (by file identity, file_identities) are left out of this one; refused when that
+    leaves none."""
+    root, listing, infos = _indexed(args, split, progress)
+    rel, name = listing["rel"], f"{args.dataset}/{split}"
+    paths = [os.path.join(root, r) for r in rel]
+    why = {}  # index in the listing: (reason, detail)
+    for k, (path, info) in enumerate(zip(paths, infos)):
+        if isinstance(info, dict):
+            continue
+        if os.path.exists(path):
+            why[k] = ("unreadable at indexing", info)
+        elif os.path.islink(path):
+            why[k] = ("missing file", f"dangling symbolic link to {os.readlink(path)}")
+        else:
+            why[k] = ("missing file", "file not found")
+    if scored or held_out_from not in (None, split):
+        train = [] if held_out_from in (None, split) else list_split(args.dataset, root, held_out_from,
+                                                                       args.split)["rel"]
+        keys = file_identities([os.path.join(root, r) for r in train] + paths)
+        training = {key: r for key, r in zip(keys, train) if key is not None}
+        first = {}
+        for k, key in enumerate(keys[len(train):]):
+            if key is None or k in why:
+                continue
+            if key in training:
+                same = training[key]
+                why[k] = ("in the training split", f"the {held_out_from} video {same}" if same != rel[k]
+                          else f"also listed in the {held_out_from} split")
+            elif key in first:
+                why[k] = ("listed twice", f"the same file as {rel[first[key]]}")
+            else:
+                first[key] = k
+        overlap = [k for k, (reason, _) in why.items() if reason == "in the training split"]
+        if overlap and not first:
+            raise utils.DataError(f"{name}: every readable video of it is also a video of the {held_out_from} split "
+                                  f"(the same file under any name; e.g. {rel[overlap[0]]}: {why[overlap[0]][1]}), so "
+                                  f"its scores would be on training videos: list held-out videos")
+    left_out = [[r, "listed twice", detail] for r, detail in listing["duplicates"]]
+    left_out += [[rel[k], *why[k]] for k in sorted(why)]
+    used = [k for k in range(len(rel)) if k not in why]
+    manifest = {"listed": len(rel) + len(listing["duplicates"]), "used": len(used),
+                "left_out_by_reason": {reason: sum(r == reason for _, r, _ in left_out) for reason in LEFT_OUT_REASONS},
+                "left_out": left_out}
+    return root, listing, infos, used, manifest
+
+
+def describe_manifest(name, manifest):
+    """One line: "<name>: N listed, M used; left out: a missing file, b unreadable at indexing"."""
+    said = ", ".join(f"{n} {reason}" for reason, n in manifest["left_out_by_reason"].items() if n)
+    return f"{name}: {manifest['listed']} listed, {manifest['used']} used" + (f"; left out: {said}" if said else "")
 
 
 def synthetic_root(args):
@@ -985,28 +1330,38 @@ def _distinct_starts(last, n, generator=None):
     return starts
 
 
-def build_dataset(args, split, mode, background_clip=False):
+def build_dataset(args, split, mode, background_clip=False, held_out_from=None):
     """VideoDataset of `split` ("train" / "test"; synthetic also "test_swapped", "balanced_train",
-    "balanced_test") in `mode` (MODES). Unreadable videos are warned about once and left out."""
-    root, rel, labels, classes, scenes, infos = index_split(args, split)
-    ok = [k for k, info in enumerate(infos) if isinstance(info, dict)]
-    bad = [(rel[k], infos[k]) for k in range(len(rel)) if not isinstance(infos[k], dict)]
-    if bad and utils.is_main_process():
-        shown = "; ".join(f"{r} ({why})" for r, why in bad[:20]) + (" ..." if len(bad) > 20 else "")
-        warnings.warn(f"{args.dataset}/{split}: skipping {len(bad)} unreadable of {len(rel)} videos: {shown}",
-                      RuntimeWarning)
-    if not ok:
-        raise utils.DataError(f"{args.dataset}/{split} at {root!r}: no readable videos (layout: "
-                              f"{LAYOUTS[args.dataset]})")
+    "balanced_test") in `mode` (MODES), with the videos split_manifest keeps (held_out_from: the training split of
+    an evaluation, whose videos are left out of this one). Prints the manifest's line and warns about the videos
+    left out; the dataset's `manifest` holds them (a test-mode dataset counts a video listed under two names once).
+    In test mode, refuses fewer videos than processes, before any process waits for the others."""
+    root, listing, infos, used, manifest = split_manifest(args, split, mode == "test", held_out_from)
+    name = f"{args.dataset}/{split}"
+    if utils.is_main_process():
+        print(describe_manifest(name, manifest))
+        if manifest["left_out"]:
+            shown = "; ".join(f"{r} ({reason}: {detail})" for r, reason, detail in manifest["left_out"][:20])
+            warnings.warn(f"{name}: leaving out {len(manifest['left_out'])} of {manifest['listed']} listed videos: "
+                          f"{shown}{' ...' if len(manifest['left_out']) > 20 else ''}", RuntimeWarning)
+    if not used:
+        raise utils.DataError(f"{name} at {root!r}: no readable videos (layout: {LAYOUTS[args.dataset]})")
+    if mode == "test" and len(used) < utils.get_world_size():
+        raise utils.DataError(f"{name} has {len(used)} video{'s' * (len(used) != 1)} to evaluate for "
+                              f"{utils.get_world_size()} processes: "
+                              f"run with at most {len(used)} (torchrun --nproc_per_node)")
+    labels, classes, scenes = listing["labels"], listing["classes"], listing["scenes"]
     if getattr(args, "target", "action") == "scene":
         import synthetic
 
         labels, classes = scenes, list(synthetic.SCENES)
-    return VideoDataset(root, [rel[k] for k in ok], [labels[k] for k in ok], classes, [infos[k] for k in ok],
-                        mode, args.frames, args.stride, args.crop, getattr(args, "clips", 1),
-                        None if scenes is None else [scenes[k] for k in ok], name=f"{args.dataset}/{split}",
-                        test_crop=getattr(args, "test_crop", "resize"), background_clip=background_clip,
-                        crop_scale=args.crop_scale, flip=args.flip)
+    dataset = VideoDataset(root, [listing["rel"][k] for k in used], [labels[k] for k in used], classes,
+                           [infos[k] for k in used], mode, args.frames, args.stride, args.crop,
+                           getattr(args, "clips", 1), None if scenes is None else [scenes[k] for k in used],
+                           name=name, test_crop=getattr(args, "test_crop", "resize"), background_clip=background_clip,
+                           crop_scale=args.crop_scale, flip=args.flip)
+    dataset.manifest = manifest
+    return dataset
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1313,24 +1668,25 @@ def main(args):
         print(f"{args.dataset}: no test split: both splits list every video (pretraining reads them all; "
               f"evaluation refuses this dataset)")
     for split in splits:
-        root, rel, _, _, _, infos = index_split(args, split, progress=f"probing {args.dataset}/{split}")
-        failed = [(r, why) for r, why in zip(rel, infos) if not isinstance(why, dict)]
-        noted = [(r, info["note"]) for r, info in zip(rel, infos) if isinstance(info, dict) and info["note"]]
-        missing = sum(why == "file not found" for _, why in failed)
-        total, bad, notes = total + len(rel), bad + failed, notes + noted
-        print(f"{args.dataset}/{split}: {len(rel)} videos, {len(rel) - len(failed)} readable, "
-              f"{len(failed) - missing} unreadable, {missing} missing" +
+        held_out_from = "train" if split != "train" else None
+        root, listing, infos, _, manifest = split_manifest(args, split, split != "train", held_out_from,
+                                                           progress=f"probing {args.dataset}/{split}")
+        noted = [(r, info["note"]) for r, info in zip(listing["rel"], infos) if isinstance(info, dict) and info["note"]]
+        total, bad, notes = total + manifest["listed"], bad + manifest["left_out"], notes + noted
+        print(describe_manifest(f"{args.dataset}/{split}", manifest) +
               (f"; {len(noted)} of the readable with a note" if noted else ""))
-        lines += [f"# {split}: {len(failed) - missing} unreadable, {missing} missing of {len(rel)} under {root}"]
-        lines += [f"{r}\t{why}" for r, why in failed]
+        lines += [f"# {describe_manifest(split, manifest)} under {root}"]
+        lines += [f"{r}\t{reason}: {detail}" for r, reason, detail in manifest["left_out"]]
         lines += [f"# {split}: {len(noted)} readable with a note"] + [f"#  {r}\t{note}" for r, note in noted]
-    utils.atomic_write(report, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
-    for r, why in bad[:SHOWN_UNREADABLE]:
-        print(f"  {r}: {why}")
+    # names as on disk, whatever their encoding (a name that is not UTF-8 is read with surrogate escapes)
+    utils.atomic_write(report, lambda f: f.write(("\n".join(lines) + "\n").encode("utf-8", "surrogateescape")))
+    for r, reason, detail in bad[:SHOWN_UNREADABLE]:
+        print(f"  {r}: {reason}: {detail}".encode("utf-8", "backslashreplace").decode("utf-8"))
     more = f" (the first {SHOWN_UNREADABLE} above)" if len(bad) > SHOWN_UNREADABLE else ""
-    print(f"{len(bad)} of {total} videos cannot be read (training leaves them out): listed in {report}{more}")
+    print(f"{len(bad)} of {total} listed videos are left out (training and evaluation leave them out): listed in "
+          f"{report}{more}")
     for r, note in notes[:SHOWN_UNREADABLE]:
-        print(f"  {r}: {note}")
+        print(f"  {r}: {note}".encode("utf-8", "backslashreplace").decode("utf-8"))
     if notes:
         more = f" (the first {SHOWN_UNREADABLE} above)" if len(notes) > SHOWN_UNREADABLE else ""
         print(f"{len(notes)} of {total} videos are read with a note (correct frames, as said): listed in "

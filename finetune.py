@@ -60,7 +60,7 @@ def main(args):
     world = utils.get_world_size()
     out = utils.eval_output_dir(args, "finetune")
     train_set = data.build_dataset(args, args.train_split, "train")
-    test_set = data.build_dataset(args, args.test_split, "test")
+    test_set = data.build_dataset(args, args.test_split, "test", held_out_from=args.train_split)
     train_loader = data.build_loader(train_set, args.batch_size // world, args, train=True, seed=args.seed)
     test_loader = data.build_test_loader(test_set, args)
 
@@ -95,9 +95,9 @@ def main(args):
 
     results = {args.test_split: metrics or evaluate(model, test_loader, device, args)}  # the final model
     for split in utils.eval_splits(args)[1:]:
-        results[split] = evaluate(model, data.build_test_loader(data.build_dataset(args, split, "test"), args),
-                                  device, args)
-    utils.write_results(args, results, best=best)
+        test_set = data.build_dataset(args, split, "test", held_out_from=args.train_split)
+        results[split] = evaluate(model, data.build_test_loader(test_set, args), device, args)
+    utils.write_results(args, results, best=best, train={"split": args.train_split, **train_set.manifest})
     utils.finish_distributed()
 
 
@@ -136,7 +136,8 @@ def train_one_epoch(model, loader, optimizer, scaler, args, checkpointing):
 
 @torch.no_grad()
 def evaluate(model, loader, device, args):
-    """Video-level accuracy: the softmax averaged over the clips of each test video (paper Sec. 4.2)."""
+    """Video-level accuracy: the softmax averaged over the clips of each test video (paper Sec. 4.2), and the
+    account of every listed test video (utils.video_accounting)."""
     model.eval()
     amp = utils.amp_dtype(args.amp, device)
 
@@ -147,7 +148,8 @@ def evaluate(model, loader, device, args):
     start = time.perf_counter()
     video_scores, ok = utils.clip_outputs(scores, loader, device)  # (V, N, num_classes), (V,)
     metrics = utils.classification_metrics(video_scores.mean(1), loader.dataset.labels, loader.dataset.classes, ok)
-    return {**metrics, "clips_per_s": len(loader.dataset) * args.clips / (time.perf_counter() - start)}
+    return {**metrics, "clips_per_s": len(loader.dataset) * args.clips / (time.perf_counter() - start),
+            **utils.video_accounting(loader.dataset, ok)}
 
 
 if __name__ == "__main__":

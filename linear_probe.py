@@ -85,7 +85,8 @@ def main(args):
             return F.normalize(backbone.forward_features(augment.normalize(clips)).float(), dim=1)
 
     start = time.perf_counter()
-    test_sets = {split: data.build_dataset(args, split, "test") for split in utils.eval_splits(args)}
+    test_sets = {split: data.build_dataset(args, split, "test", held_out_from=args.train_split)
+                 for split in utils.eval_splits(args)}
     test_feats = {split: utils.clip_outputs(features, data.build_test_loader(dataset, args), device)
                   for split, dataset in test_sets.items()}  # (V, N, D) and the (V,) mask of decoded videos each
     timing = {"extract_test_s": time.perf_counter() - start}
@@ -117,7 +118,8 @@ def main(args):
     changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v, frozen[k])]
     if changed:
         raise RuntimeError(f"the frozen backbone changed during the probe: {changed[:5]}")
-    utils.write_results(args, results, best=best, timing=timing, backbone_unchanged=True)
+    utils.write_results(args, results, best=best, timing=timing, backbone_unchanged=True,
+                        train={"split": args.train_split, **train_set.manifest})
     utils.finish_distributed()
 
 
@@ -178,11 +180,12 @@ def train_one_epoch(fc, features, batches, optimizer, args, checkpointing):
 @torch.no_grad()
 def evaluate(fc, feats, dataset):
     """Video-level accuracy from the test features (clip_outputs: (V, N, D) and the (V,) mask of decoded videos):
-    the softmax averaged over the N clips."""
+    the softmax averaged over the N clips; and the account of every listed test video (utils.video_accounting)."""
     fc.eval()
     feats, ok = feats
     scores = fc(feats.to(fc.weight.device)).softmax(-1).mean(1)  # (V, num_classes)
-    return utils.classification_metrics(scores, dataset.labels, dataset.classes, ok)
+    return {**utils.classification_metrics(scores, dataset.labels, dataset.classes, ok),
+            **utils.video_accounting(dataset, ok)}
 
 
 if __name__ == "__main__":

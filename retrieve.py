@@ -8,7 +8,8 @@ Reproduces the paper's retrieval protocol (Table 6) on UCF101 split 1:
 
 No training. A video's feature is the mean over --clips uniformly spaced centre-cropped clips of the
 L2-normalized pooled backbone feature (before any projection head; the paper: "we average ten uniformly
-sampled clips"). Queries are the --test-split videos, the gallery the --train-split videos. As in the authors'
+sampled clips"). Queries are the --test-split videos, the gallery the --train-split videos (a query that is a
+gallery video, the same file under any name, is left out and counted, so no video finds itself). As in the authors'
 main_retrieve.py, the clip features are L2-normalized before the average, each set's own mean feature is
 subtracted, and the features are L2-normalized again and compared by cosine similarity; a query is a hit at
 k if any of its k nearest gallery videos has its label. Reports R@1, 5, 10, 20, 50 (k larger than the gallery
@@ -63,10 +64,12 @@ def main(args):
         with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             return backbone.forward_features(augment.normalize(clips)).float()
 
-    sets, feats, ok = {}, {}, {}
-    for split in dict.fromkeys([args.train_split, *utils.eval_splits(args)]):  # each split once
-        sets[split] = data.build_dataset(args, split, "test")
-        clip_feats, ok[split] = utils.clip_outputs(features, data.build_test_loader(sets[split], args), device)
+    sets = {args.train_split: data.build_dataset(args, args.train_split, "test")}  # every listing before any work
+    sets.update({split: data.build_dataset(args, split, "test", held_out_from=args.train_split)
+                 for split in utils.eval_splits(args)})  # queries: never a gallery video, under any name
+    feats, ok = {}, {}
+    for split, dataset in sets.items():
+        clip_feats, ok[split] = utils.clip_outputs(features, data.build_test_loader(dataset, args), device)
         feats[split] = video_features(clip_feats)
     gallery, gallery_ok = sets[args.train_split], ok[args.train_split]
     if not bool(gallery_ok.any()):
@@ -78,12 +81,14 @@ def main(args):
             raise utils.DataError(f"none of the {len(q_ok)} query videos ({split}) could be decoded")
         sim = similarity(feats[split], feats[args.train_split])  # (Q, G); rows of undecoded queries go unused
         sim[:, ~gallery_ok] = float("-inf")  # a gallery video that failed to decode is never a neighbour
-        similarities[split] = exclude_self(sim, sets[split].paths, gallery.paths)  # (Q, G)
-        results[split] = evaluate(similarities[split][q_ok], sets[split].labels[q_ok], gallery.labels)
-        results[split].update(queries=int(q_ok.sum()), gallery=int(gallery_ok.sum()), left_out=int((~q_ok).sum()),
-                              gallery_left_out=int((~gallery_ok).sum()))
+        similarities[split] = sim
+        results[split] = evaluate(sim[q_ok], sets[split].labels[q_ok], gallery.labels)
+        results[split].update(queries=int(q_ok.sum()), gallery=int(gallery_ok.sum()),
+                              gallery_left_out=len(gallery.manifest["left_out"]) + int((~gallery_ok).sum()),
+                              **utils.video_accounting(sets[split], q_ok))
 
-    extra = {"gallery": {"split": args.train_split, "videos": int(gallery_ok.sum())}}
+    extra = {"gallery": {"split": args.train_split, "videos": int(gallery_ok.sum()),
+                         **utils.video_accounting(gallery, gallery_ok)}}
     if args.visualize and utils.is_main_process():
         extra["visualized"] = visualize(os.path.join(out, "retrieval.png"), similarities[args.test_split],
                                         sets[args.test_split], gallery, args.visualize, ok[args.test_split])
@@ -105,21 +110,10 @@ def similarity(query, gallery):
     return query @ gallery.T
 
 
-def exclude_self(sim, query_paths, gallery_paths):
-    """sim (Q, G) with -inf where a query is the gallery video itself (the same file), so that no video is ever
-    counted as its own match (e.g. when the queries are the gallery split)."""
-    where = {os.path.realpath(p): g for g, p in enumerate(gallery_paths)}
-    same = [(q, where[p]) for q, p in enumerate(map(os.path.realpath, query_paths)) if p in where]
-    if same:
-        rows, cols = zip(*same)
-        sim = sim.clone()
-        sim[list(rows), list(cols)] = float("-inf")
-    return sim
-
-
 def evaluate(sim, query_labels, gallery_labels, ks=KS):
     """R@k (%): share of queries with at least one same-label video among their k most similar gallery videos
-    (k clipped to the gallery size); an entry of sim at -inf (the query itself) is never a neighbour."""
+    (k clipped to the gallery size); an entry of sim at -inf (a gallery video that did not decode) is never a
+    neighbour."""
     values, nearest = sim.topk(min(max(ks), sim.shape[1]), dim=1)  # (Q, kmax), most similar first
     hit = (gallery_labels[nearest] == query_labels[:, None]) & (values > float("-inf"))  # (Q, kmax)
     return {f"R@{k}": 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}

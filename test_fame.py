@@ -1024,9 +1024,9 @@ def test_data_kinetics_download_layout_and_scan(tmp_path, capsys):
             if y == "broken":
                 path.write_bytes(b"moov atom not found" * 10)
             elif y != "missing":
-                _data_write(str(path), _data_noise(12, 32, k))
+                _data_write(str(path), _data_noise(12, 32, 10 * (split == "val") + k))
     args = _data_args(tmp_path, root, "k400")
-    with pytest.warns(RuntimeWarning, match="skipping 2 unreadable of 5 videos"):
+    with pytest.warns(RuntimeWarning, match="leaving out 2 of 5 listed videos"):
         train = data.build_dataset(args, "train", "train")
     assert train.classes == ["abseiling", "zumba"] and train.labels.tolist() == [0, 0, 1]
     assert len(data.build_dataset(args, "test", "test")) == 2
@@ -1034,9 +1034,11 @@ def test_data_kinetics_download_layout_and_scan(tmp_path, capsys):
     data.main(data.get_args_parser().parse_args(["--scan", "--dataset", "k400", "--data", str(root), "--workers", "0",
                                                  "--report", str(report)]))
     printed = capsys.readouterr().out
-    assert "k400/train: 5 videos, 3 readable, 1 unreadable, 1 missing" in printed and "k400/test: 2 videos" in printed
+    assert "k400/train: 5 listed, 3 used; left out: 1 missing file, 1 unreadable at indexing" in printed
+    assert "k400/test: 2 listed, 2 used" in printed
     listed = report.read_text()
-    assert "train/broken_000002_000012.mp4" in listed and "train/missing_000003_000013.mp4\tfile not found" in listed
+    assert "train/broken_000002_000012.mp4\tunreadable at indexing: " in listed
+    assert "train/missing_000003_000013.mp4\tmissing file: file not found" in listed
     # neither layout: the error names both
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"train/<class>/\*\.mp4.*annotations/train\.csv"):
@@ -1047,14 +1049,19 @@ def test_data_split_lines_with_spaces_tabs_and_unknown_classes(tmp_path):
     root = tmp_path / "f"
     (root / "walk").mkdir(parents=True)
     (root / "run").mkdir()
-    (root / "train.txt").write_text("walk/my clip.mp4 1\nrun/two  spaces.mp4\nrun/tabbed 7.mp4\t2\n")
-    (root / "test.txt").write_text("walk/a b.mp4\n")
-    rel, labels, classes, _ = data.list_videos("folder", str(root), "train")
-    assert rel == ["walk/my clip.mp4", "run/two  spaces.mp4", "run/tabbed 7.mp4"] and classes == ["run", "walk"]
-    assert labels == [1, 0, 0] and data.list_videos("folder", str(root), "test")[0] == ["walk/a b.mp4"]
+    # the label column, where the lines have one, is the label (here each label is one folder: named after it)
+    for train in ("walk/my clip.mp4\nrun/two  spaces.mp4\nrun/tabbed 7.mp4\n",
+                  "walk/my clip.mp4 1\nrun/two  spaces.mp4 0\nrun/tabbed 7.mp4\t0\n"):
+        (root / "train.txt").write_text(train)
+        labelled = not train.startswith("walk/my clip.mp4\n")
+        (root / "test.txt").write_text("walk/a b.mp4 1\n" if labelled else "walk/a b.mp4\n")
+        rel, labels, classes, _ = data.list_videos("folder", str(root), "train")
+        assert rel == ["walk/my clip.mp4", "run/two  spaces.mp4", "run/tabbed 7.mp4"] and classes == ["run", "walk"]
+        assert labels == [1, 0, 0] and data.list_videos("folder", str(root), "test")[:2] == (["walk/a b.mp4"], [1])
+    (root / "train.txt").write_text("walk/my clip.mp4\nrun/two  spaces.mp4\n")
     assert data._path_and_numbers("v 1.avi 1 ") == ("v 1.avi", ["1"])  # hmdb51: "<video> <tag>"
     (root / "test.txt").write_text("jump/x.mp4\n")  # a test class the training split does not have
-    with pytest.raises(data.LayoutError, match="test.txt lists class 'jump', which the training split does not"):
+    with pytest.raises(data.LayoutError, match="test.txt:1 lists class 'jump', which the training split does not"):
         data.list_videos("folder", str(root), "test")
 
 
@@ -1067,13 +1074,14 @@ def test_data_folder_warnings_and_no_test_split(tmp_path):
         assert data.list_videos("folder", str(root), "train")[0] == ["a/v.mp4"]
     messages = " ".join(str(w.message) for w in warned)
     assert "1 class folders hold no videos: empty" in messages and "1 files are not taken as videos" in messages
-    # no split lists or folders: pretraining reads every video, an evaluation refuses (unless told --test-split)
+    # no split lists or folders: pretraining reads every video, an evaluation refuses
     args = finetune.get_args_parser().parse_args(["--dataset", "folder", "--data", str(root), "--workers", "0"])
     data.check_data_args(args)
     with pytest.raises(utils.DataError, match="no test split"):
         data.check_held_out(args)
-    args.test_split = "train"
-    data.check_held_out(args)
+    args.test_split = "train"  # the training split as the test split: refused too
+    with pytest.raises(utils.UsageError, match="--train-split train is a split this evaluation scores"):
+        data.check_held_out(args)
     # train/ and test/ folders: a test class folder that training lacks is named
     (tmp_path / "s" / "train" / "a").mkdir(parents=True)
     (tmp_path / "s" / "test" / "b").mkdir(parents=True)
@@ -1092,9 +1100,10 @@ def test_data_frames_smaller_than_the_crop_are_said(tmp_path):
 def test_data_scan_report_lists_unreadable_and_never_overwrites_other_files(tmp_path, capsys):
     root = tmp_path / "f"
     _data_write(str(root / "a" / "good.mp4"), _data_noise(8))
+    _data_write(str(root / "a" / "held_out.mp4"), _data_noise(8, seed=1))
     (root / "a" / "broken.mp4").write_bytes(b"garbage" * 50)
     (root / "train.txt").write_text("a/good.mp4\na/broken.mp4\n")
-    (root / "test.txt").write_text("a/good.mp4\n")
+    (root / "test.txt").write_text("a/held_out.mp4\n")
     argv = ["--scan", "--dataset", "folder", "--data", str(root), "--workers", "0", "--report"]
     before = (root / "train.txt").read_text()
     with pytest.raises(utils.UsageError, match="not an earlier scan report"):
@@ -1104,7 +1113,7 @@ def test_data_scan_report_lists_unreadable_and_never_overwrites_other_files(tmp_
     for _ in range(2):  # an earlier report is overwritten
         data.main(data.get_args_parser().parse_args(argv + [str(report)]))
         printed = capsys.readouterr().out
-        assert "  a/broken.mp4: " in printed and "1 of 3 videos cannot be read" in printed
+        assert "  a/broken.mp4: unreadable at indexing: " in printed and "1 of 3 listed videos are left out" in printed
     assert report.read_text().startswith(data.REPORT_HEADER) and "a/broken.mp4\t" in report.read_text()
 
 
@@ -1118,12 +1127,12 @@ def test_data_unreadable_files_skipped(tmp_path):
     (root / "b" / "truncated.mp4").write_bytes(good[: len(good) // 2])
     (root / "b" / "noise.avi").write_bytes(np.random.default_rng(0).integers(0, 256, 5000, np.uint8).tobytes())
     args = _data_args(tmp_path, root, "folder")
-    with pytest.warns(RuntimeWarning, match="skipping 4 unreadable of 6 videos") as rec:
+    with pytest.warns(RuntimeWarning, match="leaving out 4 of 6 listed videos") as rec:
         ds = data.build_dataset(args, "train", "train")
     assert len(ds) == 2 and all("good" in p for p in ds.paths)
     assert "zero-byte" in str(rec[0].message)
     # the cached index remembers the bad files; a corrupt file found at training time is replaced
-    with pytest.warns(RuntimeWarning, match="skipping 4"):
+    with pytest.warns(RuntimeWarning, match="leaving out 4"):
         ds = data.build_dataset(args, "train", "pretrain")
     (root / "a" / "good.mp4").write_bytes(b"garbage" * 100)
     with pytest.warns(RuntimeWarning, match="could not decode"):
@@ -1348,6 +1357,259 @@ def test_data_real_footage():
         assert min(small.shape[1:3]) == (48 if min(h, w) > 96 else min(h, w))
 
 
+# --- listing contracts: one strict parser per layout, every listed video accounted for, held out by identity ---
+
+_DATA_CSV = "label,youtube_id,time_start,time_end,split\n"
+
+
+def _data_lists(root, dataset, files):
+    """A layout's folders and the given list files {relative path: text or bytes}; no videos (a refused list is
+    refused before any video is read)."""
+    folders = {"ucf101": ["UCF-101"], "hmdb51": [], "k400": ["train", "val"], "diving48": ["rgb"], "folder": ["a"]}
+    for d in folders[dataset]:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for rel, text in files.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(text if isinstance(text, bytes) else text.encode())
+    return root
+
+
+_UCF_IND = "1 Alpha\n2 Beta\n"
+_HMDB = "testTrainMulti_7030_splits/{}_test_split1.txt"
+_D48 = {"Diving48_V2_test.json": '[{"vid_name": "t0", "label": 1}]'}
+_FOLDER_TEST = {"test.txt": "a/t.mp4\n"}
+
+# case id, script, dataset, list files, what the one error line says (exit status 1: the data cannot be used)
+_DATA_REFUSED_LISTS = [
+    ("K03", "data.py", "k400", {"annotations/train.csv": _DATA_CSV + "a,x,0.5,10,train\n",
+                                "annotations/val.csv": _DATA_CSV + "a,y,0,10,val\n"},
+     r"train.csv:2: time_start '0.5' and time_end '10' must be whole seconds"),
+    ("K04", "data.py", "k400", {"annotations/train.csv": _DATA_CSV, "annotations/val.csv": _DATA_CSV},
+     r"train.csv: no rows after the header"),
+    ("K06", "data.py", "k400", {"annotations/train.csv": _DATA_CSV + "a,x,0,10,train\nb,y\n",
+                                "annotations/val.csv": _DATA_CSV + "a,y,0,10,val\n"},
+     r"train.csv:3: 2 fields where the header has 5"),
+    ("K-header", "data.py", "k400", {"annotations/train.csv": "name,youtube_id,time_start,time_end\na,x,0,1\n"},
+     r"train.csv: the header 'name,youtube_id,time_start,time_end' lacks the columns \['label'\]"),
+    ("D01", "data.py", "diving48", {"Diving48_V2_train.json": '[{"vid_name": "a", "label": 1}, {"vid_na',
+                                    **_D48}, r"Diving48_V2_train.json: not valid JSON \(.* at line 1, column"),
+    ("D02", "data.py", "diving48", {"Diving48_V2_train.json": '[{"label": 1}]', **_D48},
+     r"Diving48_V2_train.json: entry 0: expected \{\"vid_name\""),
+    ("D03", "data.py", "diving48", {"Diving48_V2_train.json": '{"videos": []}', **_D48},
+     r"Diving48_V2_train.json: expected a list of .* got a JSON dict"),
+    ("D04", "data.py", "diving48", {"Diving48_V2_train.json": '[{"vid_name": "a", "label": "back"}]', **_D48},
+     r"entry 0: label 'back' is not an integer"),
+    ("D05", "linear_probe.py", "diving48", {"Diving48_V2_train.json": '[{"vid_name": "a", "label": 60}]', **_D48},
+     r"entry 0: label 60 is outside the 48 classes \(0 to 47\)"),
+    ("D06", "linear_probe.py", "diving48", {"Diving48_V2_train.json": '[{"vid_name": "a", "label": 1}, '
+                                                                      '{"vid_name": "b", "label": -1}]', **_D48},
+     r"entry 1: label -1 is outside the 48 classes"),
+    ("D07", "finetune.py", "diving48", {"Diving48_V2_train.json": '[{"vid_name": "a", "label": -1}]', **_D48},
+     r"entry 0: label -1 is outside"),
+    ("D08", "linear_probe.py", "diving48", {"Diving48_V2_train.json": '[{"vid_name": "a", "label": 5}]', **_D48,
+                                            "Diving48_vocab.json": '[["back", "pike"], ["front", "tuck"]]'},
+     r"entry 0: label 5 is outside the 2 classes"),
+    ("D09", "retrieve.py", "diving48", {"Diving48_V2_train.json": '[{"vid_name": "a", "label": 60}]', **_D48},
+     r"label 60 is outside the 48 classes"),
+    ("D-vocab", "data.py", "diving48", {"Diving48_V2_train.json": '[]', **_D48, "Diving48_vocab.json": '{"a": 1}'},
+     r"Diving48_vocab.json: expected a list of class descriptions"),
+    ("H01", "data.py", "hmdb51", {_HMDB.format("walk"): "a.avi 1\nb.avi 3\n", _HMDB.format("run"): "c.avi 2\n"},
+     r"walk_test_split1.txt:2: tag 3 is not 0 \(unused\), 1 \(train\) or 2 \(test\)"),
+    ("H-notag", "data.py", "hmdb51", {_HMDB.format("walk"): "a.avi\n"},
+     r"walk_test_split1.txt:1: expected a video path and 1 integer column after it"),
+    ("U-ind", "data.py", "ucf101", {"ucfTrainTestlist/classInd.txt": "1 Alpha\n3 Beta\n"},
+     r"classInd.txt:2: expected '2 <ClassName>'"),
+    ("U-range", "data.py", "ucf101", {"ucfTrainTestlist/classInd.txt": _UCF_IND,
+                                      "ucfTrainTestlist/trainlist01.txt": "Alpha/v_a.avi 1\nBeta/v_b.avi 3\n"},
+     r"trainlist01.txt:2: label 3 is outside classInd.txt's 1 to 2"),
+    ("U-folder", "data.py", "ucf101", {"ucfTrainTestlist/classInd.txt": _UCF_IND,
+                                       "ucfTrainTestlist/trainlist01.txt": "Alpha/v_a.avi 2\n"},
+     r"trainlist01.txt:1: label 2 is 'Beta' in classInd.txt, but the video is in the folder 'Alpha'"),
+    ("F-absolute", "data.py", "folder", {"train.txt": "/data/a/v.mp4 0\n", **_FOLDER_TEST},
+     r"train.txt:1: absolute path '/data/a/v.mp4'"),
+    ("F-outside", "data.py", "folder", {"train.txt": "a/v.mp4\n../other/a/w.mp4\n", **_FOLDER_TEST},
+     r"train.txt:2: '../other/a/w.mp4' leaves the dataset root"),
+    ("F-noclass", "data.py", "folder", {"train.txt": "v.mp4\n", **_FOLDER_TEST},
+     r"train.txt:1: 'v.mp4' is neither in a class folder"),
+    ("F-mixed", "data.py", "folder", {"train.txt": "a/v.mp4 0\nb/w.mp4 1\n", "test.txt": "a/t.mp4\n"},
+     r"test.txt:1: no label column, unlike .*train.txt:1"),
+    ("F-order", "data.py", "folder", {"train.txt": "0 videos/v.mp4\n", **_FOLDER_TEST},
+     r"train.txt:1: the label comes before the path"),
+    ("F-word", "data.py", "folder", {"train.txt": "a/v.mp4 walk\n", **_FOLDER_TEST},
+     r"train.txt:1: 'walk' after the path is not an integer label"),
+    ("F-columns", "data.py", "folder", {"train.txt": "a/v.mp4 1 2\n", **_FOLDER_TEST},
+     r"train.txt:1: expected a video path and 0 integer columns or 1 integer column after it"),
+    ("F-testlabel", "data.py", "folder", {"train.txt": "videos/v.mp4 0\nvideos/w.mp4 1\n",
+                                          "test.txt": "videos/t.mp4 7\n"},
+     r"test.txt:1: label 7, which the training split does not have \(labels: 0, 1\)"),
+    ("F-disagree", "data.py", "folder", {"train.txt": "walk/v.mp4 0\nrun/w.mp4 1\n", "test.txt": "run/t.mp4 0\n"},
+     r"test.txt:1: label 0 is the class of walk/ in train.txt, but the video is in run/"),
+    ("F-twice", "data.py", "folder", {"train.txt": "a/v.mp4 0\nb/w.mp4 1\na/v.mp4 1\n", **_FOLDER_TEST},
+     r"train.txt:3: a/v.mp4 is listed again with another class \('1'; '0' at .*train.txt:1\)"),
+    ("F-utf16", "data.py", "folder", {"train.txt": "a/v.mp4\n".encode("utf-16-le"), **_FOLDER_TEST},
+     r"train.txt: holds NUL bytes \(UTF-16 or UTF-32 without a byte-order mark\?\)"),
+    ("F-listdir", "data.py", "folder", {"train.txt/a/v.mp4": "", **_FOLDER_TEST},
+     r"train.txt is a folder, not a split list"),
+    ("F-empty", "data.py", "folder", {"train.txt": "\n  \n", **_FOLDER_TEST}, r"train.txt: lists no videos"),
+    ("F-oneclass", "linear_probe.py", "folder", {"train.txt": "videos/v.mp4\nvideos/w.mp4\n",
+                                                  "test.txt": "videos/t.mp4\n"},
+     r"folder/train: every video is in the class 'videos', so every prediction would be right"),
+]
+
+
+def test_data_lists_users_bring_are_refused_in_one_line_naming_file_and_line(tmp_path, monkeypatch, capsys):
+    # kind 1: a list line or entry that a layout's parser cannot read, or whose label is outside the class list,
+    # ends every script in one line naming the file (and line or entry), before any video is read
+    monkeypatch.chdir(tmp_path)
+    scripts = {"data.py": data, "finetune.py": finetune, "linear_probe.py": linear_probe, "retrieve.py": retrieve}
+    for k, (case, script, dataset, files, message) in enumerate(_DATA_REFUSED_LISTS):
+        root = _data_lists(tmp_path / f"case{k}", dataset, files)
+        flags = ["--dataset", dataset, "--data", str(root), "--workers", "0"]
+        parser = scripts[script].get_args_parser()
+        parser.prog = script
+        argv = ["--scan", *flags] if script == "data.py" else [*flags, "--output-dir", f"run{k}"]
+        with pytest.raises(SystemExit) as stop:
+            utils.run_script(scripts[script].main, parser, parser.parse_args(argv))
+        captured = capsys.readouterr()
+        assert stop.value.code == 1 and captured.out == "", f"{case}: {captured}"
+        one_line = rf"{re.escape(script)}: error: [^\n]*{message}[^\n]*\n"
+        assert re.fullmatch(one_line, captured.err), f"{case}: {captured}"
+    assert not any(tmp_path.glob("run*"))  # refused before an output folder was made
+
+
+def test_data_lists_read_as_written(tmp_path):
+    # kind 1: byte-order marks, UTF-16, CRLF, a 'path label' list of one folder and column orders are read, not
+    # turned into phantom classes or missing files
+    for name, train in (("L02", b"\xef\xbb\xbfa/v.mp4\r\nb/w.mp4\r\n"), ("L11", "a/v.mp4\nb/w.mp4\n".encode("utf-16"))):
+        root = _data_lists(tmp_path / name, "folder", {"train.txt": train, "test.txt": "\ufeffa/t.mp4\r\n".encode()})
+        assert data.list_videos("folder", str(root), "train")[:3] == (["a/v.mp4", "b/w.mp4"], [0, 1], ["a", "b"])
+        assert data.list_videos("folder", str(root), "test")[:2] == (["a/t.mp4"], [0])
+    # the label column is the label: a flat folder of a 'path label' list is 3 classes, not 1 class 'videos'
+    flat = _data_lists(tmp_path / "flat", "folder", {"train.txt": "videos/x.mp4 3\nvideos/y.mp4 0\nvideos/z.mp4 5\n",
+                                                    "test.txt": "./videos/t.mp4\t5\n"})
+    assert data.list_videos("folder", str(flat), "train")[1:3] == ([1, 0, 2], ["0", "3", "5"])
+    assert data.list_videos("folder", str(flat), "test")[:2] == (["videos/t.mp4"], [2])
+    # K05: a Kinetics CSV saved with a BOM (Excel), columns in another order, an extra column, blank lines
+    k400 = _data_lists(tmp_path / "k400", "k400", {
+        "annotations/train.csv": b"\xef\xbb\xbfyoutube_id,time_end,label,time_start,extra\r\nx,10,walk,0,1\r\n\r\n"
+                                 b"y,20,run,10,2\r\n",
+        "annotations/val.csv": "label,youtube_id,time_start,time_end\nrun,z,3,13\n"})
+    assert data.list_videos("k400", str(k400), "train")[:3] == (
+        ["train/x_000000_000010.mp4", "train/y_000010_000020.mp4"], [1, 0], ["run", "walk"])
+    assert data.list_videos("k400", str(k400), "test")[:2] == (["val/z_000003_000013.mp4"], [0])
+    # hmdb51 split files with CRLF, unused (0) lines; ucf101 testlists without labels, classInd in another case
+    hmdb = _data_lists(tmp_path / "hmdb", "hmdb51", {_HMDB.format("run"): "a.avi 1\r\nb.avi 0\r\nc.avi 2\r\n",
+                                                    _HMDB.format("walk"): "d.avi 1\n"})
+    assert data.list_videos("hmdb51", str(hmdb), "train")[:2] == (["run/a.avi", "walk/d.avi"], [0, 1])
+    ucf = _data_lists(tmp_path / "ucf", "ucf101", {"ucfTrainTestlist/classInd.txt": "1 HandstandPushups\r\n2 Beta\n",
+                                                  "ucfTrainTestlist/trainlist01.txt": "HandStandPushups/v_a.avi 1\n",
+                                                  "ucfTrainTestlist/testlist01.txt": "Beta/v_b.avi\n"})
+    assert data.list_videos("ucf101", str(ucf), "train")[:2] == (["UCF-101/HandStandPushups/v_a.avi"], [0])
+    assert data.list_videos("ucf101", str(ucf), "test")[:2] == (["UCF-101/Beta/v_b.avi"], [1])
+
+
+@pytest.fixture(scope="module")
+def data_four_videos(tmp_path_factory):
+    """Four tiny videos of different content (8 frames of 16 px): {name: path}."""
+    root = tmp_path_factory.mktemp("four_videos")
+    for k in range(4):
+        _data_write(str(root / f"v{k}.mp4"), _data_noise(8, 16, 100 + k))
+    return {f"v{k}": root / f"v{k}.mp4" for k in range(4)}
+
+
+def test_data_every_listed_video_is_accounted_for(tmp_path, data_four_videos, capsys):
+    # kind 2: the manifest of a listing (duplicates, missing files, dangling links, unreadable files) adds up,
+    # is printed by every stage and by --scan, and leaves nothing out silently (S01, L06's indexing half)
+    root = tmp_path / "f"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+    shutil.copy(data_four_videos["v0"], root / "a" / "v0.mp4")
+    shutil.copy(data_four_videos["v1"], root / "b" / "v1.mp4")
+    good = data_four_videos["v2"].read_bytes()
+    (root / "b" / "truncated.mp4").write_bytes(good[: len(good) // 3])
+    os.symlink(root / "a" / "gone.mp4", root / "a" / "dead.mp4")  # S01: dangling
+    args = _data_args(tmp_path, root, "folder")
+    with pytest.warns(RuntimeWarning, match=r"leaving out 2 of 4 listed videos: a/dead.mp4 \(missing file: dangling "
+                                            r"symbolic link to .*gone.mp4\); b/truncated.mp4 \(unreadable at indexing"):
+        ds = data.build_dataset(args, "train", "pretrain")
+    assert len(ds) == 2 and ds.manifest["listed"] == 4 and ds.manifest["used"] == 2
+    assert ds.manifest["left_out_by_reason"] == {"listed twice": 0, "missing file": 1, "in the training split": 0,
+                                                 "unreadable at indexing": 1}
+    printed = capsys.readouterr().out
+    assert "folder/train: 4 listed, 2 used; left out: 1 missing file, 1 unreadable at indexing" in printed
+    # split lists: a line listed twice is used once and said; one with another class is refused (the table above)
+    (root / "train.txt").write_text("a/v0.mp4\nb/v1.mp4\na/v0.mp4\n")
+    (root / "test.txt").write_bytes(b"b/missing.mp4\na/dead.mp4\na/gon\xe9.mp4\n")  # a name that is not UTF-8
+    report = tmp_path / "report.txt"
+    data.main(data.get_args_parser().parse_args(["--scan", "--dataset", "folder", "--data", str(root), "--workers",
+                                                 "0", "--report", str(report)]))
+    printed = capsys.readouterr().out
+    assert "folder/train: 3 listed, 2 used; left out: 1 listed twice" in printed
+    assert "folder/test: 3 listed, 0 used; left out: 3 missing file" in printed
+    assert "4 of 6 listed videos are left out" in printed
+    assert re.search(r"a/v0.mp4\tlisted twice: first listed at .*train.txt:1\n",
+                     report.read_text(errors="replace"))
+    assert b"\na/gon\xe9.mp4\tmissing file: file not found\n" in report.read_bytes()  # the name as on disk
+
+
+def test_data_no_test_on_training_videos_by_file_identity(tmp_path, data_four_videos, capsys):
+    # kind 3: a test video that is a training video under another name (hard link, symbolic link, byte copy) is
+    # left out and counted; a test split that is all training videos, or the training split itself, is refused
+    root = tmp_path / "f"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+    for k, c in enumerate("abab"):
+        shutil.copy(data_four_videos[f"v{k}"], root / c / f"v{k}.mp4")
+    os.link(root / "a" / "v0.mp4", root / "b" / "hard.mp4")
+    os.symlink(root / "b" / "v1.mp4", root / "a" / "soft.mp4")
+    shutil.copy(root / "a" / "v0.mp4", root / "b" / "copy.mp4")
+    (root / "train.txt").write_text("a/v0.mp4\nb/v1.mp4\n")
+    (root / "test.txt").write_text("b/hard.mp4\na/soft.mp4\nb/copy.mp4\na/v2.mp4\nb/v3.mp4\n")
+    args = _data_args(tmp_path, root, "folder")
+    with pytest.warns(RuntimeWarning, match="leaving out 3 of 5 listed videos"):
+        test = data.build_dataset(args, "test", "test", held_out_from="train")
+    assert [os.path.basename(p) for p in test.paths] == ["v2.mp4", "v3.mp4"]
+    assert [(r, why) for r, _, why in test.manifest["left_out"]] == [
+        ("b/hard.mp4", "the train video a/v0.mp4"), ("a/soft.mp4", "the train video b/v1.mp4"),
+        ("b/copy.mp4", "the train video a/v0.mp4")]
+    # the same video twice in the test split, under two names: scored once
+    (root / "test.txt").write_text("a/v2.mp4\nb/v3.mp4\nb/again.mp4\n")
+    os.link(root / "b" / "v3.mp4", root / "b" / "again.mp4")
+    with pytest.warns(RuntimeWarning, match=r"b/again.mp4 \(listed twice: the same file as b/v3.mp4\)"):
+        assert len(data.build_dataset(args, "test", "test", held_out_from="train")) == 2
+    (root / "test.txt").write_text("b/hard.mp4\na/soft.mp4\n")  # every test video is a training video
+    with pytest.raises(utils.DataError, match=r"folder/test: every readable video of it is also a video of the train "
+                                              r"split \(.*b/hard.mp4: the train video a/v0.mp4\)"):
+        data.build_dataset(args, "test", "test", held_out_from="train")
+    for script in (finetune, linear_probe, retrieve):
+        ns = script.get_args_parser().parse_args(["--dataset", "folder", "--data", str(root), "--test-split", "train"])
+        with pytest.raises(utils.UsageError, match="--train-split train is a split this evaluation scores"):
+            data.check_held_out(ns)
+
+
+def test_data_fewer_test_videos_than_processes_is_one_line(tmp_path, data_four_videos, monkeypatch, capsys):
+    # T02: more processes than test videos ends in one line, from the listing that every process makes alike,
+    # before any process waits for another (here the view of one of 3 processes; torchrun alike)
+    root = tmp_path / "f"
+    for k, c in enumerate("abab"):
+        (root / c).mkdir(parents=True, exist_ok=True)
+        shutil.copy(data_four_videos[f"v{k}"], root / c / f"v{k}.mp4")
+    (root / "train.txt").write_text("a/v0.mp4\nb/v1.mp4\nb/v3.mp4\n")
+    (root / "test.txt").write_text("a/v2.mp4\n")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setattr(utils, "init_distributed", lambda: torch.device("cpu"))
+    monkeypatch.setattr(utils, "clip_outputs", lambda *a: pytest.fail("features extracted"))
+    parser = retrieve.get_args_parser()
+    parser.prog = "retrieve.py"
+    args = parser.parse_args(["--dataset", "folder", "--data", str(root), "--arch", "cnn3d", "--frames", "2",
+                              "--crop", "16", "--workers", "0", "--output-dir", str(tmp_path / "run")])
+    with pytest.raises(SystemExit) as stop:
+        utils.run_script(retrieve.main, parser, args)
+    assert stop.value.code == 1 and capsys.readouterr().err == (
+        "retrieve.py: error: folder/test has 1 video to evaluate for 3 processes: run with at most 1 (torchrun "
+        "--nproc_per_node)\n")
+
+
 # --- the prepared copy (data.py --prepare) -------------------------------------------------------------------
 
 def _data_prepare(src, dst, dataset, *extra):
@@ -1389,7 +1651,7 @@ def test_data_prepare_layouts(tmp_path, dataset):
         for root in (src, dst):
             args, mode = _data_args(tmp_path, root, dataset), "train" if split == "train" else "test"
             if split == "train" and (root == src or dataset != "folder"):  # lists keep naming it; folders do not
-                with pytest.warns(RuntimeWarning, match="skipping 1 unreadable"):
+                with pytest.warns(RuntimeWarning, match="leaving out 1 of 4 listed videos"):
                     sets.append(data.build_dataset(args, split, mode))
             else:
                 sets.append(data.build_dataset(args, split, mode))
@@ -1591,7 +1853,8 @@ def test_data_index_names_pictures_jumps_and_turned_frames(tmp_path, capsys):
     for deg, hflip in ((90, False), (180, False), (270, False), (0, True), (90, True)):
         _data_encode(root / "a" / f"turned_{deg}_{hflip}.mp4", "libx264", "mp4", stored, rotation=deg, hflip=hflip)
     (root / "train.txt").write_text("".join(f"a/{p.name}\n" for p in sorted((root / "a").iterdir())))
-    (root / "test.txt").write_text("a/plain.mp4\n")
+    _data_encode(root / "a" / "held_out.mp4", "libx264", "mp4", 255 - stored)  # the test split's own video
+    (root / "test.txt").write_text("a/held_out.mp4\n")
     infos = dict(zip(data.list_videos("folder", str(root), "train")[0],
                      data.load_index(str(root), data.list_videos("folder", str(root), "train")[0],
                                      str(tmp_path / "index.json"))))
@@ -2384,7 +2647,7 @@ def test_pretrain_corrupt_videos_reported_and_skipped(pretrain_env, monkeypatch,
     with pytest.warns(RuntimeWarning) as warned:
         pretrain.main(pretrain.get_args_parser().parse_args(argv))
     messages = [str(w.message) for w in warned]
-    assert any("skipping 1 unreadable" in m and "broken.mp4" in m for m in messages)
+    assert any("leaving out 1 of" in m and "broken.mp4 (unreadable at indexing" in m for m in messages)
     assert any("simulated decode error" in m for m in messages)
     log = _pretrain_log(pretrain_env.tmp / "run")
     assert len(log) == 2 and sum(e["failed_videos"] for e in log) >= 1  # the victim is drawn once per epoch
@@ -2608,12 +2871,10 @@ def test_eval_retrieve_end_to_end(eval_tiny, tmp_path):
         recalls = [metrics[f"R@{k}"] for k in retrieve.KS]
         assert recalls == sorted(recalls) and recalls[-1] == 100.0  # gallery of 16 < 50: R@50 sees all
     assert (tmp_path / "retrieval.png").stat().st_size > 0 and len(results["visualized"]) == 2
-    # gallery == queries (same labelled set): a query never finds itself
-    results = _eval_run(retrieve, flags + ["--pretrained", ckpt, "--clips", "2", "--train-split", "test",
-                                           "--visualize", "8", "--output-dir", str(tmp_path / "self")])
-    assert results["splits"]["test"]["gallery"] == 8 and len(results["visualized"]) == 8
-    for shown in results["visualized"]:
-        assert len(shown["neighbours"]) == 3 and shown["query_path"] not in [n["path"] for n in shown["neighbours"]]
+    # gallery == queries (the same labelled set): refused, as every query would find itself
+    with pytest.raises(utils.UsageError, match="--train-split test is a split this evaluation scores"):
+        _eval_run(retrieve, flags + ["--pretrained", ckpt, "--clips", "2", "--train-split", "test",
+                                     "--output-dir", str(tmp_path / "self")])
 
 
 def test_eval_retrieval_features_normalized_per_clip():
@@ -2635,11 +2896,10 @@ def test_eval_recall_unit():
     assert retrieve.evaluate(sim, labels, labels)["R@1"] == 100.0
     recalls = list(retrieve.evaluate(retrieve.similarity(torch.randn(20, 16), feats), labels[:20], labels).values())
     assert recalls == sorted(recalls) and recalls[-1] == 100.0
-    # queries that are the gallery videos themselves: never their own match (each label once: no hit at all)
-    paths, unique = [f"v{i}.mp4" for i in range(30)], torch.arange(30)
+    # a gallery video at -inf (one that did not decode) is never a neighbour (each label once: no hit at all)
+    unique = torch.arange(30)
     assert retrieve.evaluate(sim, unique, unique)["R@1"] == 100.0
-    assert retrieve.evaluate(retrieve.exclude_self(sim, paths, paths), unique, unique) == {f"R@{k}": 0.0
-                                                                                            for k in retrieve.KS}
+    assert retrieve.evaluate(sim.fill_diagonal_(float("-inf")), unique, unique) == {f"R@{k}": 0.0 for k in retrieve.KS}
 
 
 def test_eval_probe_resume_checks_the_pretrained_weights(eval_tiny, tmp_path):
@@ -2673,7 +2933,7 @@ def test_eval_broken_test_videos_are_left_out(eval_tiny, tmp_path, monkeypatch, 
                                                   "--output-dir", str(tmp_path / "probe")])
     assert (probe["splits"]["test"]["videos"], probe["splits"]["test"]["left_out"]) == (7, 1)
     assert (probe["splits"]["test_swapped"]["videos"], probe["splits"]["test_swapped"]["left_out"]) == (8, 0)
-    assert "test: 1 videos could not be decoded and are left out" in capsys.readouterr().out
+    assert "test: 8 listed = 7 scored + 1 left out (1 failed to decode)" in capsys.readouterr().out
     with pytest.warns(RuntimeWarning, match="left out of the evaluation"):
         found = _eval_run(retrieve, common + ["--output-dir", str(tmp_path / "retrieve")])["splits"]["test"]
     assert (found["queries"], found["left_out"], found["gallery"], found["gallery_left_out"]) == (7, 1, 15, 1)
@@ -2753,6 +3013,69 @@ def test_eval_retrieve_one_vs_two_processes(eval_tiny, tmp_path):
     for a, b in zip(one["visualized"], two["visualized"], strict=True):  # same neighbours, same similarities
         assert [n["index"] for n in a["neighbours"]] == [n["index"] for n in b["neighbours"]]
         assert [n["sim"] for n in a["neighbours"]] == pytest.approx([n["sim"] for n in b["neighbours"]], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def eval_accounted(tmp_path_factory):
+    """A folder dataset whose test list holds one video of each fate: 2 scored, and one each listed twice, missing,
+    a training video under another name (hard link), unreadable at indexing (truncated) and failing to decode at
+    test time (b/fails.mp4, made to fail by the test)."""
+    root = tmp_path_factory.mktemp("accounted")
+    for k in range(9):
+        _data_write(str(root / "ab"[k % 2] / f"v{k}.mp4"), _data_noise(8, 16, 200 + k))
+    (root / "a" / "v8.mp4").rename(root / "b" / "fails.mp4")
+    good = (root / "b" / "v7.mp4").read_bytes()
+    (root / "a" / "truncated.mp4").write_bytes(good[: len(good) // 3])
+    os.link(root / "a" / "v0.mp4", root / "b" / "linked.mp4")
+    (root / "train.txt").write_text("".join(f"{'ab'[k % 2]}/v{k}.mp4\n" for k in range(6)))
+    (root / "test.txt").write_text("a/v6.mp4\nb/v7.mp4\nb/v7.mp4\na/missing.mp4\nb/linked.mp4\na/truncated.mp4\n"
+                                   "b/fails.mp4\n")
+    return ["--dataset", "folder", "--data", str(root), "--arch", "cnn3d", "--frames", "2", "--crop", "16",
+            "--clips", "1", "--batch-size", "2", "--workers", "0"]
+
+
+@pytest.mark.parametrize("module, extra", [(finetune, ["--epochs", "1"]),
+                                           (linear_probe, ["--epochs", "1", "--cache-features"]), (retrieve, [])])
+def test_eval_every_listed_test_video_is_scored_or_left_out_by_reason(eval_accounted, tmp_path, monkeypatch, capsys,
+                                                                       module, extra):
+    # kinds 2 and 3 in each evaluation: listed = scored + left out, by reason, in results.json and the printout
+    load = data.VideoDataset.load
+
+    def failing(self, i, generator=None):
+        if self.paths[i].endswith("fails.mp4"):
+            raise ValueError("simulated decode error")
+        return load(self, i, generator)
+
+    monkeypatch.setattr(data.VideoDataset, "load", failing)
+    with pytest.warns(RuntimeWarning, match="leaving out 4 of 7 listed videos"):
+        results = _eval_run(module, eval_accounted + extra + ["--output-dir", str(tmp_path / "run")])
+    test = results["splits"]["test"]
+    assert (test["listed"], test["scored"], test["left_out"]) == (7, 2, 5)
+    assert test["left_out_by_reason"] == {"listed twice": 1, "missing file": 1, "in the training split": 1,
+                                          "unreadable at indexing": 1, "failed to decode": 1}
+    assert sorted(r for r, _, _ in test["left_out_videos"]) == ["a/missing.mp4", "a/truncated.mp4", "b/fails.mp4",
+                                                                "b/linked.mp4", "b/v7.mp4"]
+    assert ("test: 7 listed = 2 scored + 5 left out (1 listed twice, 1 missing file, 1 in the training split, "
+            "1 unreadable at indexing, 1 failed to decode)") in capsys.readouterr().out
+    if module is retrieve:  # the gallery is accounted for too; a query never meets itself under another name
+        assert (test["queries"], results["gallery"]["listed"], results["gallery"]["scored"]) == (2, 6, 6)
+    else:  # and the training split's manifest
+        assert test["videos"] == 2 and (results["train"]["listed"], results["train"]["used"]) == (6, 6)
+
+
+def test_eval_non_finite_features_are_refused(eval_accounted, tmp_path, monkeypatch):
+    # a backbone giving non-finite features (e.g. NaN weights) is refused in one line, never scored
+    build = models.build_backbone
+
+    def nan_features(*args, **kwargs):
+        model = build(*args, **kwargs)
+        model.forward_features = lambda x: torch.full((len(x), model.feature_dim), float("nan"))
+        return model
+
+    monkeypatch.setattr(models, "build_backbone", nan_features)
+    with pytest.raises(utils.DataError, match=r"folder/train: the backbone gives non-finite outputs \(NaN or inf\) "
+                                              r"for 6 of 6 videos, e.g. .*v0.mp4: such scores mean nothing"):
+        _eval_run(retrieve, eval_accounted + ["--output-dir", str(tmp_path / "run")])
 
 
 # ============================================================================================================

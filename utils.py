@@ -544,7 +544,14 @@ def clip_outputs(fn, loader, device):
     index = torch.cat(index).to(device)
     values = gather_by_index(torch.cat(outputs), index, len(loader.dataset)).cpu()
     failed = gather_by_index(torch.cat(failed).to(device)[:, None], index, len(loader.dataset)).cpu()[:, 0]
-    return values, failed == 0
+    ok = failed == 0
+    finite = torch.isfinite(values.flatten(1).float()).all(1)  # (V,): every process sees the same, so all stop
+    if not bool(finite[ok].all()):
+        bad = (ok & ~finite).nonzero()[:, 0].tolist()
+        raise DataError(f"{loader.dataset.name}: the backbone gives non-finite outputs (NaN or inf) for {len(bad)} of "
+                        f"{len(ok)} videos, e.g. {loader.dataset.paths[bad[0]]}: such scores mean nothing; check the "
+                        f"weights of --pretrained (or try --amp off)")
+    return values, ok
 
 
 def gather_by_index(values, index, total):
@@ -592,11 +599,10 @@ def knn_top1(query, query_labels, gallery, gallery_labels, k=20, temperature=0.0
 
 def classification_metrics(scores, labels, classes, ok=None):
     """Video-level top-1 / top-5 (%) and per-class accuracy from (V, C) scores, over the videos where the (V,)
-    mask `ok` is set (those that decoded); "left_out" counts the others."""
+    mask `ok` is set (those that decoded); "videos": how many were scored."""
     ok = torch.ones(len(labels), dtype=torch.bool) if ok is None else ok.cpu()
     if not bool(ok.any()):
         raise DataError(f"none of the {len(labels)} test videos could be decoded")
-    left_out = int((~ok).sum())
     scores, labels = scores[ok.to(scores.device)], labels[ok].to(scores.device)
     top = scores.topk(min(5, scores.shape[1]), dim=1).indices  # (V, 5)
     correct = top[:, 0] == labels
@@ -605,7 +611,26 @@ def classification_metrics(scores, labels, classes, ok=None):
     return {"top1": 100.0 * correct.float().mean().item(),
             "top5": 100.0 * (top == labels[:, None]).any(1).float().mean().item(),
             "mean_class_acc": sum(per_class.values()) / len(per_class), "per_class_acc": per_class,
-            "videos": len(labels), "left_out": left_out}
+            "videos": len(labels)}
+
+
+FAILED_TO_DECODE = "failed to decode"  # the reason an evaluation adds to the listing's (data.LEFT_OUT_REASONS)
+
+
+def video_accounting(dataset, ok):
+    """Every listed video of an evaluated dataset accounted for: listed = scored + left out. dataset: a
+    data.build_dataset dataset (its manifest: the videos left out when listed and indexed); ok: the (V,) mask of
+    its videos that decoded at test time (clip_outputs). Returns {"listed", "scored", "left_out", "left_out_by_reason"
+    (every reason, zeros included), "left_out_videos" [[path, reason, detail]]}."""
+    manifest = dataset.manifest
+    left_out = [list(entry) for entry in manifest["left_out"]]
+    left_out += [[os.path.relpath(dataset.paths[i], dataset.root), FAILED_TO_DECODE, "at test time"]
+                 for i in (~ok.cpu()).nonzero()[:, 0].tolist()]
+    reasons = {**manifest["left_out_by_reason"], FAILED_TO_DECODE: len(left_out) - len(manifest["left_out"])}
+    counts = {"listed": manifest["listed"], "scored": int(ok.sum()), "left_out": len(left_out)}
+    if counts["listed"] != counts["scored"] + counts["left_out"]:
+        raise RuntimeError(f"{dataset.name}: {counts} do not add up")
+    return {**counts, "left_out_by_reason": reasons, "left_out_videos": left_out}
 
 
 def eval_splits(args):
@@ -639,8 +664,10 @@ def write_results(args, results, **extra):
         out["bias_gap"] = results["test"][key] - results["test_swapped"][key]  # percentage points
     for split, metrics in results.items():
         print(f"{split}: " + ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float)))
-        if metrics.get("left_out"):
-            print(f"{split}: {metrics['left_out']} videos could not be decoded and are left out of these metrics")
+        if "listed" in metrics:
+            said = ", ".join(f"{n} {reason}" for reason, n in metrics["left_out_by_reason"].items() if n)
+            print(f"{split}: {metrics['listed']} listed = {metrics['scored']} scored + {metrics['left_out']} left out"
+                  + (f" ({said})" if said else ""))
     if "bias_gap" in out:
         print(f"background-bias gap ({key}, test - test_swapped): {out['bias_gap']:.2f} points")
     path = Path(args.output_dir) / "results.json"
