@@ -1858,10 +1858,10 @@ print(json.dumps(results))
 """
 
 _UTILS_BAD_INPUTS = [  # script, command line, exit status, what its one error line says
-    ("pretrain.py", ["--lr", "0"], 2, "--lr 0.0 must be positive"),
-    ("pretrain.py", ["--moco-t", "-1"], 2, "--moco-t -1.0 must be positive"),
-    ("pretrain.py", ["--frames", "0"], 2, "--frames must be positive"),
-    ("pretrain.py", ["--workers", "-2"], 2, "--workers must be at least 0"),
+    ("pretrain.py", ["--lr", "0"], 2, "argument --lr: must be positive, got 0"),
+    ("pretrain.py", ["--moco-t", "-1"], 2, "argument --moco-t: must be in [0.001, 10], got -1"),
+    ("pretrain.py", ["--frames", "0"], 2, "argument --frames: must be at least 1, got 0"),
+    ("pretrain.py", ["--workers", "-2"], 2, "argument --workers: must be at least 0, got -2"),
     ("pretrain.py", ["--knn-split", "test_swapped"], 2, "--knn-split test_swapped is a split the kNN monitor"),
     ("pretrain.py", ["--dataset", "folder", "--data", "afile"], 2, "--data afile is a file"),
     ("pretrain.py", ["--dataset", "folder", "--data", "nosplit", "--output-dir", "afile"], 2, "a file is in the way"),
@@ -1870,10 +1870,10 @@ _UTILS_BAD_INPUTS = [  # script, command line, exit status, what its one error l
     ("pretrain.py", ["--dataset", "folder", "--data", "tiny", "--arch", "r2plus1d_tiny", "--workers", "0",
                      "--batch-size", "2", "--frames", "2", "--crop", "16", "--output-dir", "run", "--resume",
                      "text.pth"], 1, "text.pth is not a"),
-    ("finetune.py", ["--eval-every", "0"], 2, "--eval-every 0 must be at least 1"),
+    ("finetune.py", ["--eval-every", "0"], 2, "argument --eval-every: must be at least 1, got 0"),
     ("finetune.py", ["--dataset", "folder", "--data", "emptydir"], 1, "no class folders"),
-    ("linear_probe.py", ["--crop", "-5"], 2, "--crop must be positive"),
-    ("linear_probe.py", ["--lr", "-1"], 2, "--lr -1.0 must be positive"),
+    ("linear_probe.py", ["--crop", "-5"], 2, "argument --crop: must be at least 1, got -5"),
+    ("linear_probe.py", ["--lr", "-1"], 2, "argument --lr: must be positive, got -1"),
     ("linear_probe.py", ["--dataset", "folder", "--data", "missing"], 2, "--data missing: no such folder"),
     ("retrieve.py", ["--dataset", "folder", "--data", "nosplit"], 1, "no test split"),
     ("retrieve.py", ["--dataset", "folder", "--data", "badclass"], 1, "which the training split does not have"),
@@ -1925,8 +1925,8 @@ def test_utils_bad_input_under_torchrun_said_once(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "FAME_CACHE": str(tmp_path)})
     said = [line for line in proc.stderr.splitlines() if line.startswith("pretrain.py: error: ")]
-    assert proc.returncode != 0 and said == ["pretrain.py: error: --moco-t 0.0 must be positive (the InfoNCE "
-                                             "temperature divides the logits)"], proc.stderr[-3000:]
+    assert proc.returncode != 0 and said == ["pretrain.py: error: argument --moco-t: must be in [0.001, 10], got 0"], \
+        proc.stderr[-3000:]
     assert "exitcode  : 2" in proc.stderr  # torchrun's summary names our status
 
 
@@ -2173,15 +2173,15 @@ def test_pretrain_corrupt_videos_reported_and_skipped(pretrain_env, monkeypatch,
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--beta", "0"], "outside \\(0, 1\\]"),
-    (["--beta", "1.5"], "outside \\(0, 1\\]"),
+    (["--beta", "0"], "argument --beta: must be in \\(0, 1\\], got 0"),
+    (["--beta", "1.5"], "argument --beta: must be in \\(0, 1\\], got 1.5"),
     (["--batch-size", "5"], "not divisible by the 2 processes"),
     (["--batch-size", "2"], "at least 2 clips per process"),
     (["--cos", "--schedule", "3"], "exclude each other"),
     (["--resume", "missing.pth"], "no such checkpoint"),
-    (["--lr", "0"], "--lr 0.0 must be positive"),
-    (["--moco-t", "0"], "--moco-t 0.0 must be positive"),
-    (["--workers", "-1"], "--workers must be at least 0"),
+    (["--lr", "0"], "argument --lr: must be positive, got 0"),
+    (["--moco-t", "0"], "argument --moco-t: must be in \\[0.001, 10\\], got 0"),
+    (["--workers", "-1"], "argument --workers: must be at least 0, got -1"),
 ])
 def test_pretrain_bad_arguments_fail_before_work(pretrain_env, monkeypatch, capsys, flags, message):
     monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group is created
