@@ -151,6 +151,9 @@ def bench_fame_parts(u8, f32, device, args):
 
 def bench_models(args):
     """Forward and forward+backward clips/s of each backbone on random clips."""
+    problems = [p for arch in args.archs for p in utils.backbone_problems(arch, args.frames, args.crops[0])]
+    if problems:
+        raise utils.UsageError("; ".join(problems))
     device = torch.device(args.device)
     amp = utils.amp_dtype(args.amp, device)
     print(f"backbones: {args.frames}x{args.crops[0]}x{args.crops[0]} clips, batch {args.batch_size}, amp {amp}, "

@@ -8,7 +8,6 @@ import argparse
 import os
 import pickle
 import warnings
-import zipfile
 
 import torch
 import torch.distributed as dist
@@ -326,21 +325,17 @@ def _foreign_format(path):
     """What a file is when its first bytes show that it is no PyTorch checkpoint (torch.save writes a zip archive
     with a data.pkl, or before torch 1.6 a pickle), else None."""
     with open(path, "rb") as f:
-        head = f.read(16)
-    if head.startswith(b"PK\x03\x04"):
-        try:
-            with zipfile.ZipFile(path) as z:
-                names = z.namelist()
-        except (zipfile.BadZipFile, OSError):
-            return None  # a damaged torch zip: torch.load names the problem
-        if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
-            return f"a zip archive without the data.pkl that torch.save writes ({len(names)} other files)"
-        return None
+        head = f.read(256)
+        if head.startswith(b"PK\x03\x04"):  # a zip archive: torch.save writes its data.pkl first
+            if b"data.pkl" in head:
+                return None  # torch's, if damaged then torch.load says how
+            f.seek(max(0, os.path.getsize(path) - 2 ** 20))  # the central directory, at the end, names every file
+            return None if b"data.pkl" in f.read() else "a zip archive without the data.pkl that torch.save writes"
     if head.startswith(b"\x80"):  # a pickle (protocol 2 or later): torch's own or another program's
         return None
     if head.startswith(b"\x93NUMPY"):
         return "a NumPy array file (.npy); load it with numpy"
-    if len(head) >= 9 and head[8:9] == b"{":
+    if head[8:9] == b"{":
         return "a safetensors file (or another JSON-headed format); load it with the safetensors package"
     return f"neither a zip archive nor a pickle (it starts with {head[:8]!r})"
 

@@ -917,19 +917,30 @@ def check_training_args(args, problems=()):
     range.)"""
     problems = list(problems)
     if args.lr * args.wd >= 1:  # each step multiplies the weights by 1 - lr x wd: zero or a sign flip
-        problems.append(f"--lr {args.lr:g} x --wd {args.wd:g} = {args.lr * args.wd:g}: weight decay would zero or "
-                        f"flip the weights at every step; keep the product below 1")
-    problems += batch_problems(args)
+        problems.append(f"--lr {args.lr:g} x --wd {args.wd:g} = {args.lr * args.wd:g}: weight decay alone would zero "
+                        f"the weights or flip their sign in one step; keep the product below 1")
+    problems += run_problems(args)
     if problems:
         raise UsageError("; ".join(problems))
 
 
-def batch_problems(args):
-    """A global --batch-size that the processes cannot share equally (each would silently use a smaller one)."""
+def run_problems(args):
+    """Settings of add_run_args that cannot work: a global --batch-size that the processes cannot share equally
+    (each would silently use a smaller one), clips the backbone cannot take (backbone_problems)."""
     world = get_world_size()
+    problems = backbone_problems(args.arch, args.frames, args.crop)
     if args.batch_size % world:
-        return [f"--batch-size {args.batch_size} is not divisible by the {world} processes: use a multiple of "
-                f"{world}"]
+        problems.append(f"--batch-size {args.batch_size} is not divisible by the {world} processes: use a multiple "
+                        f"of {world}")
+    return problems
+
+
+def backbone_problems(arch, frames, crop):
+    """Clip sizes a backbone cannot take: I3D's 7x7x7 first convolution ('same' padding, stride 2) needs at least 2
+    frames of at least 2x2 pixels."""
+    if arch == "i3d" and (frames < 2 or crop < 2):
+        return [f"--arch i3d needs --frames and --crop of at least 2 (its first 7x7x7 convolution), got --frames "
+                f"{frames} --crop {crop}"]
     return []
 
 
@@ -950,13 +961,13 @@ def fame_problems(beta, frames, crop):
 
 
 def check_eval_args(args):
-    """Refuses a --pretrained path that is not a file (none: a random backbone) and a global --batch-size the
-    processes cannot share, before any work."""
+    """Refuses a --pretrained path that is not a file (none: a random backbone), a global --batch-size the
+    processes cannot share and clips the backbone cannot take (run_problems), before any work."""
     if args.pretrained is not None and not os.path.isfile(args.pretrained):
         what = "is a folder" if os.path.isdir(args.pretrained) else "no such file"
         raise UsageError(f"--pretrained {args.pretrained}: {what} (give a checkpoint file; none: a randomly "
                          f"initialised backbone)")
-    problems = batch_problems(args)
+    problems = run_problems(args)
     if problems:
         raise UsageError("; ".join(problems))
 

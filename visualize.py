@@ -70,8 +70,10 @@ def main(args):
         problems = utils.fame_problems(args.beta, args.frames, args.crop)
         if args.frames < 2 and not problems:  # --beta 1: the mask is the whole frame, still from frame differences
             problems = [f"the masks need --frames of at least 2 (they come from frame differences), got {args.frames}"]
-        if problems:
-            raise utils.UsageError("; ".join(problems))
+    else:
+        problems = utils.backbone_problems(args.arch, args.frames, args.crop)
+    if problems:
+        raise utils.UsageError("; ".join(problems))
     if args.output is None:
         args.output = f"{args.command}.png"
     check_output(args.output)
