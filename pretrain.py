@@ -100,7 +100,7 @@ def main(args):
                           if getattr(args, k) != default)
         args.output_dir = (f"runs/pretrain_{utils.dataset_tag(args)}_{args.arch}_beta{args.beta:g}{variant}"
                            f"_seed{args.seed}")
-    out = utils.make_output_dir(args.output_dir)
+    out = utils.make_output_dir(args.output_dir, data=args.data)
     commit = utils.git_commit()
 
     intra = args.background == "intra" and args.beta < 1  # a third clip per video for the intra background
@@ -286,6 +286,16 @@ def check_args(args):
     if args.batch_size % world == 0 and args.beta < 1 and args.background == "inter" and args.batch_size // world < 2:
         problems.append(f"inter-video FAME needs at least 2 clips per process to swap backgrounds; the batch per "
                         f"process is {args.batch_size // world}: raise --batch-size or use --background intra")
+    unused = [flag for flag, value, default in (("--fame-method", args.fame_method, "fame"),
+                                                ("--background", args.background, "inter"),
+                                                ("--fame-branches", args.fame_branches, "one")) if value != default]
+    if args.beta == 1 and unused:
+        problems.append(f"{', '.join(unused)} only apply to FAME, and --beta 1 skips it (vanilla MoCo): drop them, or "
+                        f"give a --beta below 1")
+    unused = [flag for flag, value, default in (("--knn-split", args.knn_split, "train"), ("--knn-k", args.knn_k, 20))
+              if value != default]
+    if not args.knn_every and unused:
+        problems.append(f"{', '.join(unused)} only apply to the kNN monitor, which is off: add --knn-every N")
     if args.knn_every and args.knn_split in knn_queries(args):
         problems.append(f"--knn-split {args.knn_split} is a split the kNN monitor classifies: give the split of the "
                         f"neighbours, e.g. train")

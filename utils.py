@@ -93,12 +93,15 @@ def check_writable(path, what):
 _OUTPUT_LOCKS = {}  # realpath: the open .lock file of an output folder this process holds
 
 
-def make_output_dir(path, lock=True, flag="--output-dir"):
-    """Creates --output-dir (`flag`) and its parents if needed, refusing a path that is a file and a folder that
-    cannot be written. lock: the main process also takes the folder's lock, OUTPUT/.lock, held until the process ends
+def make_output_dir(path, lock=True, flag="--output-dir", data=None):
+    """Creates --output-dir (`flag`) and its parents if needed, refusing a path that is a file, a folder that
+    cannot be written, and one inside the dataset root `data` (a run's folder there would join the dataset). lock: the main process also takes the folder's lock, OUTPUT/.lock, held until the process ends
     (or release_output_dirs), with the holder's pid, host, start time and command written in it: one writer per
     folder, so that a second run into it is refused, naming the first, instead of interleaving its log and
     replacing its checkpoints."""
+    if data is not None and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(data)):
+        raise UsageError(f"{flag} {path} is inside --data {data}: no run writes into a dataset; give a folder "
+                         f"outside it")
     try:
         os.makedirs(path, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -722,7 +725,7 @@ def eval_output_dir(args, stage):
             tag = path.parent.name + ("" if path.stem == "checkpoint" else f"_{path.stem}")
         splits = args.train_split + ("" if args.test_split == "test" else f"_{args.test_split}")
         args.output_dir = str(Path("runs") / f"{stage}_{dataset_tag(args)}_{args.target}_{splits}_{tag}")
-    return make_output_dir(args.output_dir)
+    return make_output_dir(args.output_dir, data=args.data)
 
 
 def write_results(args, results, **extra):
@@ -968,6 +971,8 @@ def check_eval_args(args):
         raise UsageError(f"--pretrained {args.pretrained}: {what} (give a checkpoint file; none: a randomly "
                          f"initialised backbone)")
     problems = run_problems(args)
+    if args.unsafe_unpickle and args.pretrained is None:
+        problems.append(f"{models.UNSAFE_FLAG} applies to a --pretrained file, and none is given")
     if problems:
         raise UsageError("; ".join(problems))
 

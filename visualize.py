@@ -15,7 +15,6 @@ which runs these two commands (--frames 8 --stride 2 --crop 64).
 """
 import argparse
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -92,7 +91,6 @@ def main(args):
     # keep --show evenly spaced frames of every row: (B, R, 3, T, S, S) -> (B*R*show, 3, S, S)
     t = torch.linspace(0, clips.shape[2] - 1, min(args.show, clips.shape[2])).round().long()
     tiles = rows[:, :, :, t].permute(0, 1, 3, 2, 4, 5).flatten(0, 2)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     save_image(make_grid(tiles, nrow=len(t), padding=2, pad_value=1.0), args.output)
     print(f"wrote {args.output} ({len(args.videos)} videos x {rows.shape[1]} rows x {len(t)} frames)")
 
@@ -107,11 +105,7 @@ def check_output(path):
     if Image.registered_extensions().get(ext) not in Image.SAVE:
         raise utils.UsageError(f"--output {path}: {ext or 'no extension'} is no picture format Pillow writes; use "
                                f".png")
-    parent = os.path.dirname(os.path.abspath(path))
-    if os.path.exists(parent) and not os.path.isdir(parent):
-        raise utils.UsageError(f"--output {path}: {parent} is a file")
-    if os.path.isdir(parent):
-        utils.check_writable(parent, "--output")
+    utils.make_output_dir(os.path.dirname(path) or ".", lock=False, flag="--output")
 
 
 def read_clip(path, frames, stride, size, start=None):
