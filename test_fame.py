@@ -2035,12 +2035,6 @@ _UTILS_BAD_FLAGS = [  # row, script, command line, exit status, what its one err
 if not torch.cuda.is_available():
     _UTILS_BAD_FLAGS.append(("V10", "visualize.py", ["caam", "vid.mp4", "--pretrained", "none", "--device", "cuda"], 2,
                              "argument --device: cuda: this machine has no CUDA GPU that torch can use"))
-# Under torchrun with 3 processes (rank 0 here): a global batch of 4 cannot be shared
-_UTILS_BAD_WORLD = [(row, script, ["--batch-size", "4"], 2, "--batch-size 4 is not divisible by the 3 processes")
-                    for row, script in (("T01", "pretrain.py"), ("-", "finetune.py"), ("-", "linear_probe.py"),
-                                        ("-", "retrieve.py"))]
-
-
 def _utils_run_cases(tmp_path, cases, **env):
     clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
     proc = subprocess.run([sys.executable, "-c", _UTILS_DRIVER, str(_FAME_REPO),
@@ -2090,12 +2084,20 @@ def test_utils_bad_flags_checkpoints_and_output_folders_end_in_one_line(tmp_path
         lock.write("pid 4242 on elsewhere since 2026-12-06 09:00:00: pretrain.py --beta 0.5\n")
         lock.flush()
         _utils_run_cases(tmp_path, _UTILS_BAD_FLAGS)
-    _utils_run_cases(tmp_path, _UTILS_BAD_WORLD, WORLD_SIZE="3", RANK="0")
     assert sorted(os.listdir(tmp_path / "tiny")) == before  # W07: nothing written into the user's dataset
     assert (tmp_path / "user.json").read_text() == '{"mine": 1}\n'  # B08
     assert os.listdir(tmp_path / "notes") == ["notes.txt"] and not glob.glob(str(tmp_path / "*.inprogress-*"))
     assert not (tmp_path / "syn").exists() and not (tmp_path / "made").exists()
     assert (tmp_path / "taken" / ".lock").read_text().startswith("pid 4242 on elsewhere")  # the holder's, untouched
+
+
+@pytest.mark.parametrize("module", [pretrain, finetune, linear_probe, retrieve])
+def test_utils_every_stage_refuses_a_batch_the_processes_cannot_share(module, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # checked before any process group is created
+    args = module.get_args_parser().parse_args(["--batch-size", "4", "--output-dir", str(tmp_path / "run")])
+    with pytest.raises(utils.UsageError, match="--batch-size 4 is not divisible by the 3 processes"):
+        module.main(args)
+    assert not (tmp_path / "run").exists()
 
 
 def test_utils_every_number_flag_is_typed_and_refuses_nan_and_inf():
