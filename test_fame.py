@@ -1954,7 +1954,8 @@ _UTILS_TINY = ["--dataset", "folder", "--data", "tiny", "--arch", "r2plus1d_tiny
                "--crop", "16"]
 _UTILS_BAD_FLAGS = [  # row, script, command line, exit status, what its one error line says
     ("N01", "pretrain.py", ["--frames", "1"], 2, "needs --frames of at least 2 (its mask comes from frame"),
-    ("N04", "pretrain.py", ["--beta", "1e-6", "--crop", "32"], 2, "--beta 1e-06 keeps no foreground pixel of a 32x32"),
+    ("N04", "pretrain.py", ["--beta", "1e-6", "--crop", "32"], 2,
+     "--beta 1e-06 keeps no foreground pixel of a 32x32"),
     ("N15", "pretrain.py", ["--moco-t", "1e-30"], 2, "argument --moco-t: must be in [0.001, 10], got 1e-30"),
     ("N15", "pretrain.py", ["--moco-t", "inf"], 2, "argument --moco-t: must be in [0.001, 10], got inf"),
     ("N17", "pretrain.py", ["--crop", "1"], 2, "keeps no foreground pixel of a 1x1 crop"),
@@ -1980,7 +1981,7 @@ _UTILS_BAD_FLAGS = [  # row, script, command line, exit status, what its one err
      "ft.pth is a checkpoint of finetune.py (its settings have --dropout), not of pretrain.py"),
     ("Y01", "retrieve.py", ["--pretrained", "adir"], 2, "--pretrained adir: is a folder"),
     ("Y02", "retrieve.py", ["--pretrained", "arr.pth"], 1, "arr.pth is not a PyTorch checkpoint: a NumPy array file"),
-    ("Y04", "retrieve.py", ["--pretrained", "zip.pth"], 1, "zip.pth is not a PyTorch checkpoint: a zip archive without"),
+    ("Y04", "retrieve.py", ["--pretrained", "zip.pth"], 1, "zip.pth is not a PyTorch checkpoint: a zip archive"),
     ("V01", "visualize.py", ["masks", "vid.mp4", "--frames", "1"], 2, "FAME (--beta 0.5) needs --frames of at least 2"),
     ("V01", "visualize.py", ["masks", "vid.mp4", "--frames", "1", "--beta", "1"], 2, "the masks need --frames of at"),
     ("V02", "visualize.py", ["masks", "adir"], 2, "adir is a folder; give video files"),
@@ -2143,7 +2144,8 @@ def test_utils_resume_names_foreign_and_damaged_checkpoints(tmp_path, monkeypatc
         p.given = given or {}
         return utils.Checkpointing(args, model=model, optimizer=optimizer).resume(p)
 
-    with pytest.raises(models.CheckpointError, match=r"is a checkpoint of linear_probe.py \(its settings have --cache-features\), not of "):
+    with pytest.raises(models.CheckpointError,
+                       match=r"is a checkpoint of linear_probe.py \(its settings have --cache-features\), not of "):
         resume({"args": {**utils.plain(vars(args)), "cache_features": True}})
     with pytest.raises(models.CheckpointError, match="its 'epoch' is '1', not a count"):  # F14
         resume({"epoch": "1", "model": model.state_dict(), "optimizer": optimizer.state_dict()})

@@ -95,10 +95,11 @@ _OUTPUT_LOCKS = {}  # realpath: the open .lock file of an output folder this pro
 
 def make_output_dir(path, lock=True, flag="--output-dir", data=None):
     """Creates --output-dir (`flag`) and its parents if needed, refusing a path that is a file, a folder that
-    cannot be written, and one inside the dataset root `data` (a run's folder there would join the dataset). lock: the main process also takes the folder's lock, OUTPUT/.lock, held until the process ends
-    (or release_output_dirs), with the holder's pid, host, start time and command written in it: one writer per
-    folder, so that a second run into it is refused, naming the first, instead of interleaving its log and
-    replacing its checkpoints."""
+    cannot be written, and one inside the dataset root `data` (a run's folder there would join the dataset).
+    lock: the main process also takes the folder's lock, OUTPUT/.lock, held until the process ends (or
+    release_output_dirs), with the holder's pid, host, start time and command written in it: one writer per folder,
+    so that a second run into it is refused, naming the first, instead of interleaving its log and replacing its
+    checkpoints."""
     if data is not None and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(data)):
         raise UsageError(f"{flag} {path} is inside --data {data}: no run writes into a dataset; give a folder "
                          f"outside it")
@@ -118,8 +119,8 @@ def make_output_dir(path, lock=True, flag="--output-dir", data=None):
             f.seek(0)
             holder = f.read().strip() or "a process that has not written its name yet"
             f.close()
-            raise UsageError(f"--output-dir {path} is in use by another run ({holder}): wait for it to end, or "
-                             f"give another --output-dir") from None
+            raise UsageError(f"{flag} {path} is in use by another run ({holder}): wait for it to end, or give "
+                             f"another {flag}") from None
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
@@ -368,10 +369,10 @@ def load_resume(path, args, parser):
     if not isinstance(old, dict):
         raise models.CheckpointError(f"{path} is not a checkpoint of this script (no stored settings): delete it to "
                                      f"start fresh, or use another --output-dir")
-    for key in ("epoch", "step"):
-        if type(ckpt.get(key)) is not int or ckpt[key] < 0:
+    for key, value in (("epoch", ckpt.get("epoch")), ("step", ckpt.get("step", 0))):
+        if type(value) is not int or value < 0:
             raise models.CheckpointError(f"{path} is damaged or not a checkpoint of this script: its {key!r} is "
-                                         f"{ckpt.get(key)!r}, not a count")
+                                         f"{value!r}, not a count")
     defaults = vars(parser.parse_args(["--dataset", args.dataset]))
     other = [script for script, key in STAGE_SETTINGS.items() if key in old and key not in defaults]
     if other:
