@@ -418,6 +418,7 @@ def get_args_parser():
 def main(args):
     """Writes the benchmark to --out, or keeps the one there if it was written with the same settings; refuses an
     --out that holds anything else, before rendering."""
+    args.out = os.path.normpath(args.out)  # "DIR/" would put the in-progress copy and its lock inside DIR
     settings = {"version": args.version, "num_videos": args.videos, "size": args.size, "length": args.length,
                 "seed": args.seed, "sprite": args.sprite, "backdrop": args.backdrop}
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -426,10 +427,10 @@ def main(args):
     if os.path.isfile(meta_path):
         try:
             with open(meta_path) as f:
-                meta = json.load(f)
-            differ = [f"--{'videos' if k == 'num_videos' else k} {meta.get(k, 'pattern' if k == 'backdrop' else None)}"
-                      for k, v in settings.items() if meta.get(k, "pattern" if k == "backdrop" else None) != v]
-        except (OSError, ValueError, AttributeError):
+                meta = {"backdrop": "pattern", **json.load(f)}  # benchmarks older than --backdrop lack it
+            differ = [f"--{'videos' if k == 'num_videos' else k} {meta.get(k)}" for k, v in settings.items()
+                      if meta.get(k) != v]
+        except (OSError, ValueError, TypeError):
             raise utils.UsageError(f"--out {args.out} holds a meta.json that this script did not write; give a new "
                                    f"or empty folder") from None
         if differ:
