@@ -300,7 +300,7 @@ def check_args(args):
         problems.append(f"--knn-split {args.knn_split} is a split the kNN monitor classifies: give the split of the "
                         f"neighbours, e.g. train")
     if args.resume != "auto" and not os.path.isfile(args.resume):
-        problems.append(f"--resume {args.resume}: no such checkpoint file")
+        problems.append(f"--resume {args.resume}: {utils.not_a_file(args.resume, 'checkpoint file')}")
     utils.check_training_args(args, problems)
 
 

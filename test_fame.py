@@ -1980,6 +1980,8 @@ _UTILS_BAD_FLAGS = [  # row, script, command line, exit status, what its one err
                             "ft.pth"], 1,
      "ft.pth is a checkpoint of finetune.py (its settings have --dropout), not of pretrain.py"),
     ("Y01", "retrieve.py", ["--pretrained", "adir"], 2, "--pretrained adir: is a folder"),
+    ("Y01", "retrieve.py", ["--pretrained", "/dev/null"], 2, "--pretrained /dev/null: is not a regular file"),
+    ("-", "pretrain.py", ["--resume", "adir"], 2, "--resume adir: is a folder"),
     ("Y02", "retrieve.py", ["--pretrained", "arr.pth"], 1, "arr.pth is not a PyTorch checkpoint: a NumPy array file"),
     ("Y04", "retrieve.py", ["--pretrained", "zip.pth"], 1, "zip.pth is not a PyTorch checkpoint: a zip archive"),
     ("V01", "visualize.py", ["masks", "vid.mp4", "--frames", "1"], 2, "FAME (--beta 0.5) needs --frames of at least 2"),

@@ -80,6 +80,13 @@ def run_script(main, parser, args=None):
         release_output_dirs()
 
 
+def not_a_file(path, kind="file"):
+    """Why `path`, which is no regular file, cannot be read as one (a `kind`): for a message."""
+    if os.path.isdir(path):
+        return "is a folder"
+    return "is not a regular file (a device or pipe?)" if os.path.exists(path) else f"no such {kind}"
+
+
 def check_writable(path, what):
     """Refuses a folder that this process cannot write a file into (read-only disk, immutable folder, no
     permission), before any work: a run must not find out after hours. `what`: the flag, for the message."""
@@ -335,7 +342,7 @@ def resume_path(args):
     it exists; None for a fresh start."""
     if args.resume != "auto":
         if not os.path.isfile(args.resume):
-            raise UsageError(f"--resume {args.resume}: no such checkpoint file")
+            raise UsageError(f"--resume {args.resume}: {not_a_file(args.resume, 'checkpoint file')}")
         return args.resume
     path = os.path.join(args.output_dir, "checkpoint.pth")
     return path if os.path.isfile(path) else None
@@ -968,9 +975,8 @@ def check_eval_args(args):
     """Refuses a --pretrained path that is not a file (none: a random backbone), a global --batch-size the
     processes cannot share and clips the backbone cannot take (run_problems), before any work."""
     if args.pretrained is not None and not os.path.isfile(args.pretrained):
-        what = "is a folder" if os.path.isdir(args.pretrained) else "no such file"
-        raise UsageError(f"--pretrained {args.pretrained}: {what} (give a checkpoint file; none: a randomly "
-                         f"initialised backbone)")
+        raise UsageError(f"--pretrained {args.pretrained}: {not_a_file(args.pretrained)} (give a checkpoint file; "
+                         f"none: a randomly initialised backbone)")
     problems = run_problems(args)
     if args.unsafe_unpickle and args.pretrained is None:
         problems.append(f"{models.UNSAFE_FLAG} applies to a --pretrained file, and none is given")
