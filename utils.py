@@ -824,7 +824,8 @@ def device(text):
 class Parser(argparse.ArgumentParser):
     """A stage's command line: its defaults are the paper's, and `presets` holds the defaults that change with
     --dataset (e.g. the CPU-sized settings of the synthetic benchmark, the default when --data is omitted).
-    After parsing, --dataset is set and an unset --schedule is the paper's milestones scaled to --epochs.
+    After parsing, --dataset is set and an unset --schedule is the paper's milestones scaled to --epochs (none at
+    epoch 0, none at or after the last epoch); a given --schedule with a milestone at or after --epochs is refused.
     `resumable`: the settings that may differ from a checkpoint's when a run resumes from it (load_resume)."""
 
     def __init__(self, description, presets=None, paper_schedule=None, resumable=(), **kwargs):
