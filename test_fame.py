@@ -2032,6 +2032,8 @@ _UTILS_BAD_FLAGS = [  # row, script, command line, exit status, what its one err
     ("W03", "synthetic.py", ["--out", "syn", "--length", "1"], 2, "argument --length: must be at least 2, got 1"),
     ("W04", "synthetic.py", ["--out", "vid.mp4"], 2, "--out vid.mp4 is a file; give a new or empty folder"),
     ("W05", "synthetic.py", ["--out", "notes"], 2, "--out notes is a folder that holds other files"),
+    ("W06", "synthetic.py", ["--out", "w0/", "--videos", "8", "--size", "16", "--length", "2", "--workers", "0"], 0,
+     'wrote w0: {"train": 8, "test": 8, '),  # every video written, by this process
     ("-", "synthetic.py", ["--out", "oldbench", "--videos", "16"], 2,
      "--out oldbench holds a benchmark written with other settings (--videos 800)"),
 ]
@@ -2092,6 +2094,7 @@ def test_utils_bad_flags_checkpoints_and_output_folders_end_in_one_line(tmp_path
     assert os.listdir(tmp_path / "notes") == ["notes.txt"] and not glob.glob(str(tmp_path / "*.inprogress-*"))
     assert not (tmp_path / "syn").exists() and not (tmp_path / "made").exists()
     assert (tmp_path / "taken" / ".lock").read_text().startswith("pid 4242 on elsewhere")  # the holder's, untouched
+    assert len(glob.glob(str(tmp_path / "w0" / "*" / "*" / "*.mp4"))) == 40  # W06: 5 splits of 8 videos
 
 
 @pytest.mark.parametrize("module", [pretrain, finetune, linear_probe, retrieve])
@@ -2176,11 +2179,22 @@ def test_utils_output_folder_lock_refuses_a_second_run(tmp_path):
     utils.make_output_dir(out)
     assert f"pid {os.getpid()} on " in (out / ".lock").read_text()
     utils.make_output_dir(out)  # this process again: the same run
-    code = ("import sys, utils\ntry:\n    utils.make_output_dir(sys.argv[1])\nexcept utils.UsageError as e:\n"
-            "    print(e)")
-    proc = subprocess.run([sys.executable, "-c", code, str(out)], cwd=_FAME_REPO, capture_output=True, text=True,
-                          timeout=60)
-    assert f"is in use by another run (pid {os.getpid()} on " in proc.stdout, proc.stderr
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # another process (it forgets the lock it inherited): refused, naming the holder
+        utils._OUTPUT_LOCKS.clear()
+        try:
+            utils.make_output_dir(out)
+            message = "not refused"
+        except utils.UsageError as err:
+            message = str(err)
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    message = os.read(read, 4096).decode()
+    os.close(read)
+    assert f"--output-dir {out} is in use by another run (pid {os.getpid()} on " in message, message
     utils.release_output_dirs()
     with open(out / ".lock") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released: free for the next run
