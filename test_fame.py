@@ -2200,6 +2200,15 @@ def test_utils_output_folder_lock_refuses_a_second_run(tmp_path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released: free for the next run
 
 
+def test_utils_output_folder_without_locks_is_said(tmp_path, monkeypatch):
+    def no_locks(*_):
+        raise OSError(37, "No locks available")  # e.g. an NFS mount without a lock service
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(RuntimeWarning, match="cannot be locked \\(No locks available\\): nothing stops a second run"):
+        assert utils.make_output_dir(tmp_path / "run") == tmp_path / "run"
+
+
 def test_utils_next_commands_keep_the_benchmark_and_dataset():
     args = pretrain.get_args_parser().parse_args(["--data", "my bench", "--dataset", "synthetic",
                                                   "--synthetic-videos", "16", "--synthetic-length", "8"])

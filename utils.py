@@ -128,6 +128,11 @@ def make_output_dir(path, lock=True, flag="--output-dir", data=None):
             f.close()
             raise UsageError(f"{flag} {path} is in use by another run ({holder}): wait for it to end, or give "
                              f"another {flag}") from None
+        except OSError as err:  # a file system without locks: the run goes on, unguarded
+            f.close()
+            warnings.warn(f"{flag} {path} cannot be locked ({err.strerror or err}): nothing stops a second run from "
+                          f"writing into it at the same time", RuntimeWarning)
+            return Path(path)
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
