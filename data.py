@@ -135,6 +135,9 @@ def check_data_args(args):
     if args.dataset == "synthetic":
         if args.data is not None:
             check_synthetic_base(args.data)
+        if getattr(args, "target", "action") == "scene" and args.synthetic_backdrop == "flat":
+            raise utils.UsageError("--target scene with --synthetic-backdrop flat: the flat backdrop shows no scene, "
+                                   "so its scene labels cannot be told from the frames")
         if args.synthetic_version != 1 and args.synthetic_sprite != "video":
             raise utils.UsageError("--synthetic-sprite applies to --synthetic-version 1 (versions 2 and 3 have one "
                                    "look for all)")

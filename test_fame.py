@@ -2017,6 +2017,8 @@ _UTILS_BAD_FLAGS = [  # row, script, command line, exit status, what its one err
     ("-", "pretrain.py", ["--beta", "1", "--fame-method", "grid"], 2, "--fame-method only apply to FAME, and --beta 1"),
     ("-", "pretrain.py", ["--dataset", "folder", "--data", "other", "--knn-k", "5"], 2,
      "--knn-k only apply to the kNN monitor, which is off"),
+    ("-", "linear_probe.py", ["--target", "scene", "--synthetic-backdrop", "flat"], 2,
+     "--target scene with --synthetic-backdrop flat: the flat backdrop shows no scene"),
     ("-", "retrieve.py", ["--unsafe-unpickle"], 2, "--unsafe-unpickle applies to a --pretrained file, and none is"),
     ("-", "retrieve.py", ["--dataset", "folder", "--data", "tiny", "--output-dir", "tiny/results"], 2,
      "--output-dir tiny/results is inside --data tiny: no run writes into a dataset"),
