@@ -675,7 +675,7 @@ def get_args_parser():
     p.add_argument("--archs", nargs="+", default=sorted(models.ARCHS), choices=sorted(models.ARCHS))
     p.add_argument("--batch-size", type=utils.POSITIVE_INT, default=2)
     p.add_argument("--frames", type=utils.POSITIVE_INT, default=16)
-    p.add_argument("--crops", type=utils.Number(int, 16), nargs=1, default=[112], help="clip size")
+    p.add_argument("--crops", type=utils.POSITIVE_INT, nargs=1, default=[112], help="clip size")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     p.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format")
 

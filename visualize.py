@@ -96,7 +96,8 @@ def main(args):
 
 
 def check_output(path):
-    """Refuses an --output that Pillow cannot write (an unknown extension) or that is a folder, before any work."""
+    """Refuses an --output that Pillow cannot write (an unknown extension) or that is a folder, and creates its
+    folder, refusing one that cannot be written (utils.make_output_dir), before any work."""
     from PIL import Image  # Pillow comes with torchvision
 
     if os.path.isdir(path):
