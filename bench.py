@@ -76,6 +76,9 @@ def load():
 
 def bench_fame(args):
     """FAME on a batch of B random clips against one clone() of the same float32 batch."""
+    problems = utils.fame_problems(args.beta, args.frames, min(args.crops))
+    if problems:
+        raise utils.UsageError("; ".join(problems))
     device = torch.device(args.device)
     g = torch.Generator().manual_seed(0)
     op = fame.FAME(args.beta, args.fame_method)
@@ -148,6 +151,9 @@ def bench_fame_parts(u8, f32, device, args):
 
 def bench_models(args):
     """Forward and forward+backward clips/s of each backbone on random clips."""
+    problems = [p for arch in args.archs for p in utils.backbone_problems(arch, args.frames, args.crops[0])]
+    if problems:
+        raise utils.UsageError("; ".join(problems))
     device = torch.device(args.device)
     amp = utils.amp_dtype(args.amp, device)
     print(f"backbones: {args.frames}x{args.crops[0]}x{args.crops[0]} clips, batch {args.batch_size}, amp {amp}, "
@@ -233,6 +239,9 @@ def bench_loader(args):
     time and the bound it sets (raw decode rate / frames decoded per sample); with --workers, a DataLoader's
     samples/s (wall time) on --data."""
     if args.make_videos:
+        if os.path.exists(args.make_videos) and not os.path.isdir(args.make_videos):
+            raise utils.UsageError(f"--make-videos {args.make_videos} is a file; give a folder")
+        utils.make_output_dir(args.make_videos, lock=False, flag="--make-videos")
         t0 = time.time()
         width, height = args.video_size
         write_videos(args.make_videos, args.videos, width, height, args.length, fps=args.fps)
@@ -255,7 +264,8 @@ def bench_loader(args):
                 for d in sets]
     names = [[os.path.relpath(p, d) for p in ds.paths] for d, ds in zip(sets, datasets)]
     if any(n != names[0] for n in names[1:]):
-        raise ValueError("--compare folders must hold the same readable videos as --data (a prepared copy of it)")
+        raise utils.DataError("--compare folders must hold the same readable videos as --data (a prepared copy of "
+                              "it)")
     dataset = datasets[0]
     torch.set_num_threads(1)  # what a loader worker has
     for ds in datasets:
@@ -365,6 +375,7 @@ def bench_pretrain(args):
     backward and SGD step; clips/s and peak memory."""
     parser = pretrain.get_args_parser()
     pargs = parser.parse_args(args.pretrain_args)
+    pretrain.check_args(pargs)
     data.check_data_args(pargs)
     device = utils.init_distributed()
     dataset = data.build_dataset(pargs, "train", "pretrain")
@@ -651,39 +662,42 @@ def get_args_parser():
 
     p = sub.add_parser("fame", help="FAME against one clone() of the batch",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch-size", type=int, default=64, help="clips per batch B")
-    p.add_argument("--frames", type=int, default=16, help="frames per clip T")
-    p.add_argument("--crops", type=int, nargs="+", default=[112, 224], help="clip sizes to time")
-    p.add_argument("--beta", type=float, default=0.5)
+    p.add_argument("--batch-size", type=utils.Number(int, 2), default=64,
+                   help="clips per batch B (FAME swaps backgrounds between them)")
+    p.add_argument("--frames", type=utils.POSITIVE_INT, default=16, help="frames per clip T")
+    p.add_argument("--crops", type=utils.POSITIVE_INT, nargs="+", default=[112, 224], help="clip sizes to time")
+    p.add_argument("--beta", type=utils.Number(float, 0, 1, open_low=True), default=0.5,
+                   help="foreground share of the frame, in (0, 1]")
     p.add_argument("--fame-method", default="fame", choices=fame.METHODS)
     p.add_argument("--parts", action="store_true", help="also time each part next to its plain alternative")
 
     p = sub.add_parser("models", help="backbone speed", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--archs", nargs="+", default=sorted(models.ARCHS), choices=sorted(models.ARCHS))
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--crops", type=int, nargs=1, default=[112])
+    p.add_argument("--batch-size", type=utils.POSITIVE_INT, default=2)
+    p.add_argument("--frames", type=utils.POSITIVE_INT, default=16)
+    p.add_argument("--crops", type=utils.POSITIVE_INT, nargs=1, default=[112], help="clip size")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     p.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format")
 
     p = sub.add_parser("loader", help="loader and decoder speed",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     data.add_data_args(p)
-    p.add_argument("--samples", type=int, default=48, help="pretraining samples to time")
-    p.add_argument("--rss", type=int, default=0, metavar="N", help="also follow the resident memory over N samples")
+    p.add_argument("--samples", type=utils.POSITIVE_INT, default=48, help="pretraining samples to time")
+    p.add_argument("--rss", type=utils.NON_NEGATIVE_INT, default=0, metavar="N",
+                   help="also follow the resident memory over N samples")
     p.add_argument("--compare", nargs="+", default=[], metavar="DIR",
                    help="copies of --data's videos (e.g. data.py --prepare's) timed on the same samples in turns")
     p.add_argument("--make-videos", default=None, metavar="DIR", help="write test videos to DIR and exit")
-    p.add_argument("--videos", type=int, default=16, help="videos written by --make-videos")
-    p.add_argument("--length", type=int, default=250, help="frames per --make-videos video")
+    p.add_argument("--videos", type=utils.POSITIVE_INT, default=16, help="videos written by --make-videos")
+    p.add_argument("--length", type=utils.POSITIVE_INT, default=250, help="frames per --make-videos video")
     p.add_argument("--video-size", type=_size, default=(320, 240), metavar="WxH",
                    help="--make-videos frame size (Kinetics-like: 340x256 or 640x360)")
-    p.add_argument("--fps", type=int, default=25, help="--make-videos frame rate (Kinetics-like: 30)")
+    p.add_argument("--fps", type=utils.POSITIVE_INT, default=25, help="--make-videos frame rate (Kinetics-like: 30)")
 
     p = sub.add_parser("pretrain", help="the parts of a pretraining step; other flags are pretrain.py's",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--steps", type=int, default=5, help="timed steps")
-    p.add_argument("--warmup", type=int, default=2, help="steps before timing")
+    p.add_argument("--steps", type=utils.POSITIVE_INT, default=5, help="timed steps")
+    p.add_argument("--warmup", type=utils.NON_NEGATIVE_INT, default=2, help="steps before timing")
 
     p = sub.add_parser("gpu", help="the GPU check (toy sizes on a CPU)",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -691,16 +705,44 @@ def get_args_parser():
     p.add_argument("--out", default=None, help="JSON file for the table")
 
     for name in ("fame", "models", "gpu"):  # pretrain takes pretrain.py's device; the loader runs on the CPU
-        sub.choices[name].add_argument("--device", default=default_device, help="device to time on")
+        sub.choices[name].add_argument("--device", type=utils.device, default=default_device,
+                                       help="device to time on")
     for name in ("fame", "models"):
-        sub.choices[name].add_argument("--repeats", type=int, default=7, help="timed repeats (median)")
+        sub.choices[name].add_argument("--repeats", type=utils.POSITIVE_INT, default=7, help="timed repeats (median)")
     for p in sub.choices.values():
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-        p.add_argument("--markdown", default=None, metavar="FILE",
-                       help="also write the figures as a table into FILE, in the section named by --section")
-        p.add_argument("--section", default=None,
+        p.add_argument("--threads", type=utils.POSITIVE_INT, default=None,
+                       help="torch CPU threads (default: torch's choice)")
+        p.add_argument("--markdown", default=None, metavar="FILE.md",
+                       help="also write the figures as a table into this Markdown file, in the section named by "
+                            "--section")
+        p.add_argument("--section", type=_section, default=None,
                        help="the section of --markdown to replace (None: the subcommand's name)")
     return parser
+
+
+def _section(text):
+    if not re.fullmatch(r"[\w.-]+", text):
+        raise argparse.ArgumentTypeError(f"expected a name of letters, digits, '.', '-' or '_', got {text!r}")
+    return text
+
+
+def check_markdown(path):
+    """Refuses a --markdown target that is not a Markdown file (.md) of text: a folder, another kind of file (a
+    JSON file would no longer parse once a table is added to it), or a binary file named .md."""
+    if not path.lower().endswith(".md"):
+        raise utils.UsageError(f"--markdown {path}: expected a Markdown file (.md), the tables are Markdown")
+    if os.path.isdir(path):
+        raise utils.UsageError(f"--markdown {path} is a folder; give a .md file")
+    if os.path.exists(path):
+        try:
+            Path(path).read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError) as err:
+            raise utils.UsageError(f"--markdown {path} is not a Markdown text file ({type(err).__name__}): "
+                                   f"refusing to write into it") from None
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise utils.UsageError(f"--markdown {path}: no folder {parent}")
+    utils.check_writable(parent, "--markdown")
 
 
 def _size(text):
@@ -727,6 +769,8 @@ def parse_args(argv=None):
 
 
 def main(args):
+    if args.markdown:
+        check_markdown(args.markdown)
     if args.threads:
         torch.set_num_threads(args.threads)
     benches = {"fame": bench_fame, "models": bench_models, "loader": bench_loader, "pretrain": bench_pretrain,

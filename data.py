@@ -87,6 +87,14 @@ SYNTHETIC_FLAGS = {"synthetic_version": 3, "synthetic_videos": 800, "synthetic_s
                    "synthetic_seed": 0, "synthetic_sprite": "video", "synthetic_backdrop": "pattern"}
 
 
+# Below 1% of the frame, a crop box is a few pixels wide, and one that rounds to nothing is replaced by the whole
+# frame (random_resized_crop_box)
+CROP_SCALE = utils.Number(float, 0.01, 1)
+SYNTHETIC_VIDEOS = utils.Number(int, 8)  # one video per motion class at least
+SYNTHETIC_SIZE = utils.Number(int, 16, even=True)  # H.264 halves the colour planes
+SYNTHETIC_LENGTH = utils.Number(int, 2)  # motion needs two frames
+
+
 def add_data_args(parser):
     """The data flags of every stage script."""
     g = parser.add_argument_group("data")
@@ -96,26 +104,27 @@ def add_data_args(parser):
     g.add_argument("--dataset", default=None, choices=DATASETS,
                    help="layout of --data (required with --data; without it, the synthetic benchmark)")
     g.add_argument("--split", type=int, default=1, choices=(1, 2, 3), help="official split (ucf101, hmdb51)")
-    g.add_argument("--frames", type=int, default=16, help="frames per clip T")
-    g.add_argument("--stride", type=int, default=2, help="temporal stride between the frames of a clip")
-    g.add_argument("--crop", type=int, default=112, help="crop size S (S x S pixels)")
-    g.add_argument("--crop-scale", type=float, nargs=2, default=[MIN_CROP_SCALE, 1.0], metavar=("MIN", "MAX"),
-                   help="area share of the frame that a training RandomResizedCrop takes (A.2: 0.2 1)")
+    g.add_argument("--frames", type=utils.POSITIVE_INT, default=16, help="frames per clip T")
+    g.add_argument("--stride", type=utils.POSITIVE_INT, default=2, help="temporal stride between the frames of a clip")
+    g.add_argument("--crop", type=utils.POSITIVE_INT, default=112, help="crop size S (S x S pixels)")
+    g.add_argument("--crop-scale", type=CROP_SCALE, nargs=2, default=[MIN_CROP_SCALE, 1.0], metavar=("MIN", "MAX"),
+                   help="area share of the frame that a training RandomResizedCrop takes, MIN <= MAX in [0.01, 1] "
+                        "(A.2: 0.2 1)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flip of training clips, probability 0.5 (A.2)")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+    g.add_argument("--workers", type=utils.NON_NEGATIVE_INT, default=min(8, os.cpu_count() or 1),
                    help="loader worker processes per process (and index probing and --prepare encoding processes)")
     g.add_argument("--synthetic-version", type=int, default=SYNTHETIC_FLAGS["synthetic_version"], choices=(1, 2, 3),
                    help="synthetic: benchmark version; 2: one object look in every video, per-video motion parameters; "
                         "3: version 2 with the object at a quarter of the frame "
                         "(synthetic.render)")
-    g.add_argument("--synthetic-videos", type=int, default=SYNTHETIC_FLAGS["synthetic_videos"],
+    g.add_argument("--synthetic-videos", type=SYNTHETIC_VIDEOS, default=SYNTHETIC_FLAGS["synthetic_videos"],
                    help="synthetic: training videos per training split (test splits get half as many)")
-    g.add_argument("--synthetic-size", type=int, default=SYNTHETIC_FLAGS["synthetic_size"],
-                   help="synthetic: frame size (square, even)")
-    g.add_argument("--synthetic-length", type=int, default=SYNTHETIC_FLAGS["synthetic_length"],
+    g.add_argument("--synthetic-size", type=SYNTHETIC_SIZE, default=SYNTHETIC_FLAGS["synthetic_size"],
+                   help="synthetic: frame size (square, even, at least 16)")
+    g.add_argument("--synthetic-length", type=SYNTHETIC_LENGTH, default=SYNTHETIC_FLAGS["synthetic_length"],
                    help="synthetic: frames per video")
-    g.add_argument("--synthetic-seed", type=int, default=SYNTHETIC_FLAGS["synthetic_seed"],
+    g.add_argument("--synthetic-seed", type=utils.SEED, default=SYNTHETIC_FLAGS["synthetic_seed"],
                    help="synthetic: generator seed")
     g.add_argument("--synthetic-sprite", default=SYNTHETIC_FLAGS["synthetic_sprite"], choices=("video", "shared"),
                    help="synthetic version 1: video: each video draws its object's shape, colour and size; shared: one "
@@ -127,27 +136,21 @@ def add_data_args(parser):
 
 
 def check_data_args(args):
-    """Refuses bad or ineffective data flags before any work (utils.UsageError), and checks the dataset layout."""
-    for name in ("frames", "stride", "crop"):
-        if getattr(args, name) < 1:
-            raise utils.UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.workers < 0:
-        raise utils.UsageError(f"--workers must be at least 0 (0: load in the main process), got {args.workers}")
-    if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:
-        raise utils.UsageError(f"--crop-scale needs 0 < MIN <= MAX <= 1, got {args.crop_scale[0]} "
-                               f"{args.crop_scale[1]}")
-    if getattr(args, "clips", 1) < 1:
-        raise utils.UsageError(f"--clips must be positive, got {args.clips}")
+    """Refuses bad or ineffective data flags before any work (utils.UsageError), and checks the dataset layout. (The
+    flags' types refuse values out of their range.)"""
+    if args.crop_scale[0] > args.crop_scale[1]:
+        raise utils.UsageError(f"--crop-scale needs MIN <= MAX, got {args.crop_scale[0]} {args.crop_scale[1]}")
     if args.split != 1 and args.dataset not in SPLIT_DATASETS:
         raise utils.UsageError(f"--split has no effect for {args.dataset} (only {' and '.join(SPLIT_DATASETS)} have "
                                f"splits)")
     if args.data is not None and os.path.exists(args.data) and not os.path.isdir(args.data):
         raise utils.UsageError(f"--data {args.data} is a file; give the dataset's root folder")
     if args.dataset == "synthetic":
-        if args.synthetic_size % 2 or args.synthetic_size < 16:
-            raise utils.UsageError(f"--synthetic-size must be even and >= 16, got {args.synthetic_size}")
-        if args.synthetic_videos < 8 or args.synthetic_length < 2:
-            raise utils.UsageError("--synthetic-videos must be >= 8 and --synthetic-length >= 2")
+        if args.data is not None:
+            check_synthetic_base(args.data)
+        if getattr(args, "target", "action") == "scene" and args.synthetic_backdrop == "flat":
+            raise utils.UsageError("--target scene with --synthetic-backdrop flat: the flat backdrop shows no scene, "
+                                   "so its scene labels cannot be told from the frames")
         if args.synthetic_version != 1 and args.synthetic_sprite != "video":
             raise utils.UsageError("--synthetic-sprite applies to --synthetic-version 1 (versions 2 and 3 have one "
                                    "look for all)")
@@ -164,6 +167,20 @@ def check_data_args(args):
     for split in ("train", "test"):
         list_videos(args.dataset, args.data, split, args.split)
     return args
+
+
+def check_synthetic_base(base):
+    """Refuses a --data for the synthetic benchmark that holds a dataset (folders other than generated benchmarks,
+    videos, split lists or annotations), which the benchmark's folders would join as an empty class."""
+    if not os.path.isdir(base):
+        return
+    own = re.compile(r"synthetic_[0-9a-f]{10}(\.lock|\.inprogress-\d+)?$")
+    others = sorted(name for name in os.listdir(base) if not own.match(name) and (
+        os.path.isdir(os.path.join(base, name)) or name.lower().endswith(VIDEO_EXTS + META_EXTS)))
+    if others:
+        raise utils.UsageError(f"--data {base} holds a dataset ({', '.join(others[:3])}{', ...' * (len(others) > 3)})"
+                               f": with --dataset synthetic, --data is the folder the benchmark is generated in; give "
+                               f"another folder, or the --dataset of the data there")
 
 
 def check_held_out(args):

@@ -45,8 +45,9 @@ def get_args_parser():
     utils.add_run_args(parser, batch_size=128)
     utils.add_eval_args(parser)
     utils.add_training_args(parser, epochs=150, milestones=(60, 120), lr=0.025, momentum=0.9, wd=1e-4)
-    parser.add_argument("--dropout", type=float, default=0.5, help="dropout before the classifier")
-    parser.add_argument("--eval-every", type=int, default=5, metavar="N",
+    parser.add_argument("--dropout", type=utils.SHARE, default=0.5,
+                        help="dropout before the classifier, in [0, 1)")
+    parser.add_argument("--eval-every", type=utils.POSITIVE_INT, default=5, metavar="N",
                         help="evaluate on --test-split every N epochs (and after the last) to keep best.pth")
     return parser
 

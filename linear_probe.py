@@ -50,7 +50,7 @@ def get_args_parser():
     parser.add_argument("--cache-features", action="store_true",
                         help="extract the training features once (--clips centre crops per video, no augmentation) "
                              "and train the fc on them")
-    parser.add_argument("--eval-every", type=int, default=1, metavar="N",
+    parser.add_argument("--eval-every", type=utils.POSITIVE_INT, default=1, metavar="N",
                         help="evaluate on --test-split every N epochs (and after the last) to keep best.pth")
     return parser
 

@@ -281,16 +281,23 @@ def load_checkpoint(path, unsafe=False):
     optimizer}) hold, plus argparse.Namespace (the settings that other training scripts, e.g. torchvision's
     references, store beside the weights; it runs no code). A file that holds other objects is refused unless
     `unsafe` (full unpickling, which runs whatever code the file names). Raises CheckpointError naming the problem
-    (empty, truncated, not a checkpoint)."""
-    if not os.path.isfile(path):
+    (empty, truncated, not a checkpoint, weights that are NaN or infinite)."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file")
+    if not os.path.exists(path):
         raise CheckpointNotFound(f"checkpoint not found: {path}")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} is not a regular file (a device or pipe?), not a checkpoint")
     if os.path.getsize(path) == 0:
         raise CheckpointError(f"{path} is an empty file (an interrupted copy or save?): copy it again, or delete it "
                               f"to start without it")
+    foreign = _foreign_format(path)
+    if foreign:
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint: {foreign}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch's note on the pickle protocol of a non-torch file
-            return torch.load(path, map_location="cpu", weights_only=not unsafe)
+            ckpt = torch.load(path, map_location="cpu", weights_only=not unsafe)
     except pickle.UnpicklingError as err:
         detail = ([line.strip() for line in str(err).splitlines() if "nsupported" in line] or [_first_line(err)])[0]
         if unsafe or "Weights only load failed" not in str(err):
@@ -306,6 +313,39 @@ def load_checkpoint(path, unsafe=False):
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint, perhaps truncated by an interrupted "
                               f"copy or save ({_first_line(err)}): copy it again, or delete it to start without "
                               f"it") from None
+    bad = _non_finite(ckpt)
+    if bad:
+        raise CheckpointError(f"{path} holds NaN or infinite weights ({', '.join(bad[:5])}"
+                              f"{', ...' if len(bad) > 5 else ''}): the run that wrote it diverged; use an earlier "
+                              f"checkpoint of it")
+    return ckpt
+
+
+def _foreign_format(path):
+    """What a file is when its first bytes show that it is no PyTorch checkpoint (torch.save writes a zip archive
+    with a data.pkl, or before torch 1.6 a pickle), else None."""
+    with open(path, "rb") as f:
+        head = f.read(256)
+        if head.startswith(b"PK\x03\x04"):  # a zip archive: torch.save writes its data.pkl first
+            if b"data.pkl" in head:
+                return None  # torch's, if damaged then torch.load says how
+            f.seek(max(0, os.path.getsize(path) - 2 ** 20))  # the central directory, at the end, names every file
+            return None if b"data.pkl" in f.read() else "a zip archive without the data.pkl that torch.save writes"
+    if head.startswith(b"\x80"):  # a pickle (protocol 2 or later): torch's own or another program's
+        return None
+    if head.startswith(b"\x93NUMPY"):
+        return "a NumPy array file (.npy); load it with numpy"
+    if head[8:9] == b"{":
+        return "a safetensors file (or another JSON-headed format); load it with the safetensors package"
+    return f"neither a zip archive nor a pickle (it starts with {head[:8]!r})"
+
+
+def _non_finite(obj, where=""):
+    """The keys of floating-point tensors with a NaN or an infinite value anywhere in nested dicts and lists."""
+    if torch.is_tensor(obj):
+        return [where or "the tensor"] if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else []
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return [bad for k, v in items for bad in _non_finite(v, f"{where}.{k}" if where else str(k))]
 
 
 def _first_line(err):
@@ -335,6 +375,10 @@ def _backbone_state(ckpt):
     else:
         raise CheckpointError("checkpoint has none of the keys 'encoder_q', 'model', 'state_dict' and is not a plain "
                          f"state dict; top-level keys: {sorted(ckpt)[:20]}")
+    odd = [k for k, v in state.items() if not torch.is_tensor(v)]
+    if odd:
+        raise CheckpointError(f"the weights of {odd[:5]} are {type(state[odd[0]]).__name__}s, not tensors: not a "
+                              f"state dict that torch.save wrote")
     state = {_strip(k, "module."): v for k, v in state.items()}  # DDP-wrapped saves
     if not any(k.startswith("encoder_q.") for k in state):
         return state, []
@@ -356,7 +400,10 @@ def load_backbone(model, path, unsafe=False):
     settings stored with the checkpoint (ours), else None. Raises CheckpointError if any non-classifier weight is
     missing or has the wrong shape (usually a checkpoint of another arch)."""
     ckpt = load_checkpoint(path, unsafe)
-    state, dropped = _backbone_state(ckpt)
+    try:
+        state, dropped = _backbone_state(ckpt)
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from None
     own = model.state_dict()
     mismatched = []
     for k in list(state):

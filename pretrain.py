@@ -21,6 +21,7 @@ import argparse
 import functools
 import math
 import os
+import shlex
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ PRESETS = {  # defaults that depend on --dataset; the paper's A.1 values are the
                       moco_m=0.99, knn_every=4, crop_scale=[0.5, 1.0], flip=False),
     **{name: dict(moco_k=2048) for name in ("ucf101", "hmdb51", "diving48", "folder")},  # A.1: 2048 for UCF101
 }
+MOCO_T = utils.Number(float, 1e-3, 10)  # logits of |cosine / T| <= 1000 and >= 0.1
 RESUMABLE = (*utils.RESUMABLE,  # the settings a resume may change; any other change is refused (utils.load_resume)
              "save_every",  # how often a checkpoint_NNNN.pth is kept
              "knn_every", "knn_split", "knn_k")  # the kNN monitor: it reads the encoder in eval mode, changing nothing
@@ -51,11 +53,12 @@ def get_args_parser():
     data.add_data_args(parser)
     utils.add_run_args(parser, batch_size=64)
     utils.add_training_args(parser, epochs=200, milestones=(120, 180), lr=0.01, momentum=0.9, wd=1e-4)
-    parser.add_argument("--save-every", type=int, default=50, metavar="N",
+    parser.add_argument("--save-every", type=utils.NON_NEGATIVE_INT, default=50, metavar="N",
                         help="also keep checkpoint_NNNN.pth every N epochs (0: never)")
     g = parser.add_argument_group("FAME")
-    g.add_argument("--beta", type=float, default=0.5,
-                   help="foreground share of the frame, Eq. (3), in (0, 1]; 1.0: vanilla MoCo, FAME skipped")
+    g.add_argument("--beta", type=utils.Number(float, 0, 1, open_low=True), default=0.5,
+                   help="foreground share of the frame, Eq. (3), in (0, 1], at least one pixel of the crop; 1.0: "
+                        "vanilla MoCo, FAME skipped")
     g.add_argument("--fame-method", default="fame", choices=fame.METHODS,
                    help="foreground mask: the paper's, or the variants of Table 4")
     g.add_argument("--background", default="inter", choices=("inter", "intra"),
@@ -64,20 +67,24 @@ def get_args_parser():
     g.add_argument("--fame-branches", default="one", choices=("one", "both"),
                    help="FAME on the query clip only, or on both clips (Table 1)")
     g = parser.add_argument_group("MoCo")
-    g.add_argument("--moco-dim", type=int, default=128, help="embedding dimension of the projection head")
-    g.add_argument("--moco-k", type=int, default=65536,
+    g.add_argument("--moco-dim", type=utils.POSITIVE_INT, default=128,
+                   help="embedding dimension of the projection head")
+    g.add_argument("--moco-k", type=utils.POSITIVE_INT, default=65536,
                    help="queue size K; rounded down to a multiple of the 2 x batch keys of a step and capped at one "
                         "epoch's videos, with a printed note")
-    g.add_argument("--moco-m", type=float, default=0.999, help="momentum m of the key encoder")
-    g.add_argument("--moco-t", type=float, default=0.1, help="temperature T of the InfoNCE loss, Eq. (1)")
+    g.add_argument("--moco-m", type=utils.SHARE, default=0.999, help="momentum m of the key encoder, in [0, 1)")
+    g.add_argument("--moco-t", type=MOCO_T, default=0.1,
+                   help=f"temperature T of the InfoNCE loss, Eq. (1), {MOCO_T.range}: the logits are cosines / T, "
+                        f"so a smaller T overflows them and a larger one leaves every key alike")
     g = parser.add_argument_group("kNN monitor")
-    g.add_argument("--knn-every", type=int, default=0, metavar="N",
+    g.add_argument("--knn-every", type=utils.NON_NEGATIVE_INT, default=0, metavar="N",
                    help="every N epochs and after the last: kNN top-1 of the query encoder's features, one centre "
                         "clip per video, queries from test (synthetic: test and test_swapped, whose difference shows "
                         "how much the representation leans on the scene), neighbours from --knn-split; in log.jsonl "
                         "(knn_<split>) and the progress line (0: off)")
     g.add_argument("--knn-split", default="train", help="labelled split whose videos are the kNN neighbours")
-    g.add_argument("--knn-k", type=int, default=20, help="neighbours that vote (weighted by exp(cosine / 0.07))")
+    g.add_argument("--knn-k", type=utils.POSITIVE_INT, default=20,
+                   help="neighbours that vote (weighted by exp(cosine / 0.07))")
     return parser
 
 
@@ -91,8 +98,9 @@ def main(args):
         variant = "".join(f"_{getattr(args, k)}" for k, default in
                           (("fame_method", "fame"), ("background", "inter"), ("fame_branches", "one"))
                           if getattr(args, k) != default)
-        args.output_dir = f"runs/pretrain_{args.dataset}_{args.arch}_beta{args.beta:g}{variant}_seed{args.seed}"
-    out = utils.make_output_dir(args.output_dir)
+        args.output_dir = (f"runs/pretrain_{utils.dataset_tag(args)}_{args.arch}_beta{args.beta:g}{variant}"
+                           f"_seed{args.seed}")
+    out = utils.make_output_dir(args.output_dir, data=args.data)
     commit = utils.git_commit()
 
     intra = args.background == "intra" and args.beta < 1  # a third clip per video for the intra background
@@ -103,7 +111,7 @@ def main(args):
         print(f"note: --moco-k {args.moco_k} -> {K}: K is a multiple of the {2 * args.batch_size} keys enqueued per "
               f"step and at most the {len(loader) * args.batch_size} videos of an epoch, so that a query rarely meets "
               f"a key of its own video among the negatives")
-    args.moco_k = K
+    given_k, args.moco_k = args.moco_k, K
     if utils.is_main_process():
         print(f"pretrain.py at git {commit}, {world} process(es) on {device}; effective settings:")
         print("\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
@@ -127,7 +135,9 @@ def main(args):
     # encoder_q: what the evaluation scripts load from a checkpoint
     checkpointing = utils.Checkpointing(args, encoder_q=model.encoder_q, model=model, optimizer=optimizer,
                                         scaler=scaler)
-    start_epoch = checkpointing.resume(get_args_parser())
+    parser = get_args_parser()
+    parser.given = {"moco_k": given_k}  # a resume's refusal names the flag as given too
+    start_epoch = checkpointing.resume(parser)
     if utils.is_main_process():
         utils.write_json(out / "args.json", {**vars(args), "git_commit": commit, "world_size": world})
     knn_loaders = knn_monitor_loaders(args) if args.knn_every else None
@@ -272,31 +282,25 @@ def collapse_warning(key_sims, epochs):
 def check_args(args):
     """Refuses bad settings before any work."""
     world = utils.get_world_size()
-    problems = []
-    if not 0 < args.beta <= 1:
-        problems.append(f"--beta {args.beta} is outside (0, 1]: use e.g. 0.5 (FAME) or 1.0 (vanilla MoCo)")
-    for name in ("moco_k", "moco_dim", "knn_k"):  # --epochs and --batch-size: utils.check_training_args
-        if getattr(args, name) < 1:
-            problems.append(f"--{name.replace('_', '-')} must be at least 1")
-    if not 0 <= args.moco_m < 1:
-        problems.append(f"--moco-m {args.moco_m} must be in [0, 1)")
-    if not args.moco_t > 0:
-        problems.append(f"--moco-t {args.moco_t} must be positive (the InfoNCE temperature divides the logits)")
-    if args.save_every < 0:
-        problems.append(f"--save-every {args.save_every} must be at least 0")
-    if args.batch_size >= 1 and args.batch_size % world:
-        problems.append(f"--batch-size {args.batch_size} is not divisible by the {world} processes: use a multiple "
-                        f"of {world}")
-    elif args.beta < 1 and args.background == "inter" and args.batch_size // world < 2:
+    problems = utils.fame_problems(args.beta, args.frames, args.crop)  # ranges: the flags' types
+    if args.batch_size % world == 0 and args.beta < 1 and args.background == "inter" and args.batch_size // world < 2:
         problems.append(f"inter-video FAME needs at least 2 clips per process to swap backgrounds; the batch per "
                         f"process is {args.batch_size // world}: raise --batch-size or use --background intra")
-    if args.knn_every < 0:
-        problems.append(f"--knn-every {args.knn_every} must be 0 (off) or a number of epochs")
-    elif args.knn_every and args.knn_split in knn_queries(args):
+    unused = [flag for flag, value, default in (("--fame-method", args.fame_method, "fame"),
+                                                ("--background", args.background, "inter"),
+                                                ("--fame-branches", args.fame_branches, "one")) if value != default]
+    if args.beta == 1 and unused:
+        problems.append(f"{', '.join(unused)} only apply to FAME, and --beta 1 skips it (vanilla MoCo): drop them, or "
+                        f"give a --beta below 1")
+    unused = [flag for flag, value, default in (("--knn-split", args.knn_split, "train"), ("--knn-k", args.knn_k, 20))
+              if value != default]
+    if not args.knn_every and unused:
+        problems.append(f"{', '.join(unused)} only apply to the kNN monitor, which is off: add --knn-every N")
+    if args.knn_every and args.knn_split in knn_queries(args):
         problems.append(f"--knn-split {args.knn_split} is a split the kNN monitor classifies: give the split of the "
                         f"neighbours, e.g. train")
     if args.resume != "auto" and not os.path.isfile(args.resume):
-        problems.append(f"--resume {args.resume}: no such checkpoint file")
+        problems.append(f"--resume {args.resume}: {utils.not_a_file(args.resume, 'checkpoint file')}")
     utils.check_training_args(args, problems)
 
 
@@ -310,13 +314,17 @@ def queue_size(K, batch_size, videos_per_epoch):
 
 def next_commands(args, ckpt):
     """The evaluation commands for a checkpoint (a Kinetics-400 pretraining is evaluated on UCF101, as in the
-    paper)."""
-    if args.dataset == "synthetic":
-        target = ""
-    elif args.dataset == "k400":
+    paper); on the synthetic benchmark, with the --data and --synthetic-* flags that chose it."""
+    if args.dataset == "k400":
         target = " --dataset ucf101 --data PATH/TO/UCF101"
     else:
-        target = f" --dataset {args.dataset} --data {args.data}"
+        flags = {"dataset": args.dataset, "data": args.data, "split": args.split if args.split != 1 else None}
+        if args.dataset == "synthetic":
+            flags = {"dataset": "synthetic" if args.data else None, "data": args.data,
+                     **{k: getattr(args, k) for k, v in data.SYNTHETIC_FLAGS.items() if getattr(args, k) != v}}
+            flags["dataset"] = "synthetic" if any(flags.values()) else None
+        target = "".join(f" --{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in flags.items() if v is not None)
+    ckpt = shlex.quote(str(ckpt))
     common = f" --arch {args.arch} --frames {args.frames} --stride {args.stride} --crop {args.crop}{target}"
     fast = " --cache-features" if args.dataset == "synthetic" else ""  # seconds instead of minutes on a CPU
     return [f"python linear_probe.py --pretrained {ckpt}{common}{fast}",

@@ -41,15 +41,13 @@ def get_args_parser():
     data.add_data_args(parser)
     utils.add_run_args(parser, batch_size=128)
     utils.add_eval_args(parser)
-    parser.add_argument("--visualize", type=int, default=0, metavar="N",
+    parser.add_argument("--visualize", type=utils.NON_NEGATIVE_INT, default=0, metavar="N",
                         help="write <output-dir>/retrieval.png with N queries and their top-3 neighbours")
     return parser
 
 
 def main(args):
     utils.check_eval_args(args)
-    if args.visualize < 0:
-        raise utils.UsageError(f"--visualize {args.visualize} must be at least 0")
     data.check_data_args(args)
     data.check_held_out(args)
     device = utils.init_distributed()

@@ -397,22 +397,54 @@ def clip(path, indices=None, scene_only=False):
 def get_args_parser():
     parser = argparse.ArgumentParser(description="Write the synthetic background-bias benchmark",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--out", required=True, help="folder to write the benchmark to")
-    parser.add_argument("--videos", type=int, default=800, help="videos per training split (test splits: half)")
-    parser.add_argument("--size", type=int, default=64, help="frame size (square, even)")
-    parser.add_argument("--length", type=int, default=48, help="frames per video")
-    parser.add_argument("--seed", type=int, default=0, help="generator seed")
+    parser.add_argument("--out", required=True,
+                        help="folder to write the benchmark to: a new or empty one (or one this script wrote with the "
+                             "same settings, which is kept)")
+    parser.add_argument("--videos", type=utils.Number(int, 8), default=800,
+                        help="videos per training split (test splits: half)")
+    parser.add_argument("--size", type=utils.Number(int, 16, even=True), default=64, help="frame size (square, even)")
+    parser.add_argument("--length", type=utils.Number(int, 2), default=48, help="frames per video")
+    parser.add_argument("--seed", type=utils.SEED, default=0, help="generator seed")
     parser.add_argument("--version", type=int, default=2, choices=VERSIONS, help="benchmark version (see render())")
     parser.add_argument("--sprite", default="video", choices=SPRITES,
                         help="version 1's object look: drawn per video, or shared")
     parser.add_argument("--backdrop", default="pattern", choices=BACKDROPS,
                         help="the scene: its family's pattern, or a flat grey frame (the scene-free twin)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="writer processes")
+    parser.add_argument("--workers", type=utils.NON_NEGATIVE_INT, default=os.cpu_count() or 1,
+                        help="writer processes (0: this process)")
     return parser
 
 
+def main(args):
+    """Writes the benchmark to --out, or keeps the one there if it was written with the same settings; refuses an
+    --out that holds anything else, before rendering."""
+    args.out = os.path.normpath(args.out)  # "DIR/" would put the in-progress copy and its lock inside DIR
+    settings = {"version": args.version, "num_videos": args.videos, "size": args.size, "length": args.length,
+                "seed": args.seed, "sprite": args.sprite, "backdrop": args.backdrop}
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise utils.UsageError(f"--out {args.out} is a file; give a new or empty folder")
+    meta_path = os.path.join(args.out, "meta.json")
+    if os.path.isfile(meta_path):
+        try:
+            with open(meta_path) as f:
+                meta = {"backdrop": "pattern", **json.load(f)}  # benchmarks older than --backdrop lack it
+            differ = [f"--{'videos' if k == 'num_videos' else k} {meta.get(k)}" for k, v in settings.items()
+                      if meta.get(k) != v]
+        except (OSError, ValueError, TypeError):
+            raise utils.UsageError(f"--out {args.out} holds a meta.json that this script did not write; give a new "
+                                   f"or empty folder") from None
+        if differ:
+            raise utils.UsageError(f"--out {args.out} holds a benchmark written with other settings "
+                                   f"({', '.join(differ)}); give another folder")
+    elif os.path.isdir(args.out) and os.listdir(args.out):
+        raise utils.UsageError(f"--out {args.out} is a folder that holds other files; give a new or empty folder")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    utils.make_output_dir(parent, lock=False, flag="--out")
+    root = make(args.out, args.videos, args.size, args.length, args.seed, max(1, args.workers), args.sprite,
+                args.version, args.backdrop)
+    with open(os.path.join(root, "meta.json")) as f:
+        print(f"wrote {root}: " + json.dumps(json.load(f)["splits"]))
+
+
 if __name__ == "__main__":
-    args = get_args_parser().parse_args()
-    root = make(args.out, args.videos, args.size, args.length, args.seed, args.workers, args.sprite, args.version,
-                args.backdrop)
-    print(f"wrote {root}: " + json.dumps(json.load(open(os.path.join(root, "meta.json")))["splits"]))
+    utils.run_script(main, get_args_parser())

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import zipfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -2339,10 +2340,10 @@ print(json.dumps(results))
 """
 
 _UTILS_BAD_INPUTS = [  # script, command line, exit status, what its one error line says
-    ("pretrain.py", ["--lr", "0"], 2, "--lr 0.0 must be positive"),
-    ("pretrain.py", ["--moco-t", "-1"], 2, "--moco-t -1.0 must be positive"),
-    ("pretrain.py", ["--frames", "0"], 2, "--frames must be positive"),
-    ("pretrain.py", ["--workers", "-2"], 2, "--workers must be at least 0"),
+    ("pretrain.py", ["--lr", "0"], 2, "argument --lr: must be positive, got 0"),
+    ("pretrain.py", ["--moco-t", "-1"], 2, "argument --moco-t: must be in [0.001, 10], got -1"),
+    ("pretrain.py", ["--frames", "0"], 2, "argument --frames: must be at least 1, got 0"),
+    ("pretrain.py", ["--workers", "-2"], 2, "argument --workers: must be at least 0, got -2"),
     ("pretrain.py", ["--knn-split", "test_swapped"], 2, "--knn-split test_swapped is a split the kNN monitor"),
     ("pretrain.py", ["--dataset", "folder", "--data", "afile"], 2, "--data afile is a file"),
     ("pretrain.py", ["--dataset", "folder", "--data", "nosplit", "--output-dir", "afile"], 2, "a file is in the way"),
@@ -2351,10 +2352,10 @@ _UTILS_BAD_INPUTS = [  # script, command line, exit status, what its one error l
     ("pretrain.py", ["--dataset", "folder", "--data", "tiny", "--arch", "r2plus1d_tiny", "--workers", "0",
                      "--batch-size", "2", "--frames", "2", "--crop", "16", "--output-dir", "run", "--resume",
                      "text.pth"], 1, "text.pth is not a"),
-    ("finetune.py", ["--eval-every", "0"], 2, "--eval-every 0 must be at least 1"),
+    ("finetune.py", ["--eval-every", "0"], 2, "argument --eval-every: must be at least 1, got 0"),
     ("finetune.py", ["--dataset", "folder", "--data", "emptydir"], 1, "no class folders"),
-    ("linear_probe.py", ["--crop", "-5"], 2, "--crop must be positive"),
-    ("linear_probe.py", ["--lr", "-1"], 2, "--lr -1.0 must be positive"),
+    ("linear_probe.py", ["--crop", "-5"], 2, "argument --crop: must be at least 1, got -5"),
+    ("linear_probe.py", ["--lr", "-1"], 2, "argument --lr: must be positive, got -1"),
     ("linear_probe.py", ["--dataset", "folder", "--data", "missing"], 2, "--data missing: no such folder"),
     ("retrieve.py", ["--dataset", "folder", "--data", "nosplit"], 1, "no test split"),
     ("retrieve.py", ["--dataset", "folder", "--data", "badclass"], 1, "which the training split does not have"),
@@ -2406,8 +2407,8 @@ def test_utils_bad_input_under_torchrun_said_once(tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "FAME_CACHE": str(tmp_path)})
     said = [line for line in proc.stderr.splitlines() if line.startswith("pretrain.py: error: ")]
-    assert proc.returncode != 0 and said == ["pretrain.py: error: --moco-t 0.0 must be positive (the InfoNCE "
-                                             "temperature divides the logits)"], proc.stderr[-3000:]
+    assert proc.returncode != 0 and said == ["pretrain.py: error: argument --moco-t: must be in [0.001, 10], got 0"], \
+        proc.stderr[-3000:]
     assert "exitcode  : 2" in proc.stderr  # torchrun's summary names our status
 
 
@@ -2426,6 +2427,292 @@ def test_utils_conv3d_cudnn_warning(monkeypatch):
         assert utils.conv3d_cudnn_warning(cpu, dtype) is None
     monkeypatch.setattr(torch.backends.cudnn, "enabled", False)
     assert "disabled" in utils.conv3d_cudnn_warning(cuda, None) and utils.conv3d_cudnn_warning(cpu, None) is None
+
+
+# Flags whose effect would vanish, checkpoints that cannot be used, output folders that are taken or read-only, and
+# the tools' own command lines: each case (sweep row id first) ends in one line, or for status 0 prints `message`.
+_UTILS_TINY = ["--dataset", "folder", "--data", "tiny", "--arch", "r2plus1d_tiny", "--workers", "0", "--frames", "2",
+               "--crop", "16"]
+_UTILS_BAD_FLAGS = [  # row, script, command line, exit status, what its one error line says
+    ("N01", "pretrain.py", ["--frames", "1"], 2, "needs --frames of at least 2 (its mask comes from frame"),
+    ("N04", "pretrain.py", ["--beta", "1e-6", "--crop", "32"], 2,
+     "--beta 1e-06 keeps no foreground pixel of a 32x32"),
+    ("N15", "pretrain.py", ["--moco-t", "1e-30"], 2, "argument --moco-t: must be in [0.001, 10], got 1e-30"),
+    ("N15", "pretrain.py", ["--moco-t", "inf"], 2, "argument --moco-t: must be in [0.001, 10], got inf"),
+    ("N17", "pretrain.py", ["--crop", "1"], 2, "keeps no foreground pixel of a 1x1 crop"),
+    ("N19", "pretrain.py", ["--seed", "-1"], 2, "argument --seed: must be in [0, 9223372036854775807], got -1"),
+    ("-", "pretrain.py", ["--lr", "nan"], 2, "argument --lr: must be positive, got nan"),
+    ("-", "pretrain.py", ["--lr", "2", "--wd", "1"], 2, "weight decay alone would zero the weights or flip their"),
+    ("-", "pretrain.py", ["--crop-scale", "0.001", "1"], 2, "argument --crop-scale: must be in [0.01, 1], got 0.001"),
+    ("-", "finetune.py", ["--epochs", "5", "--schedule", "2", "5", "--no-cos"], 2,
+     "--schedule 2 5: a milestone at or after --epochs 5 never lowers the lr"),
+    ("-", "finetune.py", ["--schedule", "0", "--no-cos"], 2, "argument --schedule: must be at least 1, got 0"),
+    ("-", "finetune.py", ["--dropout", "nan"], 2, "argument --dropout: must be in [0, 1), got nan"),
+    ("W07", "pretrain.py", ["--dataset", "synthetic", "--data", "tiny"], 2, "--data tiny holds a dataset (a, test.txt"),
+    ("O01", "pretrain.py", ["--output-dir", "/proc"], 2, "--output-dir /proc: cannot write there"),
+    ("O02", "pretrain.py", ["--output-dir", "/proc/fame_run"], 2, "--output-dir /proc/fame_run: cannot be created"),
+    ("O03", "retrieve.py", ["--output-dir", "/proc"], 2, "--output-dir /proc: cannot write there"),
+    ("lock", "pretrain.py", ["--output-dir", "taken"], 2,
+     "--output-dir taken is in use by another run (pid 4242 on elsewhere since 2026-12-06 09:00:00: pretrain.py"),
+    ("F03", "linear_probe.py", [*_UTILS_TINY, "--arch", "cnn3d", "--pretrained", "nan.pth"], 1,
+     "nan.pth holds NaN or infinite weights (encoder_q.features.0.weight): the run that wrote it diverged"),
+    ("F06", "retrieve.py", ["--pretrained", "lists.pth"], 1, "lists.pth: the weights of ['w'] are lists, not tensors"),
+    ("F12", "pretrain.py", [*_UTILS_TINY, "--data", "other", "--batch-size", "2", "--output-dir", "run", "--resume",
+                            "ft.pth"], 1,
+     "ft.pth is a checkpoint of finetune.py (its settings have --dropout), not of pretrain.py"),
+    ("Y01", "retrieve.py", ["--pretrained", "adir"], 2, "--pretrained adir: is a folder"),
+    ("Y01", "retrieve.py", ["--pretrained", "/dev/null"], 2, "--pretrained /dev/null: is not a regular file"),
+    ("-", "pretrain.py", ["--resume", "adir"], 2, "--resume adir: is a folder"),
+    ("Y02", "retrieve.py", ["--pretrained", "arr.pth"], 1, "arr.pth is not a PyTorch checkpoint: a NumPy array file"),
+    ("Y04", "retrieve.py", ["--pretrained", "zip.pth"], 1, "zip.pth is not a PyTorch checkpoint: a zip archive"),
+    ("V01", "visualize.py", ["masks", "vid.mp4", "--frames", "1"], 2, "FAME (--beta 0.5) needs --frames of at least 2"),
+    ("V01", "visualize.py", ["masks", "vid.mp4", "--frames", "1", "--beta", "1"], 2, "the masks need --frames of at"),
+    ("V02", "visualize.py", ["masks", "adir"], 2, "adir is a folder; give video files"),
+    ("V04", "visualize.py", ["masks", "vid.mp4", "--output", "out.xyz"], 2, ".xyz is no picture format Pillow writes"),
+    ("V05", "visualize.py", ["masks", "vid.mp4", "--output", "adir"], 2, "--output adir is a folder"),
+    ("V11", "visualize.py", ["caam", "vid.mp4", "--pretrained", "none", "--device", "gpu0"], 2,
+     "argument --device: expected cpu, cuda or cuda:N, got 'gpu0'"),
+    ("V12", "visualize.py", ["caam", "vid.mp4", "--pretrained", "none", "--alpha", "5"], 2,
+     "argument --alpha: must be in [0, 1], got 5"),
+    ("V13", "visualize.py", ["caam", "vid.mp4", "--pretrained", "nan.pth", "--frames", "4", "--crop", "16"], 1,
+     "nan.pth holds NaN or infinite weights"),
+    ("V14", "visualize.py", ["caam", "vid.mp4", "--pretrained", "none", "--frames", "4", "--crop", "16", "--output",
+                             "caam.png"], 0, "wrote caam.png (1 videos x 2 rows x 4 frames)"),
+    ("B01", "bench.py", ["fame", "--crops", "0"], 2, "argument --crops: must be at least 1, got 0"),
+    ("B02", "bench.py", ["fame", "--batch-size", "1"], 2, "argument --batch-size: must be at least 2, got 1"),
+    ("B03", "bench.py", ["fame", "--frames", "1"], 2, "needs --frames of at least 2"),
+    ("B04", "bench.py", ["fame", "--beta", "0"], 2, "argument --beta: must be in (0, 1], got 0"),
+    ("B05", "bench.py", ["fame", "--repeats", "0"], 2, "argument --repeats: must be at least 1, got 0"),
+    ("B06", "bench.py", ["fame", "--threads", "-1"], 2, "argument --threads: must be at least 1, got -1"),
+    ("B07", "bench.py", ["fame", "--device", "tpu"], 2, "argument --device: expected cpu, cuda or cuda:N, got 'tpu'"),
+    ("B08", "bench.py", ["fame", "--markdown", "user.json"], 2, "--markdown user.json: expected a Markdown file (.md)"),
+    ("B09", "bench.py", ["fame", "--markdown", "adir"], 2, "--markdown adir: expected a Markdown file"),
+    ("B09", "bench.py", ["fame", "--markdown", "folder.md"], 2, "--markdown folder.md is a folder"),
+    ("B09", "bench.py", ["fame", "--markdown", "binary.md"], 2, "--markdown binary.md is not a Markdown text file"),
+    ("B10", "bench.py", ["loader", "--dataset", "folder", "--data", "tiny", "--workers", "0", "--compare", "other",
+                         "--samples", "2"], 1,
+     "--compare folders must hold the same readable videos as --data"),
+    ("B14", "bench.py", ["loader", "--make-videos", "made", "--length", "0"], 2, "argument --length: must be at least"),
+    ("B15", "bench.py", ["loader", "--make-videos", "vid.mp4"], 2, "--make-videos vid.mp4 is a file; give a folder"),
+    ("-", "bench.py", ["loader", "--samples", "0"], 2, "argument --samples: must be at least 1, got 0"),
+    ("-", "pretrain.py", ["--beta", "1", "--fame-method", "grid"], 2, "--fame-method only apply to FAME, and --beta 1"),
+    ("-", "pretrain.py", ["--dataset", "folder", "--data", "other", "--knn-k", "5"], 2,
+     "--knn-k only apply to the kNN monitor, which is off"),
+    ("-", "linear_probe.py", ["--target", "scene", "--synthetic-backdrop", "flat"], 2,
+     "--target scene with --synthetic-backdrop flat: the flat backdrop shows no scene"),
+    ("-", "retrieve.py", ["--unsafe-unpickle"], 2, "--unsafe-unpickle applies to a --pretrained file, and none is"),
+    ("-", "retrieve.py", ["--dataset", "folder", "--data", "tiny", "--output-dir", "tiny/results"], 2,
+     "--output-dir tiny/results is inside --data tiny: no run writes into a dataset"),
+    ("-", "visualize.py", ["masks", "vid.mp4", "--output", "vid.mp4/out.png"], 2,
+     "--output vid.mp4: a file is in the way"),
+    ("-", "bench.py", ["models", "--archs", "i3d", "--frames", "1"], 2, "--arch i3d needs --frames and --crop of at"),
+    ("-", "retrieve.py", ["--arch", "i3d", "--frames", "1"], 2, "--arch i3d needs --frames and --crop of at least 2"),
+    ("-", "visualize.py", ["caam", "vid.mp4", "--pretrained", "none", "--arch", "i3d", "--crop", "1"], 2,
+     "--arch i3d needs --frames and --crop of at least 2"),
+    ("W01", "synthetic.py", ["--out", "syn", "--videos", "0"], 2, "argument --videos: must be at least 8, got 0"),
+    ("W02", "synthetic.py", ["--out", "syn", "--size", "17"], 2, "argument --size: must be even, got 17"),
+    ("W02", "synthetic.py", ["--out", "syn", "--size", "0"], 2, "argument --size: must be at least 16, got 0"),
+    ("W03", "synthetic.py", ["--out", "syn", "--length", "1"], 2, "argument --length: must be at least 2, got 1"),
+    ("W04", "synthetic.py", ["--out", "vid.mp4"], 2, "--out vid.mp4 is a file; give a new or empty folder"),
+    ("W05", "synthetic.py", ["--out", "notes"], 2, "--out notes is a folder that holds other files"),
+    ("W06", "synthetic.py", ["--out", "w0/", "--videos", "8", "--size", "16", "--length", "2", "--workers", "0"], 0,
+     'wrote w0: {"train": 8, "test": 8, '),  # every video written, by this process
+    ("-", "synthetic.py", ["--out", "oldbench", "--videos", "16"], 2,
+     "--out oldbench holds a benchmark written with other settings (--videos 800)"),
+]
+if not torch.cuda.is_available():
+    _UTILS_BAD_FLAGS.append(("V10", "visualize.py", ["caam", "vid.mp4", "--pretrained", "none", "--device", "cuda"], 2,
+                             "argument --device: cuda: this machine has no CUDA GPU that torch can use"))
+def _utils_run_cases(tmp_path, cases, **env):
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+    proc = subprocess.run([sys.executable, "-c", _UTILS_DRIVER, str(_FAME_REPO),
+                           json.dumps([[script, argv] for _, script, argv, _, _ in cases])], cwd=tmp_path,
+                          timeout=300, capture_output=True, text=True,
+                          env={**clean, "OMP_NUM_THREADS": "1", "FAME_CACHE": str(tmp_path / "cache"), **env})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for (row, script, argv, status, message), (code, output) in zip(cases, json.loads(proc.stdout), strict=True):
+        case = f"{row}: {script} {' '.join(argv)}:\n{output}"
+        assert code == status and "Traceback" not in output and message in output, case
+        if status:
+            # a subcommand's flag: "visualize.py caam: error: ..."
+            errors = [line for line in output.splitlines() if re.match(rf"{script}( \w+)?: error: ", line)]
+            assert len(errors) == 1 and errors[0] == output.strip().splitlines()[-1] and message in errors[0], case
+
+
+def test_utils_bad_flags_checkpoints_and_output_folders_end_in_one_line(tmp_path):
+    for k in range(2):
+        _data_write(str(tmp_path / "tiny" / "a" / f"v{k}.mp4"), _data_noise(6, 16, k))
+    (tmp_path / "tiny" / "train.txt").write_text("a/v0.mp4\n")
+    (tmp_path / "tiny" / "test.txt").write_text("a/v1.mp4\n")
+    for k in range(2):
+        _data_write(str(tmp_path / "other" / "b" / f"w{k}.mp4"), _data_noise(6, 16, 5 + k))
+    _data_write(str(tmp_path / "vid.mp4"), _data_noise(6, 16, 7))
+    for name in ("adir", "folder.md", "notes", "oldbench"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")
+    (tmp_path / "oldbench" / "meta.json").write_text(json.dumps({"version": 2, "num_videos": 800, "size": 64,
+                                                                 "length": 48, "seed": 0, "sprite": "video",
+                                                                 "backdrop": "pattern"}))
+    (tmp_path / "user.json").write_text('{"mine": 1}\n')
+    (tmp_path / "binary.md").write_bytes(b"\xff\xfe\x00\x01")
+    state = models.build_backbone("cnn3d").state_dict()
+    state["features.0.weight"][0, 0, 0, 0, 0] = float("nan")
+    utils.save_checkpoint({"encoder_q": state}, tmp_path / "nan.pth")
+    utils.save_checkpoint({"encoder_q": {"w": [1.0, 2.0]}}, tmp_path / "lists.pth")
+    ft = vars(finetune.get_args_parser().parse_args(_UTILS_TINY))
+    utils.save_checkpoint({"args": utils.plain(ft), "epoch": 1, "step": 0}, tmp_path / "ft.pth")
+    np.save(tmp_path / "arr.npy", np.zeros(3))
+    os.rename(tmp_path / "arr.npy", tmp_path / "arr.pth")
+    with zipfile.ZipFile(tmp_path / "zip.pth", "w") as z:
+        z.writestr("hello.txt", "hi")
+    before = sorted(os.listdir(tmp_path / "tiny"))
+    (tmp_path / "taken").mkdir()
+    with open(tmp_path / "taken" / ".lock", "w") as lock:  # another run holds the folder
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock.write("pid 4242 on elsewhere since 2026-12-06 09:00:00: pretrain.py --beta 0.5\n")
+        lock.flush()
+        _utils_run_cases(tmp_path, _UTILS_BAD_FLAGS)
+    assert sorted(os.listdir(tmp_path / "tiny")) == before  # W07: nothing written into the user's dataset
+    assert (tmp_path / "user.json").read_text() == '{"mine": 1}\n'  # B08
+    assert os.listdir(tmp_path / "notes") == ["notes.txt"] and not glob.glob(str(tmp_path / "*.inprogress-*"))
+    assert not (tmp_path / "syn").exists() and not (tmp_path / "made").exists()
+    assert (tmp_path / "taken" / ".lock").read_text().startswith("pid 4242 on elsewhere")  # the holder's, untouched
+    assert len(glob.glob(str(tmp_path / "w0" / "*" / "*" / "*.mp4"))) == 40  # W06: 5 splits of 8 videos
+
+
+@pytest.mark.parametrize("module", [pretrain, finetune, linear_probe, retrieve])
+def test_utils_every_stage_refuses_a_batch_the_processes_cannot_share(module, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # checked before any process group is created
+    args = module.get_args_parser().parse_args(["--batch-size", "4", "--output-dir", str(tmp_path / "run")])
+    with pytest.raises(utils.UsageError, match="--batch-size 4 is not divisible by the 3 processes"):
+        module.main(args)
+    assert not (tmp_path / "run").exists()
+
+
+def test_utils_every_number_flag_is_typed_and_refuses_nan_and_inf():
+    # every int or float flag of every command line goes through utils.Number (or a choice list): NaN, inf and
+    # out-of-range values never reach a script
+    parsers = [m.get_args_parser() for m in (pretrain, finetune, linear_probe, retrieve, data, synthetic)]
+    for top in (bench.get_args_parser(), visualize.get_args_parser()):
+        sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+        parsers += list(sub.choices.values())
+    checked = 0
+    for parser in parsers:
+        for action in parser._actions:
+            if action.type in (int, float):
+                assert action.choices is not None or action.dest in data.PREPARE_FLAGS, (parser.prog, action.dest)
+            if isinstance(action.type, utils.Number):
+                checked += 1
+                for text in ("nan", "inf", "-inf", "1e999"):
+                    with pytest.raises(argparse.ArgumentTypeError, match="must be|expected an integer"):
+                        action.type(text)
+    assert checked >= 60
+
+
+def test_utils_schedule_milestones_never_at_epoch_zero_or_past_the_end():
+    one = finetune.get_args_parser().parse_args(["--epochs", "1", "--no-cos"])  # 60/150 of 1 epoch rounds to 0
+    assert one.schedule == [] and utils.learning_rate(0, one) == one.lr
+    assert finetune.get_args_parser().parse_args(["--epochs", "3", "--no-cos"]).schedule == [1, 2]
+    assert pretrain.get_args_parser().parse_args(["--dataset", "k400", "--data", "K"]).schedule == [120, 180]
+    assert linear_probe.get_args_parser().parse_args(["--epochs", "2"]).schedule == [1]
+
+
+def test_utils_resume_names_foreign_and_damaged_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    parser = pretrain.get_args_parser()
+    args = parser.parse_args(["--output-dir", str(tmp_path)])
+    path = tmp_path / "checkpoint.pth"
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def resume(ckpt, given=None):
+        utils.save_checkpoint({"args": utils.plain(vars(args)), "epoch": 1, "step": 0, "sums": {}, "world_size": 1,
+                               **ckpt}, path)
+        p = pretrain.get_args_parser()
+        p.given = given or {}
+        return utils.Checkpointing(args, model=model, optimizer=optimizer).resume(p)
+
+    with pytest.raises(models.CheckpointError,
+                       match=r"is a checkpoint of linear_probe.py \(its settings have --cache-features\), not of "):
+        resume({"args": {**utils.plain(vars(args)), "cache_features": True}})
+    with pytest.raises(models.CheckpointError, match="its 'epoch' is '1', not a count"):  # F14
+        resume({"epoch": "1", "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    with pytest.raises(models.CheckpointError, match="incomplete or damaged: its 'optimizer' cannot be restored"):
+        resume({"model": model.state_dict()})  # F13
+    with pytest.raises(utils.UsageError, match=r"--moco-k 2048 \(now 512; from --moco-k 4096 as given\)"):  # F12
+        resume({"args": {**utils.plain(vars(args)), "moco_k": 2048}}, given={"moco_k": 4096})
+    assert resume({"model": model.state_dict(), "optimizer": optimizer.state_dict()}) == 1
+
+
+def test_utils_default_output_folders_depend_on_the_dataset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    folders = set()
+    for flags in (["--dataset", "ucf101", "--data", "U"], ["--dataset", "ucf101", "--data", "U", "--split", "2"],
+                  ["--dataset", "hmdb51", "--data", "U"], ["--dataset", "folder", "--data", "mine"], [],
+                  ["--synthetic-videos", "16"], ["--test-split", "test_swapped"]):
+        folders.add(str(utils.eval_output_dir(linear_probe.get_args_parser().parse_args(flags), "linear_probe")))
+    utils.release_output_dirs()
+    assert len(folders) == 7 and "runs/linear_probe_ucf101_split2_action_train_random_init" in folders
+    assert "runs/linear_probe_synthetic_action_train_random_init" in folders  # the benchmark's stays as it was
+
+
+def test_utils_output_folder_lock_refuses_a_second_run(tmp_path):
+    out = tmp_path / "run"
+    utils.make_output_dir(out)
+    assert f"pid {os.getpid()} on " in (out / ".lock").read_text()
+    utils.make_output_dir(out)  # this process again: the same run
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # another process (it forgets the lock it inherited): refused, naming the holder
+        utils._OUTPUT_LOCKS.clear()
+        try:
+            utils.make_output_dir(out)
+            message = "not refused"
+        except utils.UsageError as err:
+            message = str(err)
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    message = os.read(read, 4096).decode()
+    os.close(read)
+    assert f"--output-dir {out} is in use by another run (pid {os.getpid()} on " in message, message
+    utils.release_output_dirs()
+    with open(out / ".lock") as f:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released: free for the next run
+
+
+def test_utils_output_folder_without_locks_is_said(tmp_path, monkeypatch):
+    def no_locks(*_):
+        raise OSError(37, "No locks available")  # e.g. an NFS mount without a lock service
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(RuntimeWarning, match="cannot be locked \\(No locks available\\): nothing stops a second run"):
+        assert utils.make_output_dir(tmp_path / "run") == tmp_path / "run"
+
+
+def test_utils_next_commands_keep_the_benchmark_and_dataset():
+    args = pretrain.get_args_parser().parse_args(["--data", "my bench", "--dataset", "synthetic",
+                                                  "--synthetic-videos", "16", "--synthetic-length", "8"])
+    for cmd in pretrain.next_commands(args, "runs/x/checkpoint.pth"):
+        assert "--dataset synthetic --data 'my bench' --synthetic-videos 16 --synthetic-length 8" in cmd
+    args = pretrain.get_args_parser().parse_args(["--dataset", "hmdb51", "--data", "H", "--split", "3"])
+    assert all("--dataset hmdb51 --data H --split 3" in c for c in pretrain.next_commands(args, "c.pth"))
+
+
+def test_utils_load_checkpoint_names_what_the_file_is(tmp_path):
+    with pytest.raises(models.CheckpointError, match="is a folder, not a checkpoint file"):
+        models.load_checkpoint(tmp_path)
+    with pytest.raises(models.CheckpointError, match="is not a regular file"):
+        models.load_checkpoint("/dev/null")
+    (tmp_path / "s.pth").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}")
+    with pytest.raises(models.CheckpointError, match="a safetensors file") as err:
+        models.load_checkpoint(tmp_path / "s.pth")
+    assert "unsafe" not in str(err.value)
+    utils.save_checkpoint({"opt": {"m": torch.tensor([1.0, float("inf")])}}, tmp_path / "inf.pth")
+    with pytest.raises(models.CheckpointError, match=r"NaN or infinite weights \(opt\.m\)"):
+        models.load_checkpoint(tmp_path / "inf.pth")
 
 
 # ============================================================================================================
@@ -2654,15 +2941,15 @@ def test_pretrain_corrupt_videos_reported_and_skipped(pretrain_env, monkeypatch,
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--beta", "0"], "outside \\(0, 1\\]"),
-    (["--beta", "1.5"], "outside \\(0, 1\\]"),
+    (["--beta", "0"], "argument --beta: must be in \\(0, 1\\], got 0"),
+    (["--beta", "1.5"], "argument --beta: must be in \\(0, 1\\], got 1.5"),
     (["--batch-size", "5"], "not divisible by the 2 processes"),
     (["--batch-size", "2"], "at least 2 clips per process"),
     (["--cos", "--schedule", "3"], "exclude each other"),
     (["--resume", "missing.pth"], "no such checkpoint"),
-    (["--lr", "0"], "--lr 0.0 must be positive"),
-    (["--moco-t", "0"], "--moco-t 0.0 must be positive"),
-    (["--workers", "-1"], "--workers must be at least 0"),
+    (["--lr", "0"], "argument --lr: must be positive, got 0"),
+    (["--moco-t", "0"], "argument --moco-t: must be in \\[0.001, 10\\], got 0"),
+    (["--workers", "-1"], "argument --workers: must be at least 0, got -1"),
 ])
 def test_pretrain_bad_arguments_fail_before_work(pretrain_env, monkeypatch, capsys, flags, message):
     monkeypatch.setenv("WORLD_SIZE", "2")  # checked before any process group is created

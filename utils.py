@@ -7,15 +7,19 @@ import contextlib
 import fcntl
 import functools
 import hashlib
+import io
 import json
 import math
 import multiprocessing
 import os
 import random
 import re
+import shlex
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -46,32 +50,103 @@ class DataError(Exception):
 
 def run_script(main, parser, args=None):
     """Runs main(args), with args parsed from the command line unless given. The errors a user can cause
-    (UsageError, DataError, models.CheckpointError) end the process with one line on stderr, `<script>: error:
-    <message>` (from the first process only under torchrun), and exit status 2 for a bad setting, 1 for unusable
-    input; any other exception is a bug and shows its traceback."""
-    args = parser.parse_args() if args is None else args
+    (UsageError, DataError, models.CheckpointError, and a flag that argparse refuses) end the process with one line
+    on stderr, `<script>: error: <message>` (from the first process only under torchrun), and exit status 2 for a
+    bad setting, 1 for unusable input; any other exception is a bug and shows its traceback. The output folder
+    that main locked (make_output_dir) is released when it returns."""
+    later = int(os.environ.get("RANK", 0)) != 0
+    if args is None:
+        said = io.StringIO()  # under torchrun every process refuses the same flag: the first one says it
+        try:
+            with contextlib.redirect_stderr(said) if later else contextlib.nullcontext():
+                args = parser.parse_args()
+        except SystemExit:
+            if later:
+                time.sleep(2)  # torchrun stops this process during the pause, once the first one has exited
+                sys.stderr.write(said.getvalue())
+            raise
     # A warning is for the user, not a pointer into our source: one line, without the code line that raised it.
     warnings.formatwarning = lambda message, *_, **__: f"{parser.prog}: warning: {message}\n"
     try:
         return main(args)
     except (UsageError, DataError, models.CheckpointError) as err:
-        if int(os.environ.get("RANK", 0)) != 0:
+        if later:
             # Under torchrun every process usually meets the same error: the first one says it and exits, and
             # torchrun stops the others during this pause. An error of this process alone is still said after it.
             time.sleep(2)
         print(f"{parser.prog}: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2 if isinstance(err, UsageError) else 1)
+    finally:
+        release_output_dirs()
 
 
-def make_output_dir(path):
-    """Creates --output-dir (and its parents) if needed; refuses a path that is a file."""
+def not_a_file(path, kind="file"):
+    """Why `path`, which is no regular file, cannot be read as one (a `kind`): for a message."""
+    if os.path.isdir(path):
+        return "is a folder"
+    return "is not a regular file (a device or pipe?)" if os.path.exists(path) else f"no such {kind}"
+
+
+def check_writable(path, what):
+    """Refuses a folder that this process cannot write a file into (read-only disk, immutable folder, no
+    permission), before any work: a run must not find out after hours. `what`: the flag, for the message."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test."):
+            pass
+    except OSError as err:
+        raise UsageError(f"{what} {path}: cannot write there ({err.strerror or err})") from None
+
+
+_OUTPUT_LOCKS = {}  # realpath: the open .lock file of an output folder this process holds
+
+
+def make_output_dir(path, lock=True, flag="--output-dir", data=None):
+    """Creates --output-dir (`flag`) and its parents if needed, refusing a path that is a file, a folder that
+    cannot be written, and one inside the dataset root `data` (a run's folder there would join the dataset).
+    lock: the main process also takes the folder's lock, OUTPUT/.lock, held until the process ends (or
+    release_output_dirs), with the holder's pid, host, start time and command written in it: one writer per folder,
+    so that a second run into it is refused, naming the first, instead of interleaving its log and replacing its
+    checkpoints."""
+    if data is not None and Path(os.path.realpath(path)).is_relative_to(os.path.realpath(data)):
+        raise UsageError(f"{flag} {path} is inside --data {data}: no run writes into a dataset; give a folder "
+                         f"outside it")
     try:
         os.makedirs(path, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
-        raise UsageError(f"--output-dir {path}: a file is in the way (it must be a folder)") from None
-    except PermissionError as err:
-        raise UsageError(f"--output-dir {path}: cannot be created ({err.strerror}: {err.filename})") from None
+        raise UsageError(f"{flag} {path}: a file is in the way (it must be a folder)") from None
+    except OSError as err:
+        raise UsageError(f"{flag} {path}: cannot be created ({err.strerror or err})") from None
+    check_writable(path, flag)
+    real = os.path.realpath(path)
+    if lock and is_main_process() and real not in _OUTPUT_LOCKS:
+        f = open(os.path.join(path, ".lock"), "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "a process that has not written its name yet"
+            f.close()
+            raise UsageError(f"{flag} {path} is in use by another run ({holder}): wait for it to end, or give "
+                             f"another {flag}") from None
+        except OSError as err:  # a file system without locks: the run goes on, unguarded
+            f.close()
+            warnings.warn(f"{flag} {path} cannot be locked ({err.strerror or err}): nothing stops a second run from "
+                          f"writing into it at the same time", RuntimeWarning)
+            return Path(path)
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                f"{' '.join(shlex.quote(a) for a in [os.path.basename(sys.argv[0]), *sys.argv[1:]])}\n")
+        f.flush()
+        _OUTPUT_LOCKS[real] = f
     return Path(path)
+
+
+def release_output_dirs():
+    """Releases the output folders this process locked (make_output_dir)."""
+    for f in _OUTPUT_LOCKS.values():
+        f.close()  # closing the file drops its flock
+    _OUTPUT_LOCKS.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -272,7 +347,7 @@ def resume_path(args):
     it exists; None for a fresh start."""
     if args.resume != "auto":
         if not os.path.isfile(args.resume):
-            raise UsageError(f"--resume {args.resume}: no such checkpoint file")
+            raise UsageError(f"--resume {args.resume}: {not_a_file(args.resume, 'checkpoint file')}")
         return args.resume
     path = os.path.join(args.output_dir, "checkpoint.pth")
     return path if os.path.isfile(path) else None
@@ -286,6 +361,8 @@ RESUMABLE = (
     "save_every_steps", "save_every_minutes")  # how often checkpoint.pth is written inside an epoch
 # Settings of a run that are not flags: what the refusal of a resume calls them
 DERIVED_SETTINGS = {"pretrained_sha1": "the weights behind --pretrained (sha1 of the loaded backbone)"}
+# A setting that only one stage has: a checkpoint's stored settings say which stage wrote it
+STAGE_SETTINGS = {"pretrain.py": "moco_k", "finetune.py": "dropout", "linear_probe.py": "cache_features"}
 # The running sums of checkpoints that stored them by position, by their count: pretraining's; finetuning's and
 # the linear probe's
 POSITIONAL_SUMS = {4: ("loss", "acc", "failed_videos", "seconds"),
@@ -304,12 +381,23 @@ def load_resume(path, args, parser):
     if not isinstance(old, dict):
         raise models.CheckpointError(f"{path} is not a checkpoint of this script (no stored settings): delete it to "
                                      f"start fresh, or use another --output-dir")
+    for key, value in (("epoch", ckpt.get("epoch")), ("step", ckpt.get("step", 0))):
+        if type(value) is not int or value < 0:
+            raise models.CheckpointError(f"{path} is damaged or not a checkpoint of this script: its {key!r} is "
+                                         f"{value!r}, not a count")
     defaults = vars(parser.parse_args(["--dataset", args.dataset]))
+    other = [script for script, key in STAGE_SETTINGS.items() if key in old and key not in defaults]
+    if other:
+        raise models.CheckpointError(f"{path} is a checkpoint of {other[0]} (its settings have "
+                                     f"{_flags([STAGE_SETTINGS[other[0]]])}), not of {parser.prog}: give "
+                                     f"{parser.prog} another --output-dir or --resume")
     refused, changed = [], []
     for key, value in vars(args).items():
         before = old.get(key, defaults.get(key))
         if not _same_setting(before, value):
             note = "" if key in old else "; the checkpoint predates it: its default assumed"
+            if key in getattr(parser, "given", {}):  # a setting the script derived from the flag: both
+                note += f"; from {_flags([key])} {parser.given[key]} as given"
             (changed if key in parser.resumable else refused).append(
                 f"{DERIVED_SETTINGS.get(key, _flags([key]))} {plain(before)} (now {plain(value)}{note})")
     if refused:
@@ -377,10 +465,15 @@ class Checkpointing:
             return 0
         ckpt = load_resume(path, self.args, parser)
         for name, obj in self.state.items():
-            if isinstance(obj, dict):
-                obj.update(ckpt[name])
-            else:
-                obj.load_state_dict(ckpt[name])
+            try:
+                if isinstance(obj, dict):
+                    obj.update(ckpt[name])
+                else:
+                    obj.load_state_dict(ckpt[name])
+            except (KeyError, TypeError, ValueError, RuntimeError) as err:
+                raise models.CheckpointError(f"{path} is incomplete or damaged: its {name!r} cannot be restored "
+                                             f"({models._first_line(err)}); delete it to start fresh, or use "
+                                             f"another --output-dir") from None
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
         self.sums = ckpt["sums"] if self.step else {}
         if isinstance(self.sums, list):
@@ -642,15 +735,35 @@ def eval_splits(args):
     return splits
 
 
+def dataset_tag(args):
+    """The dataset of a run as a folder-name part: the --dataset name, with --split N where the dataset has
+    official splits, the folder's name for a folder dataset, and a hash of the --synthetic-* flags that differ from
+    the defaults (so that the runs on two datasets never share a default output folder)."""
+    import data  # data imports utils
+
+    tag = args.dataset
+    if args.dataset in data.SPLIT_DATASETS:
+        tag += f"_split{args.split}"
+    elif args.dataset == "folder":
+        tag += "-" + (Path(os.path.abspath(args.data)).name or "root")
+    elif args.dataset == "synthetic":
+        changed = {k: getattr(args, k) for k, v in data.SYNTHETIC_FLAGS.items() if getattr(args, k) != v}
+        if changed:
+            tag += "-" + hashlib.sha1(repr(sorted(changed.items())).encode()).hexdigest()[:8]
+    return tag
+
+
 def eval_output_dir(args, stage):
-    """--output-dir, by default runs/<stage>_<dataset>_<target>_<train split>_<pretraining run or random_init>."""
+    """--output-dir, by default runs/<stage>_<dataset tag>_<target>_<train split>[_<test split>]_<pretraining run or
+    random_init> (dataset_tag; the test split when it is not test); created and locked by make_output_dir."""
     if args.output_dir is None:
         tag = "random_init"
         if args.pretrained:
             path = Path(args.pretrained)
             tag = path.parent.name + ("" if path.stem == "checkpoint" else f"_{path.stem}")
-        args.output_dir = str(Path("runs") / f"{stage}_{args.dataset}_{args.target}_{args.train_split}_{tag}")
-    return make_output_dir(args.output_dir)
+        splits = args.train_split + ("" if args.test_split == "test" else f"_{args.test_split}")
+        args.output_dir = str(Path("runs") / f"{stage}_{dataset_tag(args)}_{args.target}_{splits}_{tag}")
+    return make_output_dir(args.output_dir, data=args.data)
 
 
 def write_results(args, results, **extra):
@@ -679,10 +792,72 @@ def write_results(args, results, **extra):
 # Command lines
 
 
+class Number:
+    """An argparse type: a finite int or float (NaN and inf refused) in [low, high], each bound left out of the
+    range when open_low / open_high, None for none; even: an even int. Its `range` reads like "in (0, 1]" in the
+    error message."""
+
+    def __init__(self, kind=float, low=None, high=None, open_low=False, open_high=False, even=False):
+        self.kind, self.low, self.high, self.open_low, self.open_high = kind, low, high, open_low, open_high
+        self.even = even
+        self.__name__ = kind.__name__  # argparse names the type by it
+
+    @property
+    def range(self):
+        low, high = (v if v is None or self.kind is int else f"{v:g}" for v in (self.low, self.high))
+        if low is not None and high is not None:
+            return f"in {'(' if self.open_low else '['}{low}, {high}{')' if self.open_high else ']'}"
+        if self.low == 0:
+            return "positive" if self.open_low else "at least 0"
+        if low is not None:
+            return f"{'above' if self.open_low else 'at least'} {low}"
+        return "finite" if high is None else f"{'below' if self.open_high else 'at most'} {high}"
+
+    def __call__(self, text):
+        try:
+            value = self.kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if self.kind is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        too_low = self.low is not None and (value <= self.low if self.open_low else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.open_high else value > self.high)
+        if not math.isfinite(value) or too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {self.range}, got {text}")
+        if self.even and value % 2:
+            raise argparse.ArgumentTypeError(f"must be even, got {text}")
+        return value
+
+
+FINITE = Number(float)
+POSITIVE = Number(float, 0, open_low=True)
+NON_NEGATIVE = Number(float, 0)
+FRACTION = Number(float, 0, 1)
+SHARE = Number(float, 0, 1, open_high=True)  # momentum, dropout: 1 would freeze the weights or drop everything
+POSITIVE_INT = Number(int, 1)
+NON_NEGATIVE_INT = Number(int, 0)
+SEED = Number(int, 0, 2 ** 63 - 1)  # what numpy's SeedSequence and torch.manual_seed both take
+
+
+def device(text):
+    """An argparse type: a torch device this machine has (cpu, cuda, cuda:N)."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA GPU that torch can use")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return text
+
+
 class Parser(argparse.ArgumentParser):
     """A stage's command line: its defaults are the paper's, and `presets` holds the defaults that change with
     --dataset (e.g. the CPU-sized settings of the synthetic benchmark, the default when --data is omitted).
-    After parsing, --dataset is set and an unset --schedule is the paper's milestones scaled to --epochs.
+    After parsing, --dataset is set and an unset --schedule is the paper's milestones scaled to --epochs (none at
+    epoch 0, none at or after the last epoch); a given --schedule with a milestone at or after --epochs is refused.
     `resumable`: the settings that may differ from a checkpoint's when a run resumes from it (load_resume)."""
 
     def __init__(self, description, presets=None, paper_schedule=None, resumable=(), **kwargs):
@@ -709,11 +884,17 @@ class Parser(argparse.ArgumentParser):
             self.set_defaults(**saved)
         args.dataset = dataset
         if self.paper_schedule and args.schedule is None:
+            # scaled to --epochs: a milestone never falls on epoch 0 (the whole run at lr / 10) nor at or after the
+            # last epoch (where it does nothing)
             epochs, milestones = self.paper_schedule
-            args.schedule = [round(m * args.epochs / epochs) for m in milestones]
+            scaled = (max(1, round(m * args.epochs / epochs)) for m in milestones)
+            args.schedule = [m for m in scaled if m < args.epochs]
         elif self.paper_schedule and args.cos:
             self.error("--cos and --schedule exclude each other: drop one (where a preset sets --cos, pass --no-cos "
                        "with --schedule)")
+        elif self.paper_schedule and any(m >= args.epochs for m in args.schedule):
+            self.error(f"--schedule {' '.join(map(str, args.schedule))}: a milestone at or after --epochs "
+                       f"{args.epochs} never lowers the lr; give milestones below {args.epochs}")
         return args, rest
 
 
@@ -732,9 +913,10 @@ def _shown(key, value):
 def add_run_args(parser, arch="r2plus1d_18", batch_size=64):
     """Flags of every stage: backbone, batch, seed, output folder, mixed precision."""
     parser.add_argument("--arch", default=arch, choices=sorted(models.ARCHS), help="backbone")
-    parser.add_argument("--batch-size", type=int, default=batch_size,
-                        help="global batch size (clips; pretraining: videos), divided over the processes")
-    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, sampling and augmentation")
+    parser.add_argument("--batch-size", type=POSITIVE_INT, default=batch_size,
+                        help="global batch size (clips; pretraining: videos), divided over the processes (a multiple "
+                             "of their count)")
+    parser.add_argument("--seed", type=SEED, default=0, help="seed of initialisation, sampling and augmentation")
     parser.add_argument("--output-dir", default=None,
                         help="checkpoints, log.jsonl and results (default: runs/<stage>_<settings>)")
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
@@ -744,22 +926,23 @@ def add_run_args(parser, arch="r2plus1d_18", batch_size=64):
 
 def add_training_args(parser, epochs, milestones, lr, momentum, wd):
     """Flags of the stages that train: SGD, the schedule, resuming and mid-epoch checkpoints."""
-    parser.add_argument("--epochs", type=int, default=epochs, help="training epochs")
-    parser.add_argument("--lr", type=float, default=lr, help="initial SGD learning rate (for the global batch)")
-    parser.add_argument("--momentum", type=float, default=momentum, help="SGD momentum")
-    parser.add_argument("--wd", type=float, default=wd, help="weight decay")
-    parser.add_argument("--schedule", type=int, nargs="+", default=None,
-                        help=f"epochs at which the lr is multiplied by 0.1 (default: the paper's "
-                             f"{' '.join(map(str, milestones))} of {epochs} epochs, scaled to --epochs)")
+    parser.add_argument("--epochs", type=POSITIVE_INT, default=epochs, help="training epochs")
+    parser.add_argument("--lr", type=POSITIVE, default=lr, help="initial SGD learning rate (for the global batch)")
+    parser.add_argument("--momentum", type=SHARE, default=momentum, help="SGD momentum, in [0, 1)")
+    parser.add_argument("--wd", type=NON_NEGATIVE, default=wd, help="weight decay (--lr x --wd below 1)")
+    parser.add_argument("--schedule", type=POSITIVE_INT, nargs="+", default=None,
+                        help=f"epochs at which the lr is multiplied by 0.1, each in [1, --epochs) (default: the "
+                             f"paper's {' '.join(map(str, milestones))} of {epochs} epochs, scaled to --epochs, "
+                             f"those that fall on the last epoch or later left out)")
     parser.add_argument("--cos", action=argparse.BooleanOptionalAction, default=False,
                         help="half-cosine lr decay over --epochs instead of --schedule")
     parser.add_argument("--resume", default="auto", metavar="PATH",
                         help=f"checkpoint to resume from; auto: <output-dir>/checkpoint.pth when it exists. A resume "
                              f"refuses any setting that differs from the checkpoint's, except "
                              f"{_flags(parser.resumable)}")
-    parser.add_argument("--save-every-steps", type=int, default=0, metavar="N",
+    parser.add_argument("--save-every-steps", type=NON_NEGATIVE_INT, default=0, metavar="N",
                         help="also save checkpoint.pth every N steps inside an epoch (0: only at epoch ends)")
-    parser.add_argument("--save-every-minutes", type=float, default=30.0, metavar="M",
+    parser.add_argument("--save-every-minutes", type=NON_NEGATIVE, default=30.0, metavar="M",
                         help="also save checkpoint.pth inside an epoch once M minutes passed since the last save "
                              "(0: never); SIGTERM/SIGUSR1 always save and stop")
 
@@ -773,30 +956,65 @@ def add_unsafe_arg(parser):
 
 
 def check_training_args(args, problems=()):
-    """Refuses training settings (add_training_args, add_run_args) that cannot work, before any work, with the
-    `problems` a script found itself."""
+    """Refuses training settings (add_training_args, add_run_args) that cannot work or would not do what they say,
+    before any work, with the `problems` a script found itself. (The flags' types refuse values out of their
+    range.)"""
     problems = list(problems)
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        problems.append(f"--lr {args.lr} must be positive")
-    for name in ("epochs", "batch_size", "eval_every"):
-        if getattr(args, name, 1) < 1:
-            problems.append(f"--{name.replace('_', '-')} {getattr(args, name)} must be at least 1")
-    if not 0 <= args.momentum < 1:
-        problems.append(f"--momentum {args.momentum} must be in [0, 1)")
-    if not args.wd >= 0:
-        problems.append(f"--wd {args.wd} must be at least 0")
-    if not 0 <= getattr(args, "dropout", 0) < 1:
-        problems.append(f"--dropout {args.dropout} must be in [0, 1)")
-    if args.save_every_steps < 0 or not args.save_every_minutes >= 0:
-        problems.append("--save-every-steps and --save-every-minutes must be at least 0")
+    if args.lr * args.wd >= 1:  # each step multiplies the weights by 1 - lr x wd: zero or a sign flip
+        problems.append(f"--lr {args.lr:g} x --wd {args.wd:g} = {args.lr * args.wd:g}: weight decay alone would zero "
+                        f"the weights or flip their sign in one step; keep the product below 1")
+    problems += run_problems(args)
     if problems:
         raise UsageError("; ".join(problems))
 
 
+def run_problems(args):
+    """Settings of add_run_args that cannot work: a global --batch-size that the processes cannot share equally
+    (each would silently use a smaller one), clips the backbone cannot take (backbone_problems)."""
+    world = get_world_size()
+    problems = backbone_problems(args.arch, args.frames, args.crop)
+    if args.batch_size % world:
+        problems.append(f"--batch-size {args.batch_size} is not divisible by the {world} processes: use a multiple "
+                        f"of {world}")
+    return problems
+
+
+def backbone_problems(arch, frames, crop):
+    """Clip sizes a backbone cannot take: I3D's 7x7x7 first convolution ('same' padding, stride 2) needs at least 2
+    frames of at least 2x2 pixels."""
+    if arch == "i3d" and (frames < 2 or crop < 2):
+        return [f"--arch i3d needs --frames and --crop of at least 2 (its first 7x7x7 convolution), got --frames "
+                f"{frames} --crop {crop}"]
+    return []
+
+
+def fame_problems(beta, frames, crop):
+    """What makes FAME meaningless at --beta, --frames and --crop (it runs when beta < 1): its mask comes from frame
+    differences, and it keeps int(beta x crop x crop) foreground pixels."""
+    if beta >= 1:
+        return []
+    problems = []
+    if frames < 2:
+        problems.append(f"FAME (--beta {beta:g}) needs --frames of at least 2 (its mask comes from frame "
+                        f"differences), got {frames}")
+    if int(beta * crop * crop) == 0:
+        problems.append(f"--beta {beta:g} keeps no foreground pixel of a {crop}x{crop} crop (int(beta x {crop * crop} "
+                        f"pixels) = 0): every clip would be replaced by another clip; use --beta of at least "
+                        f"{1 / (crop * crop):.3g}, or --beta 1 for no FAME")
+    return problems
+
+
 def check_eval_args(args):
-    """Refuses a --pretrained file that does not exist (none: a random backbone) before any work."""
+    """Refuses a --pretrained path that is not a file (none: a random backbone), a global --batch-size the
+    processes cannot share and clips the backbone cannot take (run_problems), before any work."""
     if args.pretrained is not None and not os.path.isfile(args.pretrained):
-        raise UsageError(f"--pretrained {args.pretrained}: no such file (none: a randomly initialised backbone)")
+        raise UsageError(f"--pretrained {args.pretrained}: {not_a_file(args.pretrained)} (give a checkpoint file; "
+                         f"none: a randomly initialised backbone)")
+    problems = run_problems(args)
+    if args.unsafe_unpickle and args.pretrained is None:
+        problems.append(f"{models.UNSAFE_FLAG} applies to a --pretrained file, and none is given")
+    if problems:
+        raise UsageError("; ".join(problems))
 
 
 def add_eval_args(parser):
@@ -813,7 +1031,8 @@ def add_eval_args(parser):
                              "balanced_test")
     parser.add_argument("--target", default="action", choices=("action", "scene"),
                         help="label to predict; scene: the synthetic benchmark's background family")
-    parser.add_argument("--clips", type=int, default=10, help="uniformly spaced clips per test video (paper: 10)")
+    parser.add_argument("--clips", type=POSITIVE_INT, default=10,
+                        help="uniformly spaced clips per test video (paper: 10)")
     parser.add_argument("--test-crop", default="resize", choices=("resize", "center"),
                         help="test clips: resize the short side to 8/7 x --crop and take the centre (the paper's "
                              "\"crop and resize\"), or take the centre --crop pixels of the frames as they are (the "

@@ -15,7 +15,6 @@ which runs these two commands (--frames 8 --stride 2 --crop 64).
 """
 import argparse
 import os
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,17 +34,20 @@ def get_args_parser():
 
     def add_common(p):
         p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files (any container PyAV reads)")
-        p.add_argument("--frames", type=int, default=8, help="frames per clip (T)")
-        p.add_argument("--stride", type=int, default=2, help="temporal stride between clip frames")
-        p.add_argument("--crop", type=int, default=112,
+        p.add_argument("--frames", type=utils.POSITIVE_INT, default=8, help="frames per clip (T)")
+        p.add_argument("--stride", type=utils.POSITIVE_INT, default=2, help="temporal stride between clip frames")
+        p.add_argument("--crop", type=utils.POSITIVE_INT, default=112,
                        help="the largest centred square of the frames, resized to CROP x CROP")
-        p.add_argument("--show", type=int, default=4, help="frames shown per clip (evenly spaced)")
-        p.add_argument("--output", default=None, help="PNG to write (default: <command>.png)")
+        p.add_argument("--show", type=utils.POSITIVE_INT, default=4, help="frames shown per clip (evenly spaced)")
+        p.add_argument("--output", default=None,
+                       help="picture to write, .png (or another format Pillow writes, by its extension; default: "
+                            "<command>.png)")
 
     p = sub.add_parser("masks", help="FAME foreground masks and merged clips",
                        description="Rows per video: frames, foreground mask over the frames, merged clip.")
     add_common(p)
-    p.add_argument("--beta", type=float, default=0.5, help="foreground portion of the frame, Eq. (3)")
+    p.add_argument("--beta", type=utils.Number(float, 0, 1, open_low=True), default=0.5,
+                   help="foreground portion of the frame, Eq. (3), in (0, 1]")
     p.add_argument("--fame-method", default="fame", choices=fame.METHODS,
                    help="mask variant (paper Table 4)")
 
@@ -53,22 +55,32 @@ def get_args_parser():
                        description="Rows per video: frames, then one heat-map overlay per checkpoint.")
     add_common(p)
     p.add_argument("--pretrained", nargs="+", required=True, metavar="CKPT",
-                   help="checkpoints (ours, the authors' MoCo format or a backbone state dict)")
+                   help="checkpoints (ours, the authors' MoCo format or a backbone state dict); none: a randomly "
+                        "initialised backbone")
     p.add_argument("--arch", default="cnn3d", choices=sorted(models.ARCHS), help="backbone of CKPT")
-    p.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--alpha", type=utils.FRACTION, default=0.5, help="heat-map opacity, in [0, 1]")
+    p.add_argument("--device", type=utils.device, default="cpu")
     utils.add_unsafe_arg(p)
     return parser
 
 
 def main(args):
-    for name in ("frames", "stride", "crop", "show"):
-        if getattr(args, name) < 1:
-            raise utils.UsageError(f"--{name} must be positive, got {getattr(args, name)}")
-    if args.command == "masks" and not 0 < args.beta <= 1:
-        raise utils.UsageError(f"--beta {args.beta} is outside (0, 1]")
+    if args.command == "masks":
+        problems = utils.fame_problems(args.beta, args.frames, args.crop)
+        if args.frames < 2 and not problems:  # --beta 1: the mask is the whole frame, still from frame differences
+            problems = [f"the masks need --frames of at least 2 (they come from frame differences), got {args.frames}"]
+    else:
+        problems = utils.backbone_problems(args.arch, args.frames, args.crop)
+    if problems:
+        raise utils.UsageError("; ".join(problems))
     if args.output is None:
         args.output = f"{args.command}.png"
+    check_output(args.output)
+    for path in args.videos:
+        if os.path.isdir(path):
+            raise utils.UsageError(f"{path} is a folder; give video files")
+        if not os.path.isfile(path):
+            raise utils.UsageError(f"video not found: {path}")
     clips = torch.stack([read_clip(v, args.frames, args.stride, args.crop) for v in args.videos])  # (B,3,T,S,S)
     clips = clips.float().div_(255)
     if args.command == "masks":
@@ -79,9 +91,22 @@ def main(args):
     # keep --show evenly spaced frames of every row: (B, R, 3, T, S, S) -> (B*R*show, 3, S, S)
     t = torch.linspace(0, clips.shape[2] - 1, min(args.show, clips.shape[2])).round().long()
     tiles = rows[:, :, :, t].permute(0, 1, 3, 2, 4, 5).flatten(0, 2)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     save_image(make_grid(tiles, nrow=len(t), padding=2, pad_value=1.0), args.output)
     print(f"wrote {args.output} ({len(args.videos)} videos x {rows.shape[1]} rows x {len(t)} frames)")
+
+
+def check_output(path):
+    """Refuses an --output that Pillow cannot write (an unknown extension) or that is a folder, and creates its
+    folder, refusing one that cannot be written (utils.make_output_dir), before any work."""
+    from PIL import Image  # Pillow comes with torchvision
+
+    if os.path.isdir(path):
+        raise utils.UsageError(f"--output {path} is a folder; give a picture file, e.g. {path.rstrip('/')}/out.png")
+    ext = os.path.splitext(path)[1].lower()
+    if Image.registered_extensions().get(ext) not in Image.SAVE:
+        raise utils.UsageError(f"--output {path}: {ext or 'no extension'} is no picture format Pillow writes; use "
+                               f".png")
+    utils.make_output_dir(os.path.dirname(path) or ".", lock=False, flag="--output")
 
 
 def read_clip(path, frames, stride, size, start=None):
@@ -120,8 +145,10 @@ def caam_rows(clips, checkpoints, arch, alpha, device, unsafe=False):
     (unsafe: models.load_checkpoint)."""
     rows = [clips]
     for path in checkpoints:
+        torch.manual_seed(0)  # none: the same random backbone as the evaluation scripts' at --seed 0
         model = models.build_backbone(arch)
-        models.load_backbone(model, path, unsafe)
+        if path != "none":
+            models.load_backbone(model, path, unsafe)
         model.to(device).eval()
         rows.append(overlay_heatmap(clips, caam(model, clips.to(device)).cpu(), alpha))
     return torch.stack(rows, dim=1)

@@ -498,7 +498,7 @@ def render_gates(results):
 
 
 def render_targets(results):
-    """The issue's targets for FAME against vanilla MoCo, from the seed means of step b."""
+    """The benchmark's targets for FAME against vanilla MoCo, from the seed means of step b."""
     runs = list(results.get("runs", {}).values())
 
     def mean(method, stage, key):
