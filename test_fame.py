@@ -1709,6 +1709,64 @@ def test_synthetic_balanced_dataset_labels(tmp_path):
 # utils.py: checkpoints, logs, flags, schedule
 # ============================================================================================================
 
+def test_utils_classification_metrics_by_hand():
+    # top-1, top-5 (a hit when the label is among the 5 highest scores), per-class and mean per-class accuracy,
+    # counted video by video over the decoded videos (all of them when no mask is given)
+    g = torch.Generator().manual_seed(0)
+    scores, labels = torch.rand(40, 8, generator=g), torch.arange(40) % 8
+    classes = [f"c{i}" for i in range(8)]
+
+    def by_hand(ok):
+        kept = [v for v in range(40) if ok[v]]
+        rank = {v: sorted(range(8), key=lambda c: -float(scores[v, c])).index(int(labels[v])) for v in kept}
+        per_class = {}
+        for c in range(8):
+            vids = [v for v in kept if int(labels[v]) == c]
+            if vids:
+                per_class[classes[c]] = 100.0 * sum(rank[v] == 0 for v in vids) / len(vids)
+        return {"top1": 100.0 * sum(rank[v] == 0 for v in kept) / len(kept),
+                "top5": 100.0 * sum(rank[v] < 5 for v in kept) / len(kept),
+                "mean_class_acc": sum(per_class.values()) / len(per_class), "per_class_acc": per_class,
+                "videos": len(kept), "left_out": 40 - len(kept)}
+
+    for ok in (None, torch.arange(40) % 3 != 0):
+        got = utils.classification_metrics(scores, labels, classes, ok)
+        expected = by_hand([True] * 40 if ok is None else ok.tolist())
+        assert 0 < expected["top1"] < expected["top5"] < 100  # neither bound: every rule is exercised
+        assert got["per_class_acc"] == pytest.approx(expected.pop("per_class_acc")), ok
+        assert {k: got[k] for k in expected} == pytest.approx(expected), ok
+
+
+def test_utils_checkpointing_saves_and_restores_modules_and_dicts(tmp_path, monkeypatch):
+    # A checkpoint holds each module's state_dict and each plain dict as it is, where the run is and the git commit;
+    # resume() finds it (--resume auto: <output-dir>/checkpoint.pth; --resume PATH: that file, which must exist)
+    # and restores them in place; a file without stored settings is refused.
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    parser = pretrain.get_args_parser()
+    args = parser.parse_args(["--output-dir", str(tmp_path / "run")])
+    assert utils.resume_path(args) is None  # nothing saved yet: a fresh start
+    torch.manual_seed(0)
+    model, best = nn.Linear(3, 2), {"top1": 50.0, "epoch": 3}
+    path = tmp_path / "run" / "checkpoint.pth"
+    utils.Checkpointing(args, model=model, best=best).save(path)
+    saved = torch.load(path, weights_only=True)
+    assert saved["best"] == best and saved["git_commit"] == utils.git_commit() and (saved["epoch"], saved["step"]) == (0, 0)
+    _same_state(saved["model"], model.state_dict())
+    assert utils.resume_path(args) == str(path)
+    other, other_best = nn.Linear(3, 2), {"top1": -1.0, "epoch": None}
+    assert utils.Checkpointing(args, model=other, best=other_best).resume(parser) == 0
+    assert other_best == best
+    _same_state(other.state_dict(), model.state_dict())
+    args.resume = str(tmp_path / "elsewhere.pth")
+    with pytest.raises(utils.UsageError, match="no such checkpoint"):
+        utils.resume_path(args)
+    shutil.copy(path, args.resume)
+    assert utils.resume_path(args) == args.resume
+    torch.save(torch.zeros(2), args.resume)
+    with pytest.raises(models.CheckpointError, match="not a checkpoint of this script"):
+        utils.load_resume(args.resume, args, parser)
+
+
 # Flags that change what a stage trains: a resume must refuse a change of each (each stage's own flags included).
 _UTILS_REFUSED_COMMON = ("seed", "batch_size", "amp", "crop", "frames", "stride", "arch", "lr", "wd", "momentum",
                          "cos", "crop_scale", "flip", "synthetic_videos", "data")
