@@ -439,6 +439,16 @@ def test_fame_augment_and_models_import_only_torch(module):
 # augment.py: the colour augmentation (A.2) and normalization
 # ============================================================================================================
 
+def test_augment_normalize_keeps_the_float_dtype_and_uses_kinetics_statistics():
+    # a low-precision clip stays in its dtype (autocast inputs); each channel is (x - mean) / std
+    clips = torch.rand(2, 3, 2, 4, 4)
+    by_hand = (clips - torch.tensor(augment.KINETICS_MEAN).view(3, 1, 1, 1)) / torch.tensor(
+        augment.KINETICS_STD).view(3, 1, 1, 1)
+    assert torch.allclose(augment.normalize(clips), by_hand, atol=1e-6)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert augment.normalize(clips.to(dtype)).dtype == dtype
+
+
 def test_augment_consistent_in_time():
     g = torch.Generator().manual_seed(0)
     frame = torch.rand(1, 3, 1, 24, 24, generator=g)
@@ -480,6 +490,13 @@ def test_augment_order_and_blur_size():
 # ============================================================================================================
 # models.py: R(2+1)D, I3D, checkpoints, MoCo
 # ============================================================================================================
+
+def test_models_moco_defaults_are_the_papers_and_the_initial_queue_is_unit_keys():
+    # A.1: K 65536, m 0.999, T 0.1; the queue starts as K random unit keys (dim, K), one per column
+    moco = models.MoCo(functools.partial(_models_TinyBackbone, bn=False), dim=4)
+    assert (moco.K, moco.m, moco.T) == (65536, 0.999, 0.1) and moco.queue.shape == (4, 65536)
+    assert torch.allclose(moco.queue.norm(dim=0), torch.ones(65536), atol=1e-5)
+
 
 _MODELS_SPEC = Path(__file__).resolve().parent / "testdata" / "i3d_keys.tsv"  # the authors' I3D release: key, shape
 
