@@ -411,10 +411,88 @@ def test_fame_augment_and_models_import_only_torch(module):
     tree = ast.parse((_FAME_REPO / f"{module}.py").read_text())
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert {n.split(".")[0] for n in names} <= {"argparse", "math", "os", "pickle", "torch", "warnings"}, names
+    assert {n.split(".")[0] for n in names} <= {"argparse", "math", "numbers", "os", "pickle", "torch", "warnings"}, names
     loaded = subprocess.run([sys.executable, "-c", f"import sys, {module}; print(sorted(sys.modules))"],
                             capture_output=True, text=True, cwd=_FAME_REPO, check=True).stdout
     assert not {"'av'", "'data'", "'utils'", "'synthetic'"} & set(loaded.strip()[1:-1].split(", ")), loaded
+
+
+# --- what the API refuses ----------------------------------------------------------------------------------
+
+
+def test_fame_api_refuses_shapes_dtypes_and_values_it_cannot_handle():
+    # One table of inputs that FAME, foreground_mask and merge cannot read as the paper's clips: each ends in a
+    # ValueError or TypeError that names the problem, before any work.
+    clips, _ = _fame_synthetic(4, T=4, H=32, W=32)
+    u8 = (clips * 255).round().byte()
+    nan = clips.clone()
+    nan[2, 1, 3, 4, 5] = float("nan")
+    mask = fame.foreground_mask(clips)
+    cases = [
+        (lambda: fame.FAME()(clips * 255), ValueError, r"float clips in \[0, 1\].* range over \[0.*, 255\]"),
+        (lambda: fame.FAME()(nan), ValueError, r"range over \[nan, nan\]"),
+        (lambda: fame.FAME()(u8.long()), TypeError, "got torch.int64"),
+        (lambda: fame.FAME()(clips.numpy()), TypeError, "torch.Tensor"),
+        (lambda: fame.FAME()(clips[:, :, :3].transpose(1, 2)), ValueError, "ambiguous"),  # (B, T, 3, H, W), T = 3
+        (lambda: fame.foreground_mask(clips[:, :, :3]), ValueError, "ambiguous"),
+        (lambda: fame.FAME()(u8, background=clips), TypeError, "background of torch.float32 .* torch.uint8"),
+        (lambda: fame.FAME()(clips, background=u8), TypeError, "background of torch.uint8 .* torch.float32"),
+        (lambda: fame.merge(u8, mask, clips), TypeError, "background of torch.float32"),
+        (lambda: fame.FAME()(clips[:0], background=clips[:0]), ValueError, "empty batch"),
+        (lambda: fame.FAME(1e-6)(clips), ValueError, r"beta 1e-06 keeps no foreground: \[beta H W\] = 0 pixels of "
+                                                     r"32x32"),
+        (lambda: fame.foreground_mask(clips[:, :, :, :1, :1]), ValueError, "0 pixels of 1x1"),
+        (lambda: fame.foreground_mask(clips, 0.01, "grid"), ValueError, "0 of the 4x4 cells"),
+        (lambda: fame.merge(clips, mask[0], clips.flip(0)), ValueError, r"mask \(32, 32\) must be \(B, H, W\)"),
+        (lambda: fame.merge(clips, mask[:2], clips.flip(0)), ValueError, "must be"),
+        (lambda: fame.merge(clips, mask[:, None].expand(4, 5, 32, 32), clips.flip(0)), ValueError, "must be"),
+        (lambda: fame.FAME(beta=True), ValueError, "beta must be a number"),
+        (lambda: fame.FAME(beta=np.float64(1.5)), ValueError, "beta must be a number"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    # a 2-D mask whose (H, W) happens to equal (T, W) is refused too, not broadcast over time
+    square = torch.rand(2, 3, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"mask \(8, 8\)"):
+        fame.merge(square, torch.ones(8, 8), square.flip(0))
+    # beta as a numpy or torch number in range is a number like any other
+    g = torch.Generator
+    expected = fame.FAME(0.5)(clips, generator=g().manual_seed(0))
+    for beta in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor([0.5], dtype=torch.float64)):
+        op = fame.FAME(beta)
+        assert type(op.beta) is float and torch.equal(op(clips, generator=g().manual_seed(0)), expected)
+        assert torch.equal(fame.foreground_mask(clips, beta), mask)
+    # per-frame masks (B, T, H, W) and the smallest beta that keeps a pixel still work
+    per_frame = mask[:, None].expand(4, 4, 32, 32)
+    assert torch.equal(fame.merge(clips, per_frame, clips.flip(0)), fame.merge(clips, mask, clips.flip(0)))
+    assert int(fame.foreground_mask(clips, 1 / 1024).sum()) == 4
+
+
+def test_fame_value_check_off_the_cpu_does_not_read_back(monkeypatch):
+    # Off the CPU the [0, 1] check is a device-side assertion (torch._assert_async) rather than a read back to
+    # the host; pretending these CPU clips live elsewhere takes that branch, and torch's CPU implementation of
+    # the assertion raises at once.
+    clips, _ = _fame_synthetic(2, T=4, H=32, W=32)
+    reads, asserted = [], []
+    monkeypatch.setattr(torch, "_assert_async",
+                        lambda ok, message: asserted.append((bool(ok.as_subclass(torch.Tensor)), message)))
+
+    class Elsewhere(torch.Tensor):  # a CPU tensor that says it is on another device
+        @property
+        def device(self):
+            return torch.device("meta")
+
+        def __bool__(self):
+            reads.append(1)
+            return super().__bool__()
+
+    for module_check in (fame._check_clips, augment._check_clips):
+        asserted.clear()
+        module_check(clips.as_subclass(Elsewhere))
+        module_check((clips * 2).as_subclass(Elsewhere))
+        assert [ok for ok, _ in asserted] == [True, False] and "[0, 1]" in asserted[1][1]
+    assert not reads
 
 
 # ============================================================================================================
@@ -457,6 +535,42 @@ def test_augment_order_and_blur_size():
         x[..., size // 2, size // 2] = 1.0
         spread = augment.gaussian_blur(x, torch.tensor([50.0]))[0, 0, 0, size // 2]
         assert int((spread > 0).sum()) == taps
+
+
+def test_augment_api_refuses_shapes_dtypes_and_values_it_cannot_handle():
+    clips = torch.rand(4, 3, 4, 32, 32)
+    nan = clips.clone()
+    nan[1, 2, 0, 3, 3] = float("nan")
+    cases = [
+        (clips * 255, ValueError, r"float clips in \[0, 1\].* range over \[0.*, 255\]"),   # float in [0, 255]
+        (augment.normalize(clips), ValueError, r"range over \[-.*\]"),                       # already normalized
+        (nan, ValueError, r"range over \[nan, nan\]"),
+        ((clips * 255).long(), TypeError, "got torch.int64"),
+        (clips[:, :, 0], ValueError, r"shape \(B, 3, T, H, W\), got \(4, 3, 32, 32\)"),   # (B, 3, H, W)
+        (clips[None], ValueError, r"got \(1, 4, 3, 4, 32, 32\)"),                           # 6-D
+        (clips[:, :, :3].transpose(1, 2).contiguous(), ValueError, "ambiguous"),            # (B, T, 3, H, W), T = 3
+        (clips[:0], ValueError, "empty batch"),
+        (clips.numpy(), TypeError, "torch.Tensor"),
+    ]
+    for x, error, message in cases:
+        for call in (augment.augment_and_normalize, augment.normalize):
+            with pytest.raises(error, match=message):
+                call(x)
+    assert augment.normalize((clips * 255).byte()).dtype == torch.float32  # uint8 is in range by its type
+
+
+def test_augment_blur_without_reading_the_mask_back_gives_the_same_clips():
+    # On a GPU the drawn clips are blurred by torch.where over the whole batch (no read back); on the CPU only the
+    # drawn clips are: the same values, bit for bit.
+    x = torch.rand(6, 3, 4, 40, 48)
+    for blur in ([True, False, True, False, False, True], [False] * 6, [True] * 6):
+        blur, sigma = torch.tensor(blur), 0.1 + 1.9 * torch.rand(6)
+        assert torch.equal(augment._blur_drawn(x, blur, sigma, select=False), augment._blur_drawn(x, blur, sigma))
+    # the device constants are made once per device and dtype, not in every call
+    augment.augment_and_normalize(x, torch.Generator().manual_seed(0))
+    made = dict(augment._CONSTANTS)
+    augment.augment_and_normalize(x, torch.Generator().manual_seed(1))
+    assert augment._CONSTANTS == made and all(v.device.type == "cpu" for v in made.values())
 
 
 # ============================================================================================================
