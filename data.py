@@ -90,8 +90,9 @@ def add_data_args(parser):
                    help="area share of the frame that a training RandomResizedCrop takes (A.2: 0.2 1)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flip of training clips, probability 0.5 (A.2)")
-    g.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
-                   help="loader worker processes per process (and index probing and --prepare encoding processes)")
+    g.add_argument("--workers", type=int, default=utils.default_workers(),
+                   help="loader worker processes per process (and index probing and --prepare encoding processes); "
+                        "default: this process's CPU cores shared among the processes on this machine, at most 8")
     g.add_argument("--synthetic-version", type=int, default=SYNTHETIC_FLAGS["synthetic_version"], choices=(1, 2, 3),
                    help="synthetic: benchmark version; 2: one object look in every video, per-video motion parameters; "
                         "3: version 2 with the object at a quarter of the frame "
@@ -442,8 +443,9 @@ def load_index(root, rel_paths, cache_file, workers=1, progress=None):
     """Probe entries for rel_paths (a dict, or an error string for unreadable or missing files), probing in
     parallel only the files that are new or whose size or mtime changed since the cache was written. progress:
     a description to show a progress bar with."""
-    with utils.file_lock(cache_file + ".lock", waiting="another run is indexing the same videos; this one goes on "
-                                                      "when it is done"):
+    # shared by the readers of an existing index (the processes of a run check it at once), exclusive to build one
+    with utils.file_lock(cache_file + ".lock", shared=os.path.isfile(cache_file),
+                         waiting="another run is indexing the same videos; this one goes on when it is done"):
         cached = {}
         if os.path.isfile(cache_file):
             try:
