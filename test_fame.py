@@ -24,6 +24,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 from fractions import Fraction
 from pathlib import Path
 
@@ -56,6 +57,19 @@ import visualize
 def _fame_cache(tmp_path_factory):
     """Dataset indexes and generated benchmarks of the tests go to a temporary folder, not ~/.cache/fame."""
     os.environ["FAME_CACHE"] = str(tmp_path_factory.mktemp("fame_cache"))
+
+
+_CUDA = torch.cuda.is_available()  # before any test hides it
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_gpu_tier(request, monkeypatch):
+    """Every test but the GPU tier's (test_gpu_*) runs as on a machine without a GPU, in this process and in the
+    processes it starts: their bit-exact checks hold on the CPU only (a GPU's bf16, cuDNN's algorithm choice and
+    summation orders change the last bits)."""
+    if not request.node.name.startswith("test_gpu_"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 # ============================================================================================================
@@ -1938,6 +1952,131 @@ def test_utils_resume_in_each_stage_refuses_a_changed_flag(module, request, tmp_
         run("--lr", "0.001")
     run("--save-every-minutes", "5")  # resumed after its last epoch: nothing left to train
     assert "changed: --save-every-minutes 30.0 (now 5.0)" in capsys.readouterr().out
+
+
+def test_utils_more_processes_than_gpus_refused_in_one_line(monkeypatch):
+    # torchrun --nproc_per_node=2 on a one-GPU machine: refused before any process touches cuda:1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail(f"set_device({d}) before the check"))
+    for local_rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        with pytest.raises(utils.UsageError, match=r"^2 processes on this machine but 1 GPU: start at most 1 "
+                                                   r"\(torchrun --nproc_per_node=1\), or run on the CPU with "
+                                                   r"CUDA_VISIBLE_DEVICES= \(empty\)$"):
+            utils.init_distributed()
+
+
+def test_utils_default_workers_follow_affinity_and_local_processes(monkeypatch):
+    for cores, local, expected in ((16, None, 8), (16, "8", 2), (3, "8", 1), (6, "2", 3), (64, "4", 8)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        if local is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert utils.default_workers() == expected
+        assert data.get_args_parser().get_default("workers") == expected
+
+
+def test_utils_checkpoint_reads_steps_back_every_log_every_and_stops_on_the_reduced_loss(tmp_path, monkeypatch):
+    # The step values stay where they are until a read, every --log-every steps and at the epoch's end; the read
+    # sums them over the processes in one all-reduce (here: a stand-in second process) on the process group's
+    # device, and a non-finite loss of any process stops every process, naming the step.
+    args = pretrain.get_args_parser().parse_args(["--output-dir", str(tmp_path), "--log-every", "3"])
+    ckpt = utils.Checkpointing(args)
+    reads, reduced = [], []
+    real_read = ckpt._read
+    monkeypatch.setattr(ckpt, "_read", lambda: reads.append(ckpt.step) or real_read())
+    ckpt.begin_epoch()
+    shown = []
+    for step in range(7):
+        ckpt.add({"loss": torch.tensor(float(step)), "clips": 4, "failed_videos": torch.tensor(0)})
+        shown.append(ckpt.check())
+    assert reads == [3, 6] and [r is not None for r in shown] == [False, False, True, False, False, True, False]
+    assert shown[2] == {"clips": 12, "failed_videos": 0, "loss": 3.0, "steps": 3, "seconds": pytest.approx(
+        shown[2]["seconds"])}
+    sums = ckpt.end_epoch()
+    assert reads == [3, 6, 7] and (sums["loss"], sums["clips"], sums["steps"]) == (21.0, 28, 7)
+
+    def all_reduce(tensor, *a, **k):  # the other process: the same values, but a NaN loss at its second step
+        reduced.append((tensor.device, tensor.dtype, tensor.numel()))
+        other = tensor.clone()
+        other[1 * 3 + 2] = float("nan")  # step 2's row, "loss" (the names sorted: clips, failed_videos, loss)
+        tensor += other
+
+    monkeypatch.setattr(utils, "get_world_size", lambda: 2)
+    monkeypatch.setattr(utils.dist, "all_reduce", all_reduce)
+    ckpt.begin_epoch()
+    for step in range(3):
+        ckpt.add({"loss": torch.tensor(1.0), "clips": 4, "failed_videos": torch.tensor(0)})
+    with pytest.raises(SystemExit, match=r"non-finite loss \(nan\) in epoch 2, step 2"):
+        ckpt.check()
+    assert reduced == [(utils.group_device(), torch.float64, 3 * 3 + 2)]  # the values and the two stop flags
+
+
+def test_utils_checkpoints_hold_cpu_tensors_and_the_precision(tmp_path, capsys, monkeypatch):
+    # Checkpoints go through to_cpu (a GPU run's checkpoint loads with plain torch.load on a CPU-only machine:
+    # the GPU tier checks it), and store the autocast dtype resolved on the machine that saved them. A resume
+    # where --amp auto resolves to another one (a bf16 run requeued onto a GPU without bf16) restarts the loss
+    # scaler with a note instead of failing on the saved empty scaler state.
+    state = {"a": [torch.ones(2), (torch.zeros(1), 3)], "b": {"c": torch.arange(3)}, "d": "x"}
+    moved = utils.to_cpu(state)
+    assert moved["a"][1][1] == 3 and isinstance(moved["a"][1], tuple) and moved["d"] == "x"
+    assert torch.equal(moved["b"]["c"], torch.arange(3)) and moved["b"]["c"].device.type == "cpu"
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = pretrain.get_args_parser().parse_args(["--output-dir", str(tmp_path)])
+    saved = utils.Checkpointing(args, torch.bfloat16, scaler=utils.grad_scaler(torch.bfloat16, torch.device("cpu")))
+    saved.save(tmp_path / "checkpoint.pth")
+    stored = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert stored["amp"] == "bf16" and stored["scaler"] == {}
+    for old in (stored, {k: v for k, v in stored.items() if k != "amp"}):  # also a checkpoint from before "amp"
+        torch.save(old, tmp_path / "checkpoint.pth")
+        scaler = utils.grad_scaler(torch.float16, torch.device("cpu"))
+        utils.Checkpointing(args, torch.float16, scaler=scaler).resume(pretrain.get_args_parser())
+        assert scaler.is_enabled() and scaler.state_dict()["scale"] == 2.0 ** 16
+        assert "fp16 loss scaling starts afresh" in capsys.readouterr().out
+    torch.save(stored, tmp_path / "checkpoint.pth")  # the same precision: restored as it was, no note
+    utils.Checkpointing(args, torch.bfloat16, scaler=utils.grad_scaler(None, torch.device("cpu"))).resume(
+        pretrain.get_args_parser())
+    assert "afresh" not in capsys.readouterr().out
+
+
+def test_utils_ddp_wrapper_without_the_deprecation_warning(tmp_path):
+    # torch 2.13 deprecated broadcast_buffers; wrap_ddp uses its replacement where torch has it (no warning) and
+    # still does not broadcast MoCo's queue before each forward.
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ddp = utils.wrap_ddp(nn.Linear(2, 2), torch.device("cpu"), sync_buffers=False)
+        assert getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", None)) is False
+        assert getattr(utils.wrap_ddp(nn.Linear(2, 2), torch.device("cpu")), "broadcast_buffers") is True
+    finally:
+        dist.destroy_process_group()
+
+
+def test_utils_index_readers_share_the_lock_and_one_process_says_it_waits(tmp_path, capsys, monkeypatch):
+    lock = str(tmp_path / "index.lock")
+    with utils.file_lock(lock, shared=True):
+        with utils.file_lock(lock, shared=True):  # a second reader enters at once (another open file)
+            pass
+        assert capsys.readouterr().out == ""
+        monkeypatch.setenv("RANK", "1")  # a writer of another rank waits without a word: rank 0 says it
+        entered = threading.Event()
+
+        def write():
+            with utils.file_lock(lock, waiting="another run is indexing"):
+                entered.set()
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        thread.join(0.5)
+        assert not entered.is_set()
+    thread.join(30)
+    assert entered.is_set() and "waiting" not in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------ bad input
