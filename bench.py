@@ -515,7 +515,7 @@ def _gpu_conv3d_profile(device, small, amp):
     step()  # cuDNN's algorithm search before the profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        for _ in range(2):
+        for _ in range(1 if small else 2):
             step()
         _sync(device)
     found = sorted({e.key for e in prof.key_averages() if any(s in e.key.lower() for s in SLOW_CONV3D)})
@@ -536,10 +536,10 @@ def _moving_clips(B, T, S):
 def _gpu_fame(device, small):
     """FAME's masks on `device` against the CPU's on clips with a moving object (their IoU: the masks agree up to
     pixels whose scores tie within rounding), and FAME's clips/s (uint8 and float)."""
-    B, T, S = (8, 4, 32) if small else (64, 16, 224)
+    B, T, S = (4, 4, 32) if small else (64, 16, 224)
     rows = []
     try:
-        clips = _moving_clips(8, 8 if small else 16, 64 if small else 112)
+        clips = _moving_clips(4 if small else 8, 8 if small else 16, 64 if small else 112)
         cpu = fame.foreground_mask(clips, 0.5).bool()
         dev = fame.foreground_mask(clips.to(device), 0.5).bool().cpu()
         iou = ((cpu & dev).sum((1, 2)) / (cpu | dev).sum((1, 2))).float()
@@ -550,7 +550,7 @@ def _gpu_fame(device, small):
     u8 = torch.randint(0, 256, (B, 3, T, S, S), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     op = fame.FAME(0.5)
     for x in (u8.to(device), u8.to(device).float().div(255)):
-        t = medians({"fame": lambda: op(x), "clone": x.float().clone}, device, 5)
+        t = medians({"fame": lambda: op(x), "clone": x.float().clone}, device, 1 if small else 5)
         rows.append(dict(part=f"FAME {T}x{S}x{S} {x.dtype}".replace("torch.", ""), clips_per_s=B / t["fame"],
                          ms=1e3 * t["fame"], float_clone_ms=1e3 * t["clone"]))
     return rows
@@ -591,7 +591,7 @@ def _gpu_pretrain(device, small, B, channels_last, compiled, flops, name, amp, s
             model.encoder_q.compile(backend=backend)
             model.encoder_k.compile(backend=backend)
             part += f" ({backend})"
-        steps = steps or (3 if small else 20)
+        steps = steps or (1 if small else 20)
         for _ in range(min(steps, 10)):  # warm-up: compilation, cuDNN's algorithm search
             pretrain.train_step(model, *views(), optimizer, scaler, amp)
         if device.type == "cuda":
@@ -618,9 +618,9 @@ def _gpu_largest_batch(device, small, batch, flops, name, amp):
     """The pretraining row at the largest per-GPU batch that fits (doubling from the paper's until memory runs
     out; a step's memory grows with the batch, so the first failure ends the search)."""
     largest, B = None, batch
-    while B * 2 <= (8 if small else 1024):
+    while B * 2 <= (4 if small else 1024):
         B *= 2
-        row = _gpu_pretrain(device, small, B, False, False, flops, name, amp, steps=3 if small else 5)
+        row = _gpu_pretrain(device, small, B, False, False, flops, name, amp, steps=1 if small else 5)
         if "error" in row:
             break
         largest = row
@@ -674,9 +674,9 @@ def _moco_step_ms(device, small, amp, ddp, seed=0):
     x = torch.rand(B, 3, T, S, S, generator=torch.Generator().manual_seed(seed)).to(device)
     step = functools.partial(pretrain.train_step, wrapped, x, x.flip(-1), optimizer, utils.grad_scaler(amp, device),
                              amp)
-    for _ in range(2 if small else 5):
+    for _ in range(1 if small else 5):
         step()
-    return 1e3 * timed(step, device, 3 if small else 10)
+    return 1e3 * timed(step, device, 1 if small else 10)
 
 
 def _gpu_loader(small, best):
@@ -687,9 +687,10 @@ def _gpu_loader(small, best):
     with tempfile.TemporaryDirectory() as tmp:
         src, prepared = os.path.join(tmp, "videos"), os.path.join(tmp, "prepared")
         frames, crop = ("4", "32") if small else ("16", "112")
-        try:
+        workers = "0" if small else str(utils.default_workers())  # --prepare's encoders; the loader's timing is
+        try:                                                       # one worker's all the same
             write_videos(src, 2 if small else 8, 340, 256, 40 if small else 300, fps=30)
-            common = ["--dataset", "folder", "--frames", frames, "--crop", crop, "--workers", "1"]
+            common = ["--dataset", "folder", "--frames", frames, "--crop", crop, "--workers", workers]
             data.main(data.get_args_parser().parse_args([*common, "--data", src, "--prepare", "--out", prepared]))
             loader_args = get_args_parser().parse_args(["loader", *common, "--data", prepared,
                                                         "--samples", "4" if small else "48"])

@@ -2917,16 +2917,50 @@ def test_bench_markdown_replaces_its_section(tmp_path):
 
 
 def test_bench_gpu_check_runs_small(tmp_path):
-    # `python bench.py gpu` on a GPU machine; here its toy-size form on the CPU: every part runs, one table
+    # `python bench.py gpu` on a GPU machine; here its toy-size form on the CPU, the same code but for what only
+    # CUDA has (nccl, inductor, the CUDA profiler): every part runs to the end, one table
     rows = bench.main(bench.parse_args(["gpu", "--out", str(tmp_path / "gpu.json"), "--markdown", str(tmp_path / "s.md")]))
     assert json.loads((tmp_path / "gpu.json").read_text()) == json.loads(json.dumps(rows))
     table = [line for line in (tmp_path / "s.md").read_text().splitlines() if line.startswith("| ")]
     assert table[0] == "| part | figures |" and len(table) == 2 + len(rows)  # one row per part, all in one table
-    parts = [r["part"] for r in rows[1:]]
-    assert parts[0] == "FAME masks, device vs cpu" and rows[1]["clips_equal"] == rows[1]["of"]
-    assert sum("pretrain" in p for p in parts) == 4 and any("DDP" in p for p in parts) and "loader" in parts[-1]
     assert not [r for r in rows if "error" in r], rows
-    assert all(0 < r["outside_encoders"] < 1 and r["tflops"] > 0 for r in rows if r["part"].startswith("pretrain"))
+    by_part = {r["part"].split(",")[0].split(" (")[0]: r for r in rows}
+    assert {"torch", "cuda", "cudnn", "nccl", "conv3d_cudnn_warning"} <= set(rows[0]) and rows[0]["part"] == "device"
+    assert "found" in by_part["profile: slow Conv3d fallbacks"]
+    masks = next(r for r in rows if r["part"].startswith("FAME masks"))
+    assert masks["iou_min"] == 1.0 and "moving objects" in masks["part"]  # the CPU against itself
+    pretraining = [r for r in rows if r["part"].startswith("pretrain")]
+    assert len(pretraining) == 5 and sum("compiled (eager)" in r["part"] for r in pretraining) == 2
+    assert "largest batch that fits: r2plus1d_tiny 4x32x32 batch 4" in pretraining[-1]["part"]
+    assert all(0 < r["outside_encoders"] < 1 and r["tflops"] > 0 for r in pretraining)
+    ddp = next(r for r in rows if r["part"].startswith("DDP"))
+    assert "gloo, 2 processes" in ddp["part"] and ddp["ms_per_step"] > 0 and ddp["ddp_over_one"] > 0
+    loader, workers = rows[-2:]
+    assert loader["samples_per_s"] > 0 and workers["workers"] >= 1 and "workers per GPU" in workers["part"]
+
+
+def test_bench_compiled_encoders_run_compiled():
+    # The compiled rows (and pretrain.py --compile) compile the encoders in place; MoCo must call them, not
+    # their forward_features, or the "compiled" step runs eager code.
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = models.MoCo(functools.partial(models.build_backbone, "cnn3d"), dim=8, K=8)
+    eager = models.MoCo(functools.partial(models.build_backbone, "cnn3d"), dim=8, K=8)
+    eager.load_state_dict(model.state_dict())
+    model.encoder_q.compile(backend=backend)
+    model.encoder_k.compile(backend=backend)
+    x = torch.rand(4, 3, 4, 16, 16)
+    torch.manual_seed(1)
+    logits = model(x, x.flip(-1))[0]
+    assert graphs  # the compiled code ran
+    torch.manual_seed(1)
+    assert torch.allclose(logits, eager(x, x.flip(-1))[0], atol=1e-5)
+    assert set(model.state_dict()) == set(eager.state_dict())  # in place: checkpoints keep their keys
 
 
 # ============================================================================================================
