@@ -3016,3 +3016,133 @@ def test_background_bias_v3_protocol_is_frozen():
     for split in synthetic.SPLITS:
         splits.update(repr(synthetic.specs(split, recorded["synthetic_videos"], 0)).encode())
     assert splits.hexdigest() == "0b83ace1e03c4aabb61db23dca41912b94d8db82"
+
+
+# ============================================================================================================
+# GPU tier (CUDA only): python -m pytest -q test_fame.py -k test_gpu_
+# ============================================================================================================
+
+_gpu = pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+
+
+@_gpu
+def test_gpu_pretrain_step_and_mid_epoch_resume(pretrain_env, monkeypatch, capsys):
+    # The tiny pretraining on cuda:0 (bf16 autocast, cudnn.benchmark): SIGTERM in epoch 2, then the same command
+    # resumes inside the epoch; the checkpoint holds CPU tensors and its precision.
+    out = pretrain_env.tmp / "run"
+    argv = ["--epochs", "2", "--arch", "r2plus1d_tiny"]
+    _interrupt_at_step(monkeypatch, _PRETRAIN_STEPS + 1)
+    with pytest.raises(SystemExit) as stop:
+        pretrain_env.run(out, *argv)
+    assert stop.value.code == utils.EXIT_PREEMPTED
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["amp"]) == (1, 1, utils.AMP_NAMES[utils.amp_dtype("auto", torch.device(
+        "cuda"))])
+    assert all(v.device.type == "cpu" for v in ckpt["model"].values())
+    monkeypatch.undo()
+    model = pretrain_env.run(out, *argv)
+    assert "resuming from" in capsys.readouterr().out and next(model.parameters()).device.type == "cuda"
+    log = _pretrain_log(out)
+    assert [e["epoch"] for e in log] == [1, 2] and all(math.isfinite(e["loss"]) for e in log)
+
+
+@_gpu
+def test_gpu_pretraining_steps_make_no_host_sync():
+    # After the first step, a pretraining step (FAME on uint8, augmentation, MoCo in bf16, SGD, the statistics)
+    # never waits for the GPU but at a --log-every read.
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = models.MoCo(functools.partial(models.build_backbone, "r2plus1d_tiny"), dim=16, K=32).to(device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    amp = utils.amp_dtype("auto", device)
+    scaler = utils.grad_scaler(amp, device)
+    args = pretrain.get_args_parser().parse_args(["--log-every", "100", "--output-dir", "unused"])
+    checkpointing = utils.Checkpointing(args, amp)
+    checkpointing.begin_epoch()
+    op = fame.FAME(0.5)
+    batch = {name: torch.randint(0, 256, (4, 3, 4, 32, 32), dtype=torch.uint8).pin_memory() for name in "qk"}
+    batch["failed"] = torch.zeros(4, dtype=torch.long)
+    ns = argparse.Namespace(background="inter", fame_branches="one", channels_last=False)
+
+    def step():
+        q, k = pretrain.query_and_key_views(batch, op, ns, device)
+        loss, acc = pretrain.train_step(model, q, k, optimizer, scaler, amp)
+        checkpointing.add({"loss": loss.double(), "acc": acc.double(), "failed_videos": batch["failed"].sum()})
+        assert checkpointing.check() is None
+
+    step()  # the first step: cuDNN's algorithm search, the constants on the device
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert checkpointing.end_epoch()["steps"] == 4
+
+
+@_gpu
+def test_gpu_fame_masks_agree_with_the_cpu_on_moving_objects():
+    clips, truth = _fame_synthetic(8, obj=(32, 28), shift=4, seed=8)
+    for x in (clips, (clips * 255).round().byte()):
+        cpu = fame.foreground_mask(x, beta=0.25).bool()
+        gpu = fame.foreground_mask(x.cuda(), beta=0.25).bool().cpu()
+        assert _fame_iou(gpu, cpu).min() > 0.95 and _fame_iou(gpu, truth).min() > 0.8
+        out = fame.FAME(0.25)(x.cuda())
+        assert out.dtype == x.dtype and out.device.type == "cuda"
+    # float clips outside [0, 1] on the GPU stop the process at its next synchronization (a device-side assertion
+    # ends its CUDA context, hence a process of its own)
+    code = "import torch, fame; fame.foreground_mask(torch.rand(2, 3, 4, 32, 32, device='cuda') * 2); torch.cuda.synchronize()"
+    run = subprocess.run([sys.executable, "-c", code], cwd=_FAME_REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "device-side assert" in run.stderr, run.stderr[-2000:]
+
+
+@_gpu
+def test_gpu_checkpoint_loads_on_a_cpu_only_process(tmp_path):
+    model = models.build_backbone("r2plus1d_tiny").cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.rand(2, 3, 4, 32, 32, device="cuda")).sum().backward()
+    optimizer.step()
+    args = pretrain.get_args_parser().parse_args(["--output-dir", str(tmp_path)])
+    utils.Checkpointing(args, torch.bfloat16, model=model, optimizer=optimizer).save(tmp_path / "checkpoint.pth")
+    code = ("import torch; c = torch.load('checkpoint.pth', weights_only=True); "
+            "assert not torch.cuda.is_available(); print(sorted(c)[:3], c['optimizer']['state'][0]['momentum_buffer'].device)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 0 and "cpu" in run.stdout, run.stderr[-2000:]
+
+
+def _gpu_nccl_worker(rank, world, port, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = utils.init_distributed()
+    if not dist.is_initialized():  # one GPU: a one-process nccl group all the same
+        dist.init_process_group("nccl", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = models.MoCo(functools.partial(models.build_backbone, "r2plus1d_tiny"), dim=16, K=32).to(device)
+        ddp = utils.wrap_ddp(model, device, sync_buffers=False)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        x = torch.rand(2, 3, 4, 32, 32, device=device, generator=None)
+        amp = utils.amp_dtype("auto", device)
+        loss, _ = pretrain.train_step(ddp, x, x.flip(-1), optimizer, utils.grad_scaler(amp, device), amp)
+        args = pretrain.get_args_parser().parse_args(["--log-every", "1", "--output-dir", out])
+        checkpointing = utils.Checkpointing(args, amp)
+        checkpointing.begin_epoch()
+        # a CPU tensor first: the sums are reduced on the process group's device all the same
+        checkpointing.add({"failed_videos": torch.tensor(rank), "loss": loss.double()})
+        read = checkpointing.check()
+        torch.save({"read": read, "queue": model.queue.cpu()}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        utils.finish_distributed()
+
+
+@_gpu
+def test_gpu_nccl_process_group_step(tmp_path):
+    world = min(2, torch.cuda.device_count())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gpu_nccl_worker, args=(world, port, str(tmp_path)), nprocs=world, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert results[0]["read"]["failed_videos"] == sum(range(world)) and math.isfinite(results[0]["read"]["loss"])
+    assert all(torch.equal(r["queue"], results[0]["queue"]) for r in results)
