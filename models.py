@@ -271,8 +271,7 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
 
 UNSAFE_FLAG = "--unsafe-unpickle"  # the opt-in of every script that loads checkpoints it did not write
 
-if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4; an older torch refuses a Namespace as any object
-    torch.serialization.add_safe_globals([argparse.Namespace])  # plain settings: unpickling one runs no code
+torch.serialization.add_safe_globals([argparse.Namespace])  # plain settings: unpickling one runs no code
 
 
 def load_checkpoint(path, unsafe=False):
