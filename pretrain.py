@@ -42,8 +42,8 @@ PRESETS = {  # defaults that depend on --dataset; the paper's A.1 values are the
 }
 RESUMABLE = (*utils.RESUMABLE,  # the settings a resume may change; any other change is refused (utils.load_resume)
              "save_every",  # how often a checkpoint_NNNN.pth is kept
-             "knn_every", "knn_split", "knn_k", "knn_gallery")  # the kNN monitor: it reads the encoder in eval mode,
-# changing nothing
+             # the kNN monitor: it reads the encoder in eval mode, changing nothing
+             "knn_every", "knn_split", "knn_k", "knn_gallery")
 
 
 def get_args_parser():

@@ -2482,6 +2482,20 @@ def test_pretrain_knn_monitor_logged(pretrain_env, capsys):
     assert "kNN top-1 test_swapped" in capsys.readouterr().out
 
 
+def test_pretrain_knn_gallery_is_a_fixed_subset_of_the_split(pretrain_env):
+    argv = pretrain_env.argv(pretrain_env.tmp / "k", "--knn-every", "1", "--knn-gallery", "3")
+    args = pretrain.get_args_parser().parse_args(argv)
+    sets = pretrain.knn_monitor_sets(args)
+    full = data.build_dataset(argparse.Namespace(**{**vars(args), "clips": 1}), "train", "test")
+    gallery = sets["train"]
+    assert list(sets) == ["train", "test", "test_swapped"] and len(gallery) == 3 < len(full)
+    assert pretrain.knn_monitor_sets(args)["train"].paths == gallery.paths  # fixed by --seed
+    for j, path in enumerate(gallery.paths):  # each kept video is the same item as in the full split
+        i = full.paths.index(path)
+        assert torch.equal(gallery[j]["clip"], full[i]["clip"]) and gallery[j]["label"] == full[i]["label"]
+        assert gallery.num_frames[j] == full.num_frames[i] and int(gallery.labels[j]) == int(full.labels[i])
+
+
 def test_utils_knn_top1():
     g = torch.Generator().manual_seed(0)
     centres = F.normalize(torch.randn(4, 16, generator=g), dim=1)
