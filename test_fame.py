@@ -2035,7 +2035,7 @@ def test_utils_checkpoints_hold_cpu_tensors_and_the_precision(tmp_path, capsys, 
         scaler = utils.grad_scaler(torch.float16, torch.device("cpu"))
         utils.Checkpointing(args, torch.float16, scaler=scaler).resume(pretrain.get_args_parser())
         assert scaler.is_enabled() and scaler.state_dict()["scale"] == 2.0 ** 16
-        assert "fp16 loss scaling starts afresh" in capsys.readouterr().out
+        assert "fp16 on this machine: the loss scaler starts afresh" in capsys.readouterr().out
     torch.save(stored, tmp_path / "checkpoint.pth")  # the same precision: restored as it was, no note
     utils.Checkpointing(args, torch.bfloat16, scaler=utils.grad_scaler(None, torch.device("cpu"))).resume(
         pretrain.get_args_parser())

@@ -443,7 +443,7 @@ class Checkpointing:
                 # the saved loss scale, if any, belongs to the other precision
                 if is_main_process():
                     print(f"note: {path} was trained with {stored or 'another'} autocast; --amp {self.args.amp} is "
-                          f"{self.amp} on this machine: fp16 loss scaling starts afresh")
+                          f"{self.amp} on this machine: the loss scaler starts afresh")
             else:
                 obj.load_state_dict(ckpt[name])
         self.epoch, self.step = ckpt["epoch"], ckpt["step"]
