@@ -437,8 +437,8 @@ BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "GH200": 989.4, "A100": 312.0,
 
 
 def bench_gpu(args):
-    """The check to run first on a GPU machine, in about 5 minutes, each part on its own so that one failing part
-    does not hide the others. The versions (torch, CUDA, cuDNN, NCCL, the GPU) and conv3d_cudnn_warning; a profile
+    """The check to run first on a GPU machine, each part on its own so that one failing part does not hide the
+    others. The versions (torch, CUDA, cuDNN, NCCL, the GPU) and conv3d_cudnn_warning; a profile
     of bf16 R(2+1)D-18 steps listing any slow Conv3d fallback kernel (slow_conv3d, vol2col); FAME's masks on the
     GPU against the CPU's on clips with a moving object (IoU) and FAME's speed at 16x224x224; pretraining steps of
     R(2+1)D-18 at 16x112x112 with cudnn.benchmark and bf16 autocast, as pretrain.py runs them: at the paper's
@@ -454,7 +454,7 @@ def bench_gpu(args):
         torch.backends.cudnn.benchmark = True  # as utils.init_distributed sets it for training
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     amp = torch.bfloat16 if device.type == "cuda" else None
-    rows = [_gpu_versions(device, name, amp, small)]
+    rows = [_guarded("device", lambda: _gpu_versions(device, name, amp, small))]
     rows.append(_guarded("profile: slow Conv3d fallbacks", lambda: _gpu_conv3d_profile(device, small, amp)))
     rows += _gpu_fame(device, small)
     flops, best = {}, None
@@ -491,7 +491,8 @@ def _gpu_versions(device, name, amp, small):
     cuda = device.type == "cuda"
     return dict(part="device", value=name, torch=torch.__version__, cuda=torch.version.cuda if cuda else "-",
                 cudnn=torch.backends.cudnn.version() if cuda else "-",
-                nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda else "-",
+                nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda and torch.distributed.is_nccl_available()
+                else "-",
                 conv3d_cudnn_warning=utils.conv3d_cudnn_warning(device, amp) or "none", small=small)
 
 
@@ -591,7 +592,7 @@ def _gpu_pretrain(device, small, B, channels_last, compiled, flops, name, amp, s
             model.encoder_q.compile(backend=backend)
             model.encoder_k.compile(backend=backend)
             part += f" ({backend})"
-        steps = steps or (1 if small else 20)
+        steps = steps or (1 if small else 10)
         for _ in range(min(steps, 10)):  # warm-up: compilation, cuDNN's algorithm search
             pretrain.train_step(model, *views(), optimizer, scaler, amp)
         if device.type == "cuda":
@@ -620,7 +621,7 @@ def _gpu_largest_batch(device, small, batch, flops, name, amp):
     largest, B = None, batch
     while B * 2 <= (4 if small else 1024):
         B *= 2
-        row = _gpu_pretrain(device, small, B, False, False, flops, name, amp, steps=1 if small else 5)
+        row = _gpu_pretrain(device, small, B, False, False, flops, name, amp, steps=1 if small else 3)
         if "error" in row:
             break
         largest = row
@@ -680,7 +681,7 @@ def _moco_step_ms(device, small, amp, ddp, seed=0):
 
 
 def _gpu_loader(small, best):
-    """One loader worker's samples/s on Kinetics-like videos (340x256 H.264 at 30 fps, 10 s) after data.py
+    """One loader worker's samples/s on Kinetics-like videos (340x256 H.264 at 30 fps, 5 s) after data.py
     --prepare, as bench.py loader measures it (one thread, CPU time), and the workers per GPU that the best
     pretraining row needs: its samples/s (two clips each) over one worker's."""
     rows = []
@@ -689,7 +690,7 @@ def _gpu_loader(small, best):
         frames, crop = ("4", "32") if small else ("16", "112")
         workers = "0" if small else str(utils.default_workers())  # --prepare's encoders; the loader's timing is
         try:                                                       # one worker's all the same
-            write_videos(src, 2 if small else 8, 340, 256, 40 if small else 300, fps=30)
+            write_videos(src, 2 if small else 4, 340, 256, 40 if small else 150, fps=30)
             common = ["--dataset", "folder", "--frames", frames, "--crop", crop, "--workers", workers]
             data.main(data.get_args_parser().parse_args([*common, "--data", src, "--prepare", "--out", prepared]))
             loader_args = get_args_parser().parse_args(["loader", *common, "--data", prepared,
