@@ -184,7 +184,7 @@ def gaussian_blur(x, sigma):
         return x
     k = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
     w = torch.exp(-(k[None] ** 2) / (2 * sigma.to(x.dtype)[:, None] ** 2))
-    w = (w / w.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B * C, 2r + 1)
+    w = (w / w.sum(1, keepdim=True))[:, None].expand(B, C, 2 * r + 1).reshape(B * C, -1)  # (B * C, 2r + 1)
     y = F.pad(x.reshape(1, B * C, T * H, W), (r, r, 0, 0), mode="reflect")
     y = F.conv2d(y, w.view(B * C, 1, 1, -1), groups=B * C).view(B, C, T, H, W)  # along W
     y = F.pad(y.transpose(3, 4).reshape(1, B * C, T * W, H), (r, r, 0, 0), mode="reflect")
