@@ -119,6 +119,9 @@ def check_data_args(args):
     for name in ("frames", "stride", "crop"):
         if getattr(args, name) < 1:
             raise utils.UsageError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.frames == 3:  # fame.py and augment.py refuse (B, 3, 3, H, W): frames and colours cannot be told apart
+        raise utils.UsageError("--frames 3: clips of 3 frames cannot be told from frames-first (B, T, 3, H, W) clips "
+                               "by their shape, and FAME and the augmentation refuse them; use 2, or 4 or more")
     if args.workers < 0:
         raise utils.UsageError(f"--workers must be at least 0 (0: load in the main process), got {args.workers}")
     if not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1:

@@ -571,6 +571,8 @@ def test_augment_api_refuses_shapes_dtypes_and_values_it_cannot_handle():
             with pytest.raises(error, match=message):
                 call(x)
     assert augment.normalize((clips * 255).byte()).dtype == torch.float32  # uint8 is in range by its type
+    with pytest.raises(utils.UsageError, match="--frames 3: clips of 3 frames"):  # the scripts refuse it up front
+        data.check_data_args(pretrain.get_args_parser().parse_args(["--frames", "3"]))
 
 
 def test_augment_blur_without_reading_the_mask_back_gives_the_same_clips():
