@@ -28,8 +28,46 @@ KINETICS_STD = (0.22803, 0.22145, 0.216989)
 AUGMENTATION = {"gray": 0.2, "jitter": 0.8, "blur": 0.5}  # probabilities of A.2's basic augmentation
 JITTER = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
 BLUR_SIGMA = (0.1, 2.0)
-_RGB2YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                        dtype=torch.float64)
+GRAY = (0.299, 0.587, 0.114)  # RGB weights of the luma
+_RGB2YIQ = torch.tensor([GRAY, [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+_YIQ2RGB = torch.linalg.inv(_RGB2YIQ)
+_CONSTANTS = {}  # (name, device, dtype): the constants above on a device, copied there once
+
+
+def _constant(name, device, dtype):
+    """A constant of this module on `device`: made once per device, since copying a tensor to a GPU in every call
+    would wait for the GPU to finish its queued work."""
+    key = (name, torch.device(device), dtype)
+    if key not in _CONSTANTS:
+        values = {"mean": KINETICS_MEAN, "std": KINETICS_STD, "gray": GRAY, "rgb2yiq": _RGB2YIQ, "yiq2rgb": _YIQ2RGB}
+        _CONSTANTS[key] = torch.as_tensor(values[name], dtype=dtype).to(device)
+    return _CONSTANTS[key]
+
+
+def _check_clips(clips):
+    """Refuses what the augmentation cannot read as (B, 3, T, H, W) uint8 or float clips in [0, 1]. The value check
+    reads the clips back: free on the CPU, but on a GPU it would wait for all queued work at every call, so there
+    it is a device-side assertion (torch._assert_async; a bad batch stops the process at its next
+    synchronization). uint8 clips, which the training scripts pass, need none."""
+    if not isinstance(clips, torch.Tensor):
+        raise TypeError(f"expected clips as a torch.Tensor (B, 3, T, H, W), got {type(clips).__name__}")
+    if clips.dim() != 5 or clips.shape[1] != 3:
+        raise ValueError(f"expected clips of shape (B, 3, T, H, W), got {tuple(clips.shape)}")
+    if clips.shape[2] == 3:
+        raise ValueError(f"clips of shape {tuple(clips.shape)} are ambiguous: 3 frames of (B, 3, T, H, W) clips, or "
+                         f"(B, T, 3, H, W) clips of 3 frames with the colours second; pass (B, 3, T, H, W) with T "
+                         f"other than 3")
+    if len(clips) == 0:
+        raise ValueError(f"empty batch: clips of shape {tuple(clips.shape)}")
+    if not (clips.is_floating_point() or clips.dtype == torch.uint8):
+        raise TypeError(f"expected uint8 clips or float clips in [0, 1], got {clips.dtype}")
+    if clips.is_floating_point() and clips.numel():
+        message = "expected uint8 clips or float clips in [0, 1] (before normalization)"
+        lo, hi = clips.aminmax()
+        if clips.device.type != "cpu":
+            torch._assert_async((lo >= 0) & (hi <= 1), message)  # NaN fails too
+        elif not (lo >= 0 and hi <= 1):
+            raise ValueError(f"{message}; these float clips range over [{float(lo):.3g}, {float(hi):.3g}]")
 
 
 def _unit_float(clips):
@@ -37,11 +75,15 @@ def _unit_float(clips):
 
 
 def normalize(clips):
-    """Kinetics mean/std normalization of clips (..., 3, T, H, W): uint8, or float in [0, 1]."""
-    clips = _unit_float(clips)
+    """Kinetics mean/std normalization of clips (B, 3, T, H, W): uint8, or float in [0, 1]."""
+    _check_clips(clips)
+    return _normalize(_unit_float(clips))
+
+
+def _normalize(clips):
     shape = (3, 1, 1, 1)
-    mean = torch.tensor(KINETICS_MEAN, device=clips.device, dtype=clips.dtype).view(shape)
-    std = torch.tensor(KINETICS_STD, device=clips.device, dtype=clips.dtype).view(shape)
+    mean = _constant("mean", clips.device, clips.dtype).view(shape)
+    std = _constant("std", clips.device, clips.dtype).view(shape)
     return (clips - mean) / std
 
 
@@ -50,8 +92,9 @@ def augment_and_normalize(clips, generator=None):
     float in [0, 1] -> normalized float clips on the same device. RandomGrayscale (p 0.2), then ColorJitter
     (p 0.8), then GaussianBlur (p 0.5), in the authors' order. Every parameter is drawn per clip, from
     `generator` (else torch's global RNG)."""
+    _check_clips(clips)
     x = _unit_float(clips)
-    return normalize(apply_augmentation(x, augmentation_params(len(x), generator, x.device)))
+    return _normalize(apply_augmentation(x, augmentation_params(len(x), generator, x.device)))
 
 
 def augmentation_params(B, generator=None, device=None):
@@ -66,7 +109,10 @@ def augmentation_params(B, generator=None, device=None):
     jitter = (rand(B) < AUGMENTATION["jitter"]).float()
     brightness, contrast, saturation = ((1 + (2 * rand(B) - 1) * f) * jitter + (1 - jitter) for f in JITTER[:3])
     hue = (2 * rand(B) - 1) * JITTER[3] * jitter
-    order = torch.randperm(4, generator=generator, device=draw_device).tolist()
+    # A list for the host to loop over: drawn on the CPU unless the generator is a GPU's (reading a GPU's draw back
+    # would wait for its queued work)
+    order_device = draw_device if generator is not None else "cpu"
+    order = torch.randperm(4, generator=generator, device=order_device).tolist()
     blur = rand(B) < AUGMENTATION["blur"]
     sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * rand(B)
     return {"gray": gray, "brightness": brightness, "contrast": contrast, "saturation": saturation, "hue": hue,
@@ -78,14 +124,26 @@ def apply_augmentation(x, p):
     without normalization. -> float clips in [0, 1]"""
     x = torch.where(p["gray"].view(-1, 1, 1, 1, 1), _gray(x).expand_as(x), x)
     x = color_jitter(x, p["brightness"], p["contrast"], p["saturation"], p["hue"], p["order"])
-    if bool(p["blur"].any()):
-        x = x.clone()
-        x[p["blur"]] = gaussian_blur(x[p["blur"]], p["sigma"][p["blur"]])
+    return _blur_drawn(x, p["blur"], p["sigma"])
+
+
+def _blur_drawn(x, blur, sigma, select=None):
+    """The clips where `blur` (B,) is set, blurred with their sigma. select (default: on the CPU): blur only those
+    clips, which needs the mask read back, free on the CPU; else blur all and keep the drawn ones with
+    torch.where (the same values), so that a GPU never waits for the host."""
+    if select is None:
+        select = x.device.type == "cpu"
+    if not select:
+        return torch.where(blur.view(-1, 1, 1, 1, 1), gaussian_blur(x, sigma), x)
+    if not bool(blur.any()):
+        return x
+    x = x.clone()
+    x[blur] = gaussian_blur(x[blur], sigma[blur])
     return x
 
 
 def _gray(x):
-    w = torch.tensor([0.299, 0.587, 0.114], device=x.device, dtype=x.dtype).view(1, 3, 1, 1, 1)
+    w = _constant("gray", x.device, x.dtype).view(1, 3, 1, 1, 1)
     return (x * w).sum(1, keepdim=True)  # (B, 1, T, H, W)
 
 
@@ -96,8 +154,7 @@ def _hue_matrices(h):
     rot = torch.zeros(len(h), 3, 3, dtype=torch.float64, device=h.device)
     rot[:, 0, 0] = 1
     rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = a.cos(), -a.sin(), a.sin(), a.cos()
-    yiq = _RGB2YIQ.to(h.device)
-    return torch.linalg.inv(yiq) @ rot @ yiq
+    return _constant("yiq2rgb", h.device, torch.float64) @ rot @ _constant("rgb2yiq", h.device, torch.float64)
 
 
 def color_jitter(x, b, c, s, h, order=(0, 1, 2, 3)):
@@ -127,7 +184,7 @@ def gaussian_blur(x, sigma):
         return x
     k = torch.arange(-r, r + 1, device=x.device, dtype=x.dtype)
     w = torch.exp(-(k[None] ** 2) / (2 * sigma.to(x.dtype)[:, None] ** 2))
-    w = (w / w.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (B * C, 2r + 1)
+    w = (w / w.sum(1, keepdim=True))[:, None].expand(B, C, 2 * r + 1).reshape(B * C, -1)  # (B * C, 2r + 1)
     y = F.pad(x.reshape(1, B * C, T * H, W), (r, r, 0, 0), mode="reflect")
     y = F.conv2d(y, w.view(B * C, 1, 1, -1), groups=B * C).view(B, C, T, H, W)  # along W
     y = F.pad(y.transpose(3, 4).reshape(1, B * C, T * W, H), (r, r, 0, 0), mode="reflect")

@@ -15,7 +15,7 @@ between the markers of the subcommand's section (see README's Speed section), wi
 import argparse
 import datetime
 import functools
-import gc
+import math
 import os
 import re
 import resource
@@ -448,25 +448,40 @@ BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "GH200": 989.4, "A100": 312.0,
 
 
 def bench_gpu(args):
-    """The check to run when a GPU is lent, in about 5 minutes: FAME's masks on the GPU against the CPU's and its
-    speed at 16x224x224; pretraining steps of R(2+1)D-18 at 16x112x112, batch 64, bf16 autocast, with and without
-    channels_last_3d and torch.compile (clips/s, peak memory, share of the step outside the encoders, model FLOPs
-    utilization); one nccl DDP step; the loader with this machine's cores. Without a GPU (or with --small) it runs
-    the same parts at toy sizes on the CPU. Prints one table; --out writes it as JSON."""
+    """The check to run first on a GPU machine, each part on its own so that one failing part does not hide the
+    others. The versions (torch, CUDA, cuDNN, NCCL, the GPU) and conv3d_cudnn_warning; a profile
+    of bf16 R(2+1)D-18 steps listing any slow Conv3d fallback kernel (slow_conv3d, vol2col); FAME's masks on the
+    GPU against the CPU's on clips with a moving object (IoU) and FAME's speed at 16x224x224; pretraining steps of
+    R(2+1)D-18 at 16x112x112 with cudnn.benchmark and bf16 autocast, as pretrain.py runs them: at the paper's
+    per-GPU batch of 8 with and without channels_last_3d and torch.compile, and at the largest batch that fits
+    (clips/s, peak memory, share of the step outside the encoders, model FLOPs utilization); DDP steps with 2
+    processes (where 2 GPUs exist); one loader worker's samples/s on prepared Kinetics-like videos, and the
+    workers per GPU that the measured GPU needs. Without a GPU (or with --small) the same code runs at toy sizes
+    on the CPU (compiled with dynamo's eager backend, DDP over gloo). Prints one table; --out writes it as JSON."""
     device = torch.device(args.device)
     small = args.small or device.type == "cpu"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # as utils.init_distributed sets it for training
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    rows = [dict(part="device", value=name, torch=torch.__version__, small=small)]
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    rows = [_guarded("device", lambda: _gpu_versions(device, name, amp, small))]
+    rows.append(_guarded("profile: slow Conv3d fallbacks", lambda: _gpu_conv3d_profile(device, small, amp)))
     rows += _gpu_fame(device, small)
-    flops = None
+    flops, best = {}, None
+    batch = 2 if small else 8  # the paper's per-GPU batch: 64 over 8 GPUs
     for channels_last in (False, True):
         for compiled in (False, True):
-            row, flops = _gpu_pretrain(device, small, channels_last, compiled, flops, name)
+            row = _gpu_pretrain(device, small, batch, channels_last, compiled, flops, name, amp)
             rows.append(row)
-    rows.append(_gpu_ddp(device, small))
-    rows.append(_gpu_loader(small))
+            best = row if row.get("clips_per_s", 0) > (best or {}).get("clips_per_s", 0) else best
+    largest = _gpu_largest_batch(device, small, batch, flops, name, amp)
+    rows.append(largest)
+    best = largest if largest.get("clips_per_s", 0) > (best or {}).get("clips_per_s", 0) else best
+    rows.append(_guarded("DDP step", lambda: _gpu_ddp(device, small, amp)))
+    rows += _gpu_loader(small, best)
     print(f"\nGPU check on {name} (torch {torch.__version__}{', small sizes' if small else ''}):")
-    for row in rows[1:]:
+    for row in rows:
         print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
     if args.out:
         utils.write_json(args.out, rows)
@@ -474,25 +489,90 @@ def bench_gpu(args):
     return rows
 
 
+def _guarded(part, fn):
+    """fn()'s row, or the part with the error that stopped it."""
+    try:
+        return fn()
+    except Exception as e:  # one part failing (e.g. the compiler) must not hide the others
+        return dict(part=part, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+
+
+def _gpu_versions(device, name, amp, small):
+    """Who measured: versions of torch, CUDA, cuDNN and NCCL, the GPU, and whether Conv3d runs through cuDNN."""
+    cuda = device.type == "cuda"
+    return dict(part="device", value=name, torch=torch.__version__, cuda=torch.version.cuda if cuda else "-",
+                cudnn=torch.backends.cudnn.version() if cuda else "-",
+                nccl=".".join(map(str, torch.cuda.nccl.version())) if cuda and torch.distributed.is_nccl_available()
+                else "-",
+                conv3d_cudnn_warning=utils.conv3d_cudnn_warning(device, amp) or "none", small=small)
+
+
+SLOW_CONV3D = ("slow_conv3d", "vol2col", "slow_conv_dilated3d")  # the fallbacks without cuDNN: many times slower
+
+
+def _gpu_conv3d_profile(device, small, amp):
+    """Profiles a few forward+backward steps of R(2+1)D (autocast `amp`) and lists the operators and kernels named
+    like the slow Conv3d fallbacks."""
+    from torch.profiler import ProfilerActivity, profile
+
+    arch, B, T, S = ("r2plus1d_tiny", 2, 4, 32) if small else ("r2plus1d_18", 8, 16, 112)
+    model = models.build_backbone(arch).to(device)
+    x = torch.randn(B, 3, T, S, S, device=device)
+
+    def step():
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = model(x).float().square().mean()
+        loss.backward()
+
+    step()  # cuDNN's algorithm search before the profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(1 if small else 2):
+            step()
+        _sync(device)
+    found = sorted({e.key for e in prof.key_averages() if any(s in e.key.lower() for s in SLOW_CONV3D)})
+    dtype = str(amp).replace("torch.", "") if amp else "float32"
+    return dict(part=f"profile: slow Conv3d fallbacks, {arch} {dtype} forward+backward",
+                found="; ".join(found)[:300] or "none")
+
+
+def _moving_clips(B, T, S):
+    """B uint8 clips (B, 3, T, S, S) of the synthetic benchmark: an object moving over a textured scene."""
+    import synthetic
+
+    clips = [torch.from_numpy(synthetic.render(synthetic.MOTIONS[b % len(synthetic.MOTIONS)], b % len(synthetic.SCENES), b, S, T)[0])
+             for b in range(B)]  # (T, S, S, 3) each
+    return torch.stack(clips).permute(0, 4, 1, 2, 3).contiguous()
+
+
 def _gpu_fame(device, small):
-    """FAME's masks on `device` against the CPU's on the same clips, and its clips/s (uint8 and float)."""
-    B, T, S = (8, 4, 32) if small else (64, 16, 224)
+    """FAME's masks on `device` against the CPU's on clips with a moving object (their IoU: the masks agree up to
+    pixels whose scores tie within rounding), and FAME's clips/s (uint8 and float)."""
+    B, T, S = (4, 4, 32) if small else (64, 16, 224)
+    rows = []
+    try:
+        clips = _moving_clips(4 if small else 8, 8 if small else 16, 64 if small else 112)
+        cpu = fame.foreground_mask(clips, 0.5).bool()
+        dev = fame.foreground_mask(clips.to(device), 0.5).bool().cpu()
+        iou = ((cpu & dev).sum((1, 2)) / (cpu | dev).sum((1, 2))).float()
+        rows.append(dict(part=f"FAME masks, {device.type} vs cpu, moving objects {tuple(clips.shape)}",
+                         iou_mean=float(iou.mean()), iou_min=float(iou.min()), of=len(iou)))
+    except Exception as e:
+        rows.append(dict(part="FAME masks, device vs cpu", error=f"{type(e).__name__}: {str(e)[:200]}"))
     u8 = torch.randint(0, 256, (B, 3, T, S, S), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    cpu = fame.foreground_mask(u8[:8], 0.5).bool()
-    dev = fame.foreground_mask(u8[:8].to(device), 0.5).bool().cpu()
-    rows = [dict(part="FAME masks, device vs cpu", clips_equal=int((cpu == dev).flatten(1).all(1).sum()),
-                 of=len(cpu), pixels_equal=float((cpu == dev).float().mean()))]
     op = fame.FAME(0.5)
     for x in (u8.to(device), u8.to(device).float().div(255)):
-        t = medians({"fame": lambda: op(x), "clone": x.float().clone}, device, 5)
+        t = medians({"fame": lambda: op(x), "clone": x.float().clone}, device, 1 if small else 5)
         rows.append(dict(part=f"FAME {T}x{S}x{S} {x.dtype}".replace("torch.", ""), clips_per_s=B / t["fame"],
                          ms=1e3 * t["fame"], float_clone_ms=1e3 * t["clone"]))
     return rows
 
 
-def _gpu_pretrain(device, small, channels_last, compiled, flops, name):
-    """Pretraining steps on random uint8 clips already on the device (no loader): FAME, augmentation, MoCo."""
-    arch, B, T, S, K = ("r2plus1d_tiny", 4, 4, 32, 64) if small else ("r2plus1d_18", 64, 16, 112, 65536)
+def _gpu_pretrain(device, small, B, channels_last, compiled, flops, name, amp, steps=None):
+    """Pretraining steps as pretrain.py runs them (FAME, augmentation, MoCo with the encoders compiled in place),
+    on random uint8 clips already on the device (no loader). flops: {batch: model FLOPs of a step}, filled on
+    first use (counted in eager mode)."""
+    arch, T, S, K = ("r2plus1d_tiny", 4, 32, 64) if small else ("r2plus1d_18", 16, 112, 65536)
     part = f"pretrain {arch} {T}x{S}x{S} batch {B}" + (", channels_last_3d" if channels_last else "") + \
         (", compiled" if compiled else "")
     try:
@@ -500,10 +580,7 @@ def _gpu_pretrain(device, small, channels_last, compiled, flops, name):
         model = models.MoCo(functools.partial(models.build_backbone, arch), K=K, m=0.999).to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
-        if compiled:
-            model.encoder_q, model.encoder_k = torch.compile(model.encoder_q), torch.compile(model.encoder_k)
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
-        amp = torch.bfloat16 if device.type == "cuda" else None
         scaler = utils.grad_scaler(amp, device)
         op = fame.FAME(0.5)
         g = torch.Generator().manual_seed(1)
@@ -514,18 +591,23 @@ def _gpu_pretrain(device, small, channels_last, compiled, flops, name):
             return (augment.augment_and_normalize(op(q)).contiguous(memory_format=layout),
                     augment.augment_and_normalize(k).contiguous(memory_format=layout))
 
-        if flops is None:  # model FLOPs of one step (forward and backward), counted once in eager mode
+        if B not in flops:  # model FLOPs of one step (forward and backward), counted once in eager mode
             from torch.utils.flop_counter import FlopCounterMode
 
             a, b = views()
             with FlopCounterMode(display=False) as counter:
                 pretrain.train_step(model, a, b, optimizer, scaler, amp)
-            flops = counter.get_total_flops()
-        for _ in range(3 if small else 10):  # warm-up, compilation included
+            flops[B] = counter.get_total_flops()
+        if compiled:  # as pretrain.py --compile: in place, so that MoCo's calls run the compiled code
+            backend = "inductor" if device.type == "cuda" else "eager"  # the CPU: dynamo only, no code generation
+            model.encoder_q.compile(backend=backend)
+            model.encoder_k.compile(backend=backend)
+            part += f" ({backend})"
+        steps = steps or (1 if small else 10)
+        for _ in range(min(steps, 10)):  # warm-up: compilation, cuDNN's algorithm search
             pretrain.train_step(model, *views(), optimizer, scaler, amp)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        steps = 3 if small else 20
         t_views = timed(views, device, steps)
         a, b = views()
         t_step = timed(lambda: pretrain.train_step(model, a, b, optimizer, scaler, amp), device, steps)
@@ -535,61 +617,108 @@ def _gpu_pretrain(device, small, channels_last, compiled, flops, name):
                     outside_encoders=t_views / total,
                     peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else
                     _rss_mib() / 1024,
-                    tflops=flops / t_step / 1e12,
-                    mfu=flops / t_step / (peak * 1e12) if peak else "unknown peak"), flops
-    except Exception as e:  # one variant failing (e.g. the compiler) must not hide the others
-        return dict(part=part, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"), flops
+                    tflops=flops[B] / t_step / 1e12,
+                    mfu=flops[B] / t_step / (peak * 1e12) if peak else "unknown peak")
+    except Exception as e:  # one variant failing (e.g. the compiler, or memory) must not hide the others
+        return dict(part=part, error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
-def _gpu_ddp(device, small):
-    """One DDP training step of MoCo in a one-process group (nccl on a GPU), as torchrun would set it up."""
+def _gpu_largest_batch(device, small, batch, flops, name, amp):
+    """The pretraining row at the largest per-GPU batch that fits (doubling from the paper's until memory runs
+    out; a step's memory grows with the batch, so the first failure ends the search)."""
+    largest, B = None, batch
+    while B * 2 <= (4 if small else 1024):
+        B *= 2
+        row = _gpu_pretrain(device, small, B, False, False, flops, name, amp, steps=1 if small else 3)
+        if "error" in row:
+            break
+        largest = row
+    if largest is None:
+        return dict(part=f"pretrain, largest batch that fits: none above {batch}", error=row["error"])
+    largest["part"] = largest["part"].replace("pretrain", "pretrain, largest batch that fits:", 1)
+    return largest
+
+
+def _gpu_ddp(device, small, amp):
+    """DDP pretraining steps (MoCo wrapped as pretrain.py wraps it) with 2 processes as torchrun sets them up (nccl
+    on 2 GPUs; gloo at toy sizes on the CPU): ms per step, against the same step in one process without DDP."""
     import socket
-    from torch.nn.parallel import DistributedDataParallel
 
-    arch, B, T, S = ("r2plus1d_tiny", 4, 4, 32) if small else ("r2plus1d_18", 8, 16, 112)
+    if device.type == "cuda" and torch.cuda.device_count() < 2:
+        return dict(part="DDP step, 2 processes", result="not measured: one GPU (one process measures nothing of "
+                                                          "DDP)")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    try:
-        torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        model = models.MoCo(functools.partial(models.build_backbone, arch), K=64).to(device)
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      broadcast_buffers=False)
-        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
-        x = torch.rand(B, 3, T, S, S, device=device)
-        amp = torch.bfloat16 if device.type == "cuda" else None
-        t = timed(lambda: pretrain.train_step(ddp, x, x.flip(-1), optimizer, utils.grad_scaler(amp, device), amp),
-                  device, 3)
-        return dict(part=f"DDP step ({backend}, 1 process, {arch} batch {B})", ms_per_step=1e3 * t)
-    except Exception as e:
-        return dict(part=f"DDP step ({backend})", error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-
-
-def _gpu_loader(small):
-    """The pretraining loader with this machine's cores on 320x240 H.264 videos (16x112x112 clips)."""
     with tempfile.TemporaryDirectory() as tmp:
-        write_videos(tmp, 4 if small else 16, length=40 if small else 100)
-        workers = os.cpu_count() or 1
-        parser = pretrain.get_args_parser()
-        pargs = parser.parse_args(["--dataset", "folder", "--data", tmp, "--workers", str(workers),
-                                   *(["--frames", "4", "--crop", "32"] if small else [])])
-        dataset = data.build_dataset(pargs, "train", "pretrain")
-        loader = data.build_loader(dataset, 1, pargs, train=True)
-        batches = _forever(loader)
-        next(batches)
-        count = 8 if small else 40 * workers
-        t0 = time.perf_counter()
-        for _ in range(count):
-            next(batches)
-        seconds = time.perf_counter() - t0
-        del batches, loader  # the workers stop before their videos are deleted
-        gc.collect()
-    return dict(part=f"loader, {workers} workers, {pargs.frames}x{pargs.crop}x{pargs.crop} from 320x240",
-                clips_per_s=2 * count / seconds)
+        torch.multiprocessing.spawn(_ddp_worker, args=(2, port, device.type, small, tmp), nprocs=2, join=True)
+        ms = max(float(Path(tmp, f"rank{r}.txt").read_text()) for r in range(2))
+    one = _moco_step_ms(device, small, amp, ddp=False)
+    return dict(part=f"DDP step ({'nccl' if device.type == 'cuda' else 'gloo'}, 2 processes, batch "
+                     f"{2 if small else 8} each)", ms_per_step=ms, one_process_ms=one, ddp_over_one=ms / one)
+
+
+def _ddp_worker(rank, world, port, device_type, small, tmp):
+    """One process of _gpu_ddp; writes its ms per step."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if device_type == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before CUDA is first asked about
+        torch.set_num_threads(1)
+    device = utils.init_distributed()
+    try:
+        ms = _moco_step_ms(device, small, torch.bfloat16 if device.type == "cuda" else None, ddp=True, seed=rank)
+        Path(tmp, f"rank{rank}.txt").write_text(str(ms))
+    finally:
+        utils.finish_distributed()
+
+
+def _moco_step_ms(device, small, amp, ddp, seed=0):
+    """ms per MoCo training step on fixed clips, in DDP (utils.wrap_ddp, as pretrain.py) or plain."""
+    arch, B, T, S = ("r2plus1d_tiny", 2, 4, 32) if small else ("r2plus1d_18", 8, 16, 112)
+    torch.manual_seed(0)
+    model = models.MoCo(functools.partial(models.build_backbone, arch), K=64 if small else 65536).to(device)
+    wrapped = utils.wrap_ddp(model, device, sync_buffers=False) if ddp else model
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    x = torch.rand(B, 3, T, S, S, generator=torch.Generator().manual_seed(seed)).to(device)
+    step = functools.partial(pretrain.train_step, wrapped, x, x.flip(-1), optimizer, utils.grad_scaler(amp, device),
+                             amp)
+    for _ in range(1 if small else 5):
+        step()
+    return 1e3 * timed(step, device, 1 if small else 10)
+
+
+def _gpu_loader(small, best):
+    """One loader worker's samples/s on Kinetics-like videos (340x256 H.264 at 30 fps, 5 s) after data.py
+    --prepare, as bench.py loader measures it (one thread, CPU time), and the workers per GPU that the best
+    pretraining row needs: its samples/s (two clips each) over one worker's."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        src, prepared = os.path.join(tmp, "videos"), os.path.join(tmp, "prepared")
+        frames, crop = ("4", "32") if small else ("16", "112")
+        workers = "0" if small else str(utils.default_workers())  # --prepare's encoders; the loader's timing is
+        try:                                                       # one worker's all the same
+            write_videos(src, 2 if small else 4, 340, 256, 40 if small else 150, fps=30)
+            common = ["--dataset", "folder", "--frames", frames, "--crop", crop, "--workers", workers]
+            data.main(data.get_args_parser().parse_args([*common, "--data", src, "--prepare", "--out", prepared]))
+            loader_args = get_args_parser().parse_args(["loader", *common, "--data", prepared,
+                                                        "--samples", "4" if small else "48"])
+            row = bench_loader(loader_args)[0]
+            per_worker = row["samples_per_s_per_worker"]
+            rows.append(dict(part=f"loader, one worker, {frames}x{crop}x{crop} from prepared 340x256 30 fps",
+                             samples_per_s=per_worker, frames_per_sample=row["frames_per_sample"]))
+        except Exception as e:
+            return [dict(part="loader, one worker", error=f"{type(e).__name__}: {str(e)[:200]}")]
+    if best is None or "clips_per_s" not in best:
+        rows.append(dict(part="loader workers per GPU", result="not measured: no pretraining row ran"))
+    else:
+        need = best["clips_per_s"] / 2  # samples/s: a sample is a video's two clips
+        rows.append(dict(part=f"loader workers per GPU, for: {best['part']}", samples_per_s_needed=need,
+                         workers=math.ceil(need / per_worker)))
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------------------

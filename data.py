@@ -112,8 +112,9 @@ def add_data_args(parser):
                         "(A.2: 0.2 1)")
     g.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                    help="random horizontal flip of training clips, probability 0.5 (A.2)")
-    g.add_argument("--workers", type=utils.NON_NEGATIVE_INT, default=min(8, os.cpu_count() or 1),
-                   help="loader worker processes per process (and index probing and --prepare encoding processes)")
+    g.add_argument("--workers", type=utils.NON_NEGATIVE_INT, default=utils.default_workers(),
+                   help="loader worker processes per process (and index probing and --prepare encoding processes); "
+                        "default: this process's CPU cores shared among the processes on this machine, at most 8")
     g.add_argument("--synthetic-version", type=int, default=SYNTHETIC_FLAGS["synthetic_version"], choices=(1, 2, 3),
                    help="synthetic: benchmark version; 2: one object look in every video, per-video motion parameters; "
                         "3: version 2 with the object at a quarter of the frame "
@@ -140,6 +141,9 @@ def check_data_args(args):
     flags' types refuse values out of their range.)"""
     if args.crop_scale[0] > args.crop_scale[1]:
         raise utils.UsageError(f"--crop-scale needs MIN <= MAX, got {args.crop_scale[0]} {args.crop_scale[1]}")
+    if args.frames == 3:  # fame.py and augment.py refuse (B, 3, 3, H, W): frames and colours cannot be told apart
+        raise utils.UsageError("--frames 3: clips of 3 frames cannot be told from frames-first (B, T, 3, H, W) clips "
+                               "by their shape, and FAME and the augmentation refuse them; use 2, or 4 or more")
     if args.split != 1 and args.dataset not in SPLIT_DATASETS:
         raise utils.UsageError(f"--split has no effect for {args.dataset} (only {' and '.join(SPLIT_DATASETS)} have "
                                f"splits)")
@@ -851,32 +855,37 @@ def load_index(root, rel_paths, cache_file, workers=1, progress=None):
     if os.path.isdir(cache_file):
         raise utils.DataError(f"the index cache {cache_file} is a folder: remove it, or set FAME_CACHE to another "
                               f"folder")
-    with utils.file_lock(cache_file + ".lock", waiting="another run is indexing the same videos; this one goes on "
-                                                      "when it is done"):
-        cached = _read_index(cache_file)
-        stats, todo, entries = {}, [], {}
-        for rel in rel_paths:
-            try:
-                st = os.stat(os.path.join(root, rel))
-                stats[rel] = [st.st_size, st.st_mtime_ns]
-            except OSError:
-                entries[rel] = "file not found"
-                continue
-            old = _cached_entry(cached.get(rel), stats[rel])
-            if old is not None:
-                entries[rel] = old
-            elif rel not in entries:
-                entries[rel] = None
-                todo.append(rel)
-        if todo:
-            workers = workers if len(todo) >= 32 else 1  # a pool costs more than probing a few files
-            paths = [os.path.join(root, r) for r in todo]
-            for rel, result in zip(todo, utils.parallel_map(_probe_safe, paths, workers, progress)):
-                entries[rel] = result
-            index = {"version": INDEX_VERSION, "root": os.path.abspath(root),
-                     "entries": {**cached, **{r: [stats[r], entries[r]] for r in stats}}}
-            utils.atomic_write(cache_file, lambda f: json.dump(index, f, separators=(",", ":")), mode="w")
-    return [entries[rel] for rel in rel_paths]
+    # the readers of a complete index share the lock (the processes of a run check it at once); a process that must
+    # probe files and write the index holds it alone
+    for shared in (True, False) if os.path.isfile(cache_file) else (False,):
+        with utils.file_lock(cache_file + ".lock", shared=shared,
+                             waiting="another run is indexing the same videos; this one goes on when it is done"):
+            cached = _read_index(cache_file)
+            stats, todo, entries = {}, [], {}
+            for rel in rel_paths:
+                try:
+                    st = os.stat(os.path.join(root, rel))
+                    stats[rel] = [st.st_size, st.st_mtime_ns]
+                except OSError:
+                    entries[rel] = "file not found"
+                    continue
+                old = _cached_entry(cached.get(rel), stats[rel])
+                if old is not None:
+                    entries[rel] = old
+                elif rel not in entries:
+                    entries[rel] = None
+                    todo.append(rel)
+            if todo and shared:
+                continue  # files to probe: again, holding the lock alone
+            if todo:
+                workers = workers if len(todo) >= 32 else 1  # a pool costs more than probing a few files
+                paths = [os.path.join(root, r) for r in todo]
+                for rel, result in zip(todo, utils.parallel_map(_probe_safe, paths, workers, progress)):
+                    entries[rel] = result
+                index = {"version": INDEX_VERSION, "root": os.path.abspath(root),
+                         "entries": {**cached, **{r: [stats[r], entries[r]] for r in stats}}}
+                utils.atomic_write(cache_file, lambda f: json.dump(index, f, separators=(",", ":")), mode="w")
+            return [entries[rel] for rel in rel_paths]
 
 
 ENTRY_FIELDS = {"frames": int, "fps": float, "tb": list, "start": int, "keys": list, "pts": bool, "seek": bool,

@@ -23,6 +23,7 @@ would fall outside the colour bins.
 This file needs torch only and can be copied into another project as it is.
 """
 import math
+import numbers
 
 import torch
 
@@ -213,9 +214,10 @@ def foreground_mask(clips, beta=0.5, method="fame"):
     method: "fame" (the paper's mask), "seed" (the smoothed S), "grid" (4 x 4 cells ranked by S) or "gauss"
     (a centred Gaussian), the variants of Table 4.
     """
-    _check_beta(beta)
+    beta = _check_beta(beta)
     _check_method(method)
     _check_clips(clips, min_frames=1 if method == "gauss" else 2)
+    _check_pixels(beta, method, *clips.shape[-2:])
     if method == "grid":
         return grid_mask(seed_region(clips), beta).to(clips.dtype)
     return binarize(_scores(clips, method), beta).to(clips.dtype)  # Eq. (3)
@@ -244,8 +246,13 @@ def merge(X, mask, Y, out=None):
     nonzero value of the mask in their dtype as 1). Returns the merged clips (B, C, T, H, W) in X's dtype (into
     `out` if given).
     """
-    if Y.shape != X.shape:
-        raise ValueError(f"background {tuple(Y.shape)} must match clips {tuple(X.shape)}")
+    if X.dim() != 5:
+        raise ValueError(f"expected clips X of shape (B, C, T, H, W), got {tuple(X.shape)}")
+    _check_background(X, Y)
+    B, _, T, H, W = X.shape
+    if tuple(mask.shape) not in ((B, H, W), (B, T, H, W)):
+        raise ValueError(f"mask {tuple(mask.shape)} must be (B, H, W) = {(B, H, W)} or (B, T, H, W) = "
+                         f"{(B, T, H, W)} for clips {tuple(X.shape)}")
     M = (mask[:, None, None] if mask.dim() == 3 else mask[:, None]).to(X.dtype)  # (B, 1, 1 or T, H, W)
     if X.is_floating_point():
         return torch.lerp(Y, X, M, out=out)  # Y + M (X - Y), computed so that it is exact at M = 0 and M = 1
@@ -279,9 +286,8 @@ class FAME(torch.nn.Module):
 
     def __init__(self, beta=0.5, method="fame"):
         super().__init__()
-        _check_beta(beta)
         _check_method(method)
-        self.beta, self.method = beta, method
+        self.beta, self.method = _check_beta(beta), method
 
     def extra_repr(self):
         return f"beta={self.beta}, method={self.method!r}"
@@ -291,6 +297,9 @@ class FAME(torch.nn.Module):
         """clips: (B, 3, T, H, W), uint8 or float in [0, 1]. background: Y of the same shape (e.g. another clip
         of the same video), or None for another clip of the batch (a random derangement; pass generator for a
         reproducible one). Returns (B, 3, T, H, W) in clips' dtype."""
+        _check_clips(clips, min_frames=1 if self.method == "gauss" else 2)
+        if background is not None:
+            _check_background(clips, background)
         if self.beta == 1:
             return clips
         if background is None and len(clips) < 2:
@@ -308,8 +317,12 @@ class FAME(torch.nn.Module):
 
 
 def _check_beta(beta):
-    if not isinstance(beta, (int, float)) or not 0.0 < beta <= 1.0:
+    """beta as a float in (0, 1]: a Python, numpy or one-element torch number."""
+    if isinstance(beta, torch.Tensor) and beta.numel() == 1 and beta.dtype != torch.bool:
+        beta = beta.item()
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 < float(beta) <= 1.0:
         raise ValueError(f"beta must be a number in (0, 1], got {beta!r}")
+    return float(beta)
 
 
 def _check_method(method):
@@ -317,16 +330,52 @@ def _check_method(method):
         raise ValueError(f"unknown FAME mask method {method!r}; valid: {', '.join(METHODS)}")
 
 
+def _check_pixels(beta, method, H, W):
+    """Eq. (3) must keep at least one pixel (grid: one cell) of H x W frames; else the clip would be replaced
+    wholesale by its background."""
+    kept = round(GRID * GRID * beta) if method == "grid" else int(beta * H * W)
+    if kept < 1:
+        what = f"round({GRID * GRID} beta) = 0 of the {GRID}x{GRID} cells" if method == "grid" else \
+            f"[beta H W] = 0 pixels of {H}x{W} frames"
+        raise ValueError(f"beta {beta:g} keeps no foreground: {what}; use a larger beta or larger frames")
+
+
 def _check_clips(clips, min_frames=2):
+    """Shapes and dtypes always; values (float clips in [0, 1], no NaN) too. The value check reads the clips
+    back, which on a CPU tensor is free but on a GPU would stall the host until the device has finished all its
+    queued work, at every call. So off the CPU it is a device-side assertion (torch._assert_async): no
+    synchronization, and a bad batch stops the process at its next synchronization with "device-side assert
+    triggered" instead of a ValueError. uint8 clips, which the training scripts pass, need no value check."""
+    if not isinstance(clips, torch.Tensor):
+        raise TypeError(f"expected clips as a torch.Tensor (B, 3, T, H, W), got {type(clips).__name__}")
     if clips.dim() != 5 or clips.shape[1] != 3:
         raise ValueError(f"expected clips of shape (B, 3, T, H, W), got {tuple(clips.shape)}")
+    if clips.shape[2] == 3:
+        raise ValueError(f"clips of shape {tuple(clips.shape)} are ambiguous: 3 frames of (B, 3, T, H, W) clips, or "
+                         f"(B, T, 3, H, W) clips of 3 frames with the colours second; FAME takes (B, 3, T, H, W) with "
+                         f"T other than 3")
     if clips.shape[2] < min_frames:
         raise ValueError(f"frame differences need T >= {min_frames} frames, got T={clips.shape[2]}")
+    if len(clips) == 0:
+        raise ValueError(f"empty batch: clips of shape {tuple(clips.shape)}")
     if not (clips.is_floating_point() or clips.dtype == torch.uint8):
         raise TypeError(f"expected uint8 clips or float clips in [0, 1], got {clips.dtype}")
     if clips.is_floating_point() and clips.numel():
-        lo, hi = (float(v) for v in clips.aminmax())
-        if not (lo >= 0 and hi <= 1):  # NaN fails too
-            raise ValueError(f"FAME expects uint8 clips or float clips in [0, 1], before normalization; these float "
-                             f"clips range over [{lo:.3g}, {hi:.3g}] (normalized clips put colours outside the "
-                             f"{LEVELS ** 3} colour bins)")
+        message = (f"FAME expects uint8 clips or float clips in [0, 1], before normalization (normalized clips put "
+                   f"colours outside the {LEVELS ** 3} colour bins)")
+        lo, hi = clips.aminmax()
+        if clips.device.type != "cpu":
+            torch._assert_async((lo >= 0) & (hi <= 1), message)  # NaN fails too
+        elif not (lo >= 0 and hi <= 1):
+            raise ValueError(f"{message}; these float clips range over [{float(lo):.3g}, {float(hi):.3g}]")
+
+
+def _check_background(clips, background):
+    """A background Y for clips X: a tensor of the same shape and dtype (Eq. (4) mixes them pixel by pixel)."""
+    if not isinstance(background, torch.Tensor):
+        raise TypeError(f"expected the background as a torch.Tensor, got {type(background).__name__}")
+    if background.shape != clips.shape:
+        raise ValueError(f"background {tuple(background.shape)} must match clips {tuple(clips.shape)}")
+    if background.dtype != clips.dtype:
+        raise TypeError(f"background of {background.dtype} must have the clips' dtype {clips.dtype} (uint8 with "
+                        f"uint8, float in [0, 1] with float)")

@@ -20,7 +20,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import augment
@@ -57,7 +56,7 @@ def main(args):
     utils.check_eval_args(args)
     data.check_data_args(args)
     data.check_held_out(args)
-    device = utils.init_distributed()
+    device = utils.init_distributed(args.dist_timeout)
     world = utils.get_world_size()
     out = utils.eval_output_dir(args, "finetune")
     train_set = data.build_dataset(args, args.train_split, "train")
@@ -69,16 +68,20 @@ def main(args):
     model = models.build_backbone(args.arch, num_classes=train_set.num_classes, dropout=args.dropout)
     utils.load_pretrained(model, args)
     args.pretrained_sha1 = utils.weights_sha1(model)  # a resume must continue from these weights, not the path's
-    model.to(device)
-    ddp_model = DistributedDataParallel(model) if world > 1 else model
+    model.to(device, memory_format=torch.channels_last_3d if args.channels_last else torch.contiguous_format)
+    if args.compile:  # in place: the state_dict keys stay those of the plain module
+        model.compile()
+    ddp_model = utils.wrap_ddp(model, device) if world > 1 else model
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
-    scaler = utils.grad_scaler(utils.amp_dtype(args.amp, device), device)
+    amp = utils.amp_dtype(args.amp, device)
+    scaler = utils.grad_scaler(amp, device)
 
     best, metrics = {"top1": -1.0, "epoch": None}, None  # best: the best --test-split top-1 so far (best.pth)
-    checkpointing = utils.Checkpointing(args, model=model, optimizer=optimizer, scaler=scaler, best=best)
+    checkpointing = utils.Checkpointing(args, amp, model=model, optimizer=optimizer, scaler=scaler, best=best)
     start_epoch = checkpointing.resume(get_args_parser())
     if utils.is_main_process():
-        print(f"finetune.py at git {utils.git_commit()}, {world} process(es) on {device}")
+        print(f"finetune.py at git {utils.git_commit()}, {world} process(es) on {device}, {args.workers} loader "
+              f"workers each")
     log = utils.Log(out / "log.jsonl", start_epoch)
 
     with checkpointing:
@@ -116,6 +119,8 @@ def train_one_epoch(model, loader, optimizer, scaler, args, checkpointing):
     for step, batch in enumerate(bar, start):
         utils.seed_everything(args.seed, epoch, step)  # this step's colour augmentation and dropout
         x = augment.augment_and_normalize(batch["clip"].to(device, non_blocking=True))  # (B, 3, T, S, S)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         y = batch["label"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = model(x)  # (B, num_classes)
@@ -126,9 +131,10 @@ def train_one_epoch(model, loader, optimizer, scaler, args, checkpointing):
         scaler.update()
         checkpointing.add({"loss": loss.detach() * len(y), "correct": (logits.argmax(1) == y).sum(), "clips": len(y),
                            "failed_videos": batch["failed"].sum()})
-        utils.check_finite(loss.item(), epoch, step + 1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}", refresh=False)
-        checkpointing.check()
+        read = checkpointing.check()  # every --log-every steps, summed over the processes; stops on a non-finite loss
+        if read:
+            bar.set_postfix(loss=f"{read['loss'] / read['clips']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}",
+                            refresh=False)
     sums = checkpointing.end_epoch()
     clips, seconds = sums["clips"], sums["seconds"]
     return {"loss": sums["loss"] / clips, "acc": 100.0 * sums["correct"] / clips, "time": round(seconds, 2),

@@ -26,7 +26,6 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import augment
@@ -60,7 +59,7 @@ def main(args):
     utils.check_eval_args(args)
     data.check_data_args(args)
     data.check_held_out(args)
-    device = utils.init_distributed()
+    device = utils.init_distributed(args.dist_timeout)
     world = utils.get_world_size()
     out = utils.eval_output_dir(args, "linear_probe")
     amp = utils.amp_dtype(args.amp, device)
@@ -71,18 +70,26 @@ def main(args):
     utils.load_pretrained(backbone, args)
     args.pretrained_sha1 = utils.weights_sha1(backbone)  # a resume must probe these weights, not the path's
     backbone.to(device).eval().requires_grad_(False)  # eval mode for good: the BatchNorm statistics stay put
+    layout = torch.channels_last_3d if args.channels_last else torch.contiguous_format
+    backbone.to(memory_format=layout)
+    # compiled as a function: the backbone's own modules and state_dict stay as they are
+    forward_features = torch.compile(backbone.forward_features) if args.compile else backbone.forward_features
     frozen = {k: v.clone() for k, v in backbone.state_dict().items()}
     fc = nn.Linear(backbone.feature_dim, train_set.num_classes).to(device)
     nn.init.normal_(fc.weight, std=0.01)
     nn.init.zeros_(fc.bias)
     optimizer = torch.optim.SGD(fc.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
     best, metrics = {"top1": -1.0, "epoch": None}, None  # best: the best --test-split top-1 so far (best.pth)
-    checkpointing = utils.Checkpointing(args, model=fc, optimizer=optimizer, best=best)
+    checkpointing = utils.Checkpointing(args, amp, model=fc, optimizer=optimizer, best=best)
     start_epoch = checkpointing.resume(get_args_parser())  # before the feature extraction: a refusal stops at once
+    if utils.is_main_process():
+        print(f"linear_probe.py at git {utils.git_commit()}, {world} process(es) on {device}, {args.workers} loader "
+              f"workers each")
 
     def features(clips):  # (n, 3, T, S, S) uint8 -> (n, D), unit length (A.3)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            return F.normalize(backbone.forward_features(augment.normalize(clips)).float(), dim=1)
+            return F.normalize(forward_features(augment.normalize(clips).contiguous(memory_format=layout)).float(),
+                               dim=1)
 
     start = time.perf_counter()
     test_sets = {split: data.build_dataset(args, split, "test", held_out_from=args.train_split)
@@ -97,7 +104,7 @@ def main(args):
         batches, model = CachedBatches(train_feats[ok], train_set.labels[ok], args.batch_size, args.seed), fc
     else:
         batches = data.build_loader(train_set, args.batch_size // world, args, train=True, seed=args.seed)
-        model = DistributedDataParallel(fc) if world > 1 else fc
+        model = utils.wrap_ddp(fc, device) if world > 1 else fc
     log = utils.Log(out / "log.jsonl", start_epoch)
 
     with checkpointing:
@@ -169,8 +176,10 @@ def train_one_epoch(fc, features, batches, optimizer, args, checkpointing):
         # cached features: every process trained on the same batches, so there is nothing to add up
         checkpointing.add({"loss": loss.detach() * len(y), "correct": (logits.argmax(1) == y).sum(), "clips": len(y),
                            "failed_videos": batch["failed"].sum()}, reduce=not args.cache_features)
-        utils.check_finite(loss.item(), epoch, step + 1)
-        checkpointing.check()
+        read = checkpointing.check()  # every --log-every steps, summed over the processes; stops on a non-finite loss
+        if read:
+            bar.set_postfix(loss=f"{read['loss'] / read['clips']:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}",
+                            refresh=False)
     sums = checkpointing.end_epoch()
     clips, seconds = sums["clips"], sums["seconds"]
     return {"loss": sums["loss"] / clips, "acc": 100.0 * sums["correct"] / clips, "time": round(seconds, 2),

@@ -271,8 +271,7 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
 
 UNSAFE_FLAG = "--unsafe-unpickle"  # the opt-in of every script that loads checkpoints it did not write
 
-if hasattr(torch.serialization, "add_safe_globals"):  # torch >= 2.4; an older torch refuses a Namespace as any object
-    torch.serialization.add_safe_globals([argparse.Namespace])  # plain settings: unpickling one runs no code
+torch.serialization.add_safe_globals([argparse.Namespace])  # plain settings: unpickling one runs no code
 
 
 def load_checkpoint(path, unsafe=False):
@@ -502,7 +501,9 @@ class MoCo(nn.Module):
         torch._foreach_add_(k_params, self._query_params(), alpha=1 - self.m)
 
     def _embed(self, encoder, head, x):
-        return F.normalize(head(encoder.forward_features(x)).float(), dim=1)  # (B, dim), unit length
+        # encoder(x), not encoder.forward_features(x): the pooled feature all the same (its fc is the identity), and
+        # through the compiled code when the encoder was compiled in place (nn.Module.compile)
+        return F.normalize(head(encoder(x)).float(), dim=1)  # (B, dim), unit length
 
     @torch.no_grad()
     def _embed_keys(self, x):
@@ -513,7 +514,10 @@ class MoCo(nn.Module):
             k = torch.cat([self._embed(self.encoder_k, self.head_k, part)
                            for part in x[perm].chunk(self.KEY_SPLITS)])  # (B, dim), shuffled order
             return k[torch.argsort(perm)]
-        # Shuffle-BN: every process encodes a random shard of the global batch, then gets its own keys back.
+        # Shuffle-BN: every process encodes a random shard of the global batch, then gets its own keys back. Under
+        # autocast the clips are gathered in its dtype: the encoder's first convolution would cast them to it anyway.
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         x_all = _concat_all_gather(x)  # (world * B, 3, T, H, W)
         perm = torch.randperm(x_all.shape[0], device=x.device)
         dist.broadcast(perm, src=0)

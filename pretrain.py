@@ -18,6 +18,7 @@ and after SIGTERM/SIGUSR1; rerunning the same command resumes from it, inside an
 every --save-every epochs, log.jsonl (one line per epoch), args.json.
 """
 import argparse
+import copy
 import functools
 import math
 import os
@@ -25,7 +26,6 @@ import shlex
 
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import augment
@@ -44,7 +44,8 @@ PRESETS = {  # defaults that depend on --dataset; the paper's A.1 values are the
 MOCO_T = utils.Number(float, 1e-3, 10)  # logits of |cosine / T| <= 1000 and >= 0.1
 RESUMABLE = (*utils.RESUMABLE,  # the settings a resume may change; any other change is refused (utils.load_resume)
              "save_every",  # how often a checkpoint_NNNN.pth is kept
-             "knn_every", "knn_split", "knn_k")  # the kNN monitor: it reads the encoder in eval mode, changing nothing
+             # the kNN monitor: it reads the encoder in eval mode, changing nothing
+             "knn_every", "knn_split", "knn_k", "knn_gallery")
 
 
 def get_args_parser():
@@ -85,6 +86,8 @@ def get_args_parser():
     g.add_argument("--knn-split", default="train", help="labelled split whose videos are the kNN neighbours")
     g.add_argument("--knn-k", type=utils.POSITIVE_INT, default=20,
                    help="neighbours that vote (weighted by exp(cosine / 0.07))")
+    g.add_argument("--knn-gallery", type=utils.NON_NEGATIVE_INT, default=0, metavar="N",
+                   help="at most N videos of --knn-split as the neighbours, a fixed random subset (0: all of them)")
     return parser
 
 
@@ -92,7 +95,7 @@ def main(args):
     """Pretrains; returns the MoCo model (unwrapped)."""
     check_args(args)
     data.check_data_args(args)
-    device = utils.init_distributed()
+    device = utils.init_distributed(args.dist_timeout)
     world = utils.get_world_size()
     if args.output_dir is None:
         variant = "".join(f"_{getattr(args, k)}" for k, default in
@@ -113,16 +116,21 @@ def main(args):
               f"a key of its own video among the negatives")
     given_k, args.moco_k = args.moco_k, K
     if utils.is_main_process():
-        print(f"pretrain.py at git {commit}, {world} process(es) on {device}; effective settings:")
+        print(f"pretrain.py at git {commit}, {world} process(es) on {device}, {args.workers} loader workers each; "
+              f"effective settings:")
         print("\n".join(f"  {k}: {v}" for k, v in sorted(vars(args).items())))
 
     torch.manual_seed(args.seed)  # the same initial weights and queue on every process
     model = models.MoCo(functools.partial(models.build_backbone, args.arch), dim=args.moco_dim, K=K, m=args.moco_m,
                         T=args.moco_t).to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    if args.compile:  # in place: the state_dict keys stay those of the plain modules
+        model.encoder_q.compile()
+        model.encoder_k.compile()
     ddp_model = model
     if world > 1:  # the queue agrees on every process by construction (all-gathered keys): no buffer broadcasts
-        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                            broadcast_buffers=False)
+        ddp_model = utils.wrap_ddp(model, device, sync_buffers=False)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=args.lr,
                                 momentum=args.momentum, weight_decay=args.wd)
     amp = utils.amp_dtype(args.amp, device)
@@ -133,14 +141,14 @@ def main(args):
     fame_op = fame.FAME(beta=args.beta, method=args.fame_method) if args.beta < 1 else None
 
     # encoder_q: what the evaluation scripts load from a checkpoint
-    checkpointing = utils.Checkpointing(args, encoder_q=model.encoder_q, model=model, optimizer=optimizer,
+    checkpointing = utils.Checkpointing(args, amp, encoder_q=model.encoder_q, model=model, optimizer=optimizer,
                                         scaler=scaler)
     parser = get_args_parser()
     parser.given = {"moco_k": given_k}  # a resume's refusal names the flag as given too
     start_epoch = checkpointing.resume(parser)
     if utils.is_main_process():
         utils.write_json(out / "args.json", {**vars(args), "git_commit": commit, "world_size": world})
-    knn_loaders = knn_monitor_loaders(args) if args.knn_every else None
+    knn_sets = knn_monitor_sets(args) if args.knn_every else None
     log = utils.Log(out / "log.jsonl", start_epoch)
     key_sims = [e["key_sim"] for e in log.entries()]  # the collapse monitor's history, over resumes too
     warned = collapse_warning(key_sims, args.epochs) is not None
@@ -151,8 +159,8 @@ def main(args):
             stats = train_one_epoch(ddp_model, fame_op, loader, optimizer, scaler, args, checkpointing)
             key_sim = model.key_similarity()  # collapse monitor: 1.0 = every video embedded alike
             knn = {}
-            if knn_loaders and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-                knn = knn_monitor(model.encoder_q, knn_loaders, args, device)
+            if knn_sets and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+                knn = knn_monitor(model.encoder_q, knn_sets, args, device)
             log.write({"epoch": epoch + 1, "lr": lr, **stats, "key_sim": round(key_sim, 4), **knn})
             if utils.is_main_process():
                 tqdm.write(f"epoch {epoch + 1}/{args.epochs}: loss {stats['loss']:.3f}, key_sim {key_sim:.2f}"
@@ -190,13 +198,13 @@ def train_one_epoch(model, fame_op, loader, optimizer, scaler, args, checkpointi
         utils.seed_everything(args.seed, epoch, step)  # this step's augmentation, backgrounds and key shuffle
         q, k = query_and_key_views(batch, fame_op, args, device)
         loss, acc = train_step(model, q, k, optimizer, scaler, amp)
-        # loss and accuracy: the mean over the processes
-        stats = checkpointing.add({"loss": loss.double() / world, "acc": acc.double() / world,
-                                   "failed_videos": batch["failed"].sum()})
-        utils.check_finite(stats["loss"], epoch, step + 1)
-        bar.set_postfix(loss=f"{stats['loss']:.3f}", acc=f"{stats['acc']:.1f}",
-                        lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
-        checkpointing.check()
+        # loss and accuracy: the mean over the processes, read back every --log-every steps
+        checkpointing.add({"loss": loss.double() / world, "acc": acc.double() / world,
+                           "failed_videos": batch["failed"].sum()})
+        read = checkpointing.check()  # also stops the run on a non-finite loss
+        if read:
+            bar.set_postfix(loss=f"{read['loss'] / read['steps']:.3f}", acc=f"{read['acc'] / read['steps']:.1f}",
+                            lr=f"{optimizer.param_groups[0]['lr']:.3g}", refresh=False)
     bar.close()
     sums = checkpointing.end_epoch()
     steps, seconds = sums["steps"], sums["seconds"]
@@ -206,7 +214,8 @@ def train_one_epoch(model, fame_op, loader, optimizer, scaler, args, checkpointi
 
 def query_and_key_views(batch, fame_op, args, device):
     """MoCo's query and key views of a step, from the loader's uint8 clips (B, 3, T, S, S): FAME on the query (or
-    on both), then colour augmentation and normalization on the device. -> q, k float (B, 3, T, S, S)."""
+    on both), then colour augmentation and normalization on the device. -> q, k float (B, 3, T, S, S), in
+    channels_last_3d with --channels-last."""
     q = batch["q"].to(device, non_blocking=True)
     k = batch["k"].to(device, non_blocking=True)
     if fame_op is not None:  # on uint8, before the float conversion: a quarter of the bytes to merge
@@ -215,7 +224,9 @@ def query_and_key_views(batch, fame_op, args, device):
         q = fame_op(q, background=background)  # Eq. (4)
         if args.fame_branches == "both":
             k = fame_op(k, background=background)
-    return augment.augment_and_normalize(q), augment.augment_and_normalize(k)
+    layout = torch.channels_last_3d if args.channels_last else torch.contiguous_format
+    return (augment.augment_and_normalize(q).contiguous(memory_format=layout),
+            augment.augment_and_normalize(k).contiguous(memory_format=layout))
 
 
 def train_step(model, q, k, optimizer, scaler, amp):
@@ -230,13 +241,26 @@ def train_step(model, q, k, optimizer, scaler, amp):
     return loss.detach(), 100.0 * (logits.detach().argmax(1) == labels).float().mean()
 
 
-def knn_monitor_loaders(args):
-    """{split: test loader} of the kNN monitor, --knn-split first: one centre clip per video (the test crop)."""
+def knn_monitor_sets(args):
+    """{split: test-mode dataset} of the kNN monitor, --knn-split first (at most --knn-gallery of its videos): one
+    centre clip per video (the test crop)."""
     ns = argparse.Namespace(**{**vars(args), "clips": 1})
     if not data.has_test_split(args.dataset, args.data):  # each test video would find itself among the neighbours
         raise utils.DataError(f"--knn-every: --data {args.data}: {data.FOLDER_NO_TEST}")
-    return {split: data.build_test_loader(data.build_dataset(ns, split, "test"), ns)
-            for split in [args.knn_split, *knn_queries(args)]}
+    sets = {split: data.build_dataset(ns, split, "test") for split in [args.knn_split, *knn_queries(args)]}
+    if 0 < args.knn_gallery < len(sets[args.knn_split]):
+        sets[args.knn_split] = video_subset(sets[args.knn_split], args.knn_gallery, args.seed)
+    return sets
+
+
+def video_subset(dataset, n, seed):
+    """n videos of a data.VideoDataset, a random subset fixed by `seed`, in their order."""
+    keep = sorted(torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].tolist())
+    subset = copy.copy(dataset)
+    subset.paths, subset.infos = [dataset.paths[i] for i in keep], [dataset.infos[i] for i in keep]
+    subset.num_frames, subset.labels = [dataset.num_frames[i] for i in keep], dataset.labels[keep]
+    subset.scenes = None if dataset.scenes is None else dataset.scenes[keep]
+    return subset
 
 
 def knn_queries(args):
@@ -245,18 +269,25 @@ def knn_queries(args):
 
 
 @torch.no_grad()
-def knn_monitor(backbone, loaders, args, device):
+def knn_monitor(backbone, sets, args, device):
     """{"knn_<split>": kNN top-1 (%)} of each query split against --knn-split, with the backbone's pooled features in
-    eval mode (then it is put back in training mode)."""
+    eval mode under --amp autocast (then it is put back in training mode), the kNN on the device. Each call builds
+    its loaders and lets them go, so that their workers do not outlive it."""
     backbone.eval()
-    feats = {}  # split: ((V, D) features, (V,) labels) of the videos that decoded
-    for split, loader in loaders.items():
-        values, ok = utils.clip_outputs(lambda clips: backbone.forward_features(augment.normalize(clips)), loader,
-                                        device)
-        feats[split] = values[ok, 0], loader.dataset.labels[ok]
+    amp = utils.amp_dtype(args.amp, device)
+    ns = argparse.Namespace(**{**vars(args), "clips": 1})
+
+    def features(clips):  # (n, 3, T, S, S) uint8 -> (n, D) float32
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            return backbone(augment.normalize(clips)).float()  # encoder_q ends at the pooled feature (MoCo)
+
+    feats = {}  # split: ((V, D) features, (V,) labels) of the videos that decoded, on the device
+    for split, dataset in sets.items():
+        values, ok = utils.clip_outputs(features, data.build_test_loader(dataset, ns), device)
+        feats[split] = values[ok, 0].to(device), dataset.labels[ok].to(device)
     backbone.train()
     return {f"knn_{split}": round(utils.knn_top1(*feats[split], *feats[args.knn_split], k=args.knn_k), 2)
-            for split in loaders if split != args.knn_split}
+            for split in sets if split != args.knn_split}
 
 
 COLLAPSE_KEY_SIM = 0.9  # mean cosine between two queue keys above which the embedding treats all videos alike
@@ -292,8 +323,8 @@ def check_args(args):
     if args.beta == 1 and unused:
         problems.append(f"{', '.join(unused)} only apply to FAME, and --beta 1 skips it (vanilla MoCo): drop them, or "
                         f"give a --beta below 1")
-    unused = [flag for flag, value, default in (("--knn-split", args.knn_split, "train"), ("--knn-k", args.knn_k, 20))
-              if value != default]
+    unused = [flag for flag, value, default in (("--knn-split", args.knn_split, "train"), ("--knn-k", args.knn_k, 20),
+                                                ("--knn-gallery", args.knn_gallery, 0)) if value != default]
     if not args.knn_every and unused:
         problems.append(f"{', '.join(unused)} only apply to the kNN monitor, which is off: add --knn-every N")
     if args.knn_every and args.knn_split in knn_queries(args):

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import warnings
 import zipfile
 from fractions import Fraction
 from pathlib import Path
@@ -57,6 +58,19 @@ import visualize
 def _fame_cache(tmp_path_factory):
     """Dataset indexes and generated benchmarks of the tests go to a temporary folder, not ~/.cache/fame."""
     os.environ["FAME_CACHE"] = str(tmp_path_factory.mktemp("fame_cache"))
+
+
+_CUDA = torch.cuda.is_available()  # before any test hides it
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_gpu_tier(request, monkeypatch):
+    """Every test but the GPU tier's (test_gpu_*) runs as on a machine without a GPU, in this process and in the
+    processes it starts: their bit-exact checks hold on the CPU only (a GPU's bf16, cuDNN's algorithm choice and
+    summation orders change the last bits)."""
+    if not request.node.name.startswith("test_gpu_"):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 # ============================================================================================================
@@ -430,10 +444,88 @@ def test_fame_augment_and_models_import_only_torch(module):
     tree = ast.parse((_FAME_REPO / f"{module}.py").read_text())
     names = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert {n.split(".")[0] for n in names} <= {"argparse", "math", "os", "pickle", "torch", "warnings"}, names
+    assert {n.split(".")[0] for n in names} <= {"argparse", "math", "numbers", "os", "pickle", "torch", "warnings"}, names
     loaded = subprocess.run([sys.executable, "-c", f"import sys, {module}; print(sorted(sys.modules))"],
                             capture_output=True, text=True, cwd=_FAME_REPO, check=True).stdout
     assert not {"'av'", "'data'", "'utils'", "'synthetic'"} & set(loaded.strip()[1:-1].split(", ")), loaded
+
+
+# --- what the API refuses ----------------------------------------------------------------------------------
+
+
+def test_fame_api_refuses_shapes_dtypes_and_values_it_cannot_handle():
+    # One table of inputs that FAME, foreground_mask and merge cannot read as the paper's clips: each ends in a
+    # ValueError or TypeError that names the problem, before any work.
+    clips, _ = _fame_synthetic(4, T=4, H=32, W=32)
+    u8 = (clips * 255).round().byte()
+    nan = clips.clone()
+    nan[2, 1, 3, 4, 5] = float("nan")
+    mask = fame.foreground_mask(clips)
+    cases = [
+        (lambda: fame.FAME()(clips * 255), ValueError, r"float clips in \[0, 1\].* range over \[0.*, 255\]"),
+        (lambda: fame.FAME()(nan), ValueError, r"range over \[nan, nan\]"),
+        (lambda: fame.FAME()(u8.long()), TypeError, "got torch.int64"),
+        (lambda: fame.FAME()(clips.numpy()), TypeError, "torch.Tensor"),
+        (lambda: fame.FAME()(clips[:, :, :3].transpose(1, 2)), ValueError, "ambiguous"),  # (B, T, 3, H, W), T = 3
+        (lambda: fame.foreground_mask(clips[:, :, :3]), ValueError, "ambiguous"),
+        (lambda: fame.FAME()(u8, background=clips), TypeError, "background of torch.float32 .* torch.uint8"),
+        (lambda: fame.FAME()(clips, background=u8), TypeError, "background of torch.uint8 .* torch.float32"),
+        (lambda: fame.merge(u8, mask, clips), TypeError, "background of torch.float32"),
+        (lambda: fame.FAME()(clips[:0], background=clips[:0]), ValueError, "empty batch"),
+        (lambda: fame.FAME(1e-6)(clips), ValueError, r"beta 1e-06 keeps no foreground: \[beta H W\] = 0 pixels of "
+                                                     r"32x32"),
+        (lambda: fame.foreground_mask(clips[:, :, :, :1, :1]), ValueError, "0 pixels of 1x1"),
+        (lambda: fame.foreground_mask(clips, 0.01, "grid"), ValueError, "0 of the 4x4 cells"),
+        (lambda: fame.merge(clips, mask[0], clips.flip(0)), ValueError, r"mask \(32, 32\) must be \(B, H, W\)"),
+        (lambda: fame.merge(clips, mask[:2], clips.flip(0)), ValueError, "must be"),
+        (lambda: fame.merge(clips, mask[:, None].expand(4, 5, 32, 32), clips.flip(0)), ValueError, "must be"),
+        (lambda: fame.FAME(beta=True), ValueError, "beta must be a number"),
+        (lambda: fame.FAME(beta=np.float64(1.5)), ValueError, "beta must be a number"),
+    ]
+    for call, error, message in cases:
+        with pytest.raises(error, match=message):
+            call()
+    # a 2-D mask whose (H, W) happens to equal (T, W) is refused too, not broadcast over time
+    square = torch.rand(2, 3, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"mask \(8, 8\)"):
+        fame.merge(square, torch.ones(8, 8), square.flip(0))
+    # beta as a numpy or torch number in range is a number like any other
+    g = torch.Generator
+    expected = fame.FAME(0.5)(clips, generator=g().manual_seed(0))
+    for beta in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor([0.5], dtype=torch.float64)):
+        op = fame.FAME(beta)
+        assert type(op.beta) is float and torch.equal(op(clips, generator=g().manual_seed(0)), expected)
+        assert torch.equal(fame.foreground_mask(clips, beta), mask)
+    # per-frame masks (B, T, H, W) and the smallest beta that keeps a pixel still work
+    per_frame = mask[:, None].expand(4, 4, 32, 32)
+    assert torch.equal(fame.merge(clips, per_frame, clips.flip(0)), fame.merge(clips, mask, clips.flip(0)))
+    assert int(fame.foreground_mask(clips, 1 / 1024).sum()) == 4
+
+
+def test_fame_value_check_off_the_cpu_does_not_read_back(monkeypatch):
+    # Off the CPU the [0, 1] check is a device-side assertion (torch._assert_async) rather than a read back to
+    # the host; pretending these CPU clips live elsewhere takes that branch, and torch's CPU implementation of
+    # the assertion raises at once.
+    clips, _ = _fame_synthetic(2, T=4, H=32, W=32)
+    reads, asserted = [], []
+    monkeypatch.setattr(torch, "_assert_async",
+                        lambda ok, message: asserted.append((bool(ok.as_subclass(torch.Tensor)), message)))
+
+    class Elsewhere(torch.Tensor):  # a CPU tensor that says it is on another device
+        @property
+        def device(self):
+            return torch.device("meta")
+
+        def __bool__(self):
+            reads.append(1)
+            return super().__bool__()
+
+    for module_check in (fame._check_clips, augment._check_clips):
+        asserted.clear()
+        module_check(clips.as_subclass(Elsewhere))
+        module_check((clips * 2).as_subclass(Elsewhere))
+        assert [ok for ok, _ in asserted] == [True, False] and "[0, 1]" in asserted[1][1]
+    assert not reads
 
 
 # ============================================================================================================
@@ -486,6 +578,44 @@ def test_augment_order_and_blur_size():
         x[..., size // 2, size // 2] = 1.0
         spread = augment.gaussian_blur(x, torch.tensor([50.0]))[0, 0, 0, size // 2]
         assert int((spread > 0).sum()) == taps
+
+
+def test_augment_api_refuses_shapes_dtypes_and_values_it_cannot_handle():
+    clips = torch.rand(4, 3, 4, 32, 32)
+    nan = clips.clone()
+    nan[1, 2, 0, 3, 3] = float("nan")
+    cases = [
+        (clips * 255, ValueError, r"float clips in \[0, 1\].* range over \[0.*, 255\]"),   # float in [0, 255]
+        (augment.normalize(clips), ValueError, r"range over \[-.*\]"),                       # already normalized
+        (nan, ValueError, r"range over \[nan, nan\]"),
+        ((clips * 255).long(), TypeError, "got torch.int64"),
+        (clips[:, :, 0], ValueError, r"shape \(B, 3, T, H, W\), got \(4, 3, 32, 32\)"),   # (B, 3, H, W)
+        (clips[None], ValueError, r"got \(1, 4, 3, 4, 32, 32\)"),                           # 6-D
+        (clips[:, :, :3].transpose(1, 2).contiguous(), ValueError, "ambiguous"),            # (B, T, 3, H, W), T = 3
+        (clips[:0], ValueError, "empty batch"),
+        (clips.numpy(), TypeError, "torch.Tensor"),
+    ]
+    for x, error, message in cases:
+        for call in (augment.augment_and_normalize, augment.normalize):
+            with pytest.raises(error, match=message):
+                call(x)
+    assert augment.normalize((clips * 255).byte()).dtype == torch.float32  # uint8 is in range by its type
+    with pytest.raises(utils.UsageError, match="--frames 3: clips of 3 frames"):  # the scripts refuse it up front
+        data.check_data_args(pretrain.get_args_parser().parse_args(["--frames", "3"]))
+
+
+def test_augment_blur_without_reading_the_mask_back_gives_the_same_clips():
+    # On a GPU the drawn clips are blurred by torch.where over the whole batch (no read back); on the CPU only the
+    # drawn clips are: the same values, bit for bit.
+    x = torch.rand(6, 3, 4, 40, 48)
+    for blur in ([True, False, True, False, False, True], [False] * 6, [True] * 6):
+        blur, sigma = torch.tensor(blur), 0.1 + 1.9 * torch.rand(6)
+        assert torch.equal(augment._blur_drawn(x, blur, sigma, select=False), augment._blur_drawn(x, blur, sigma))
+    # the device constants are made once per device and dtype, not in every call
+    augment.augment_and_normalize(x, torch.Generator().manual_seed(0))
+    made = dict(augment._CONSTANTS)
+    augment.augment_and_normalize(x, torch.Generator().manual_seed(1))
+    assert augment._CONSTANTS == made and all(v.device.type == "cpu" for v in made.values())
 
 
 # ============================================================================================================
@@ -2463,6 +2593,131 @@ def test_utils_resume_in_each_stage_refuses_a_changed_flag(module, request, tmp_
     assert "changed: --save-every-minutes 30.0 (now 5.0)" in capsys.readouterr().out
 
 
+def test_utils_more_processes_than_gpus_refused_in_one_line(monkeypatch):
+    # torchrun --nproc_per_node=2 on a one-GPU machine: refused before any process touches cuda:1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail(f"set_device({d}) before the check"))
+    for local_rank in ("0", "1"):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        with pytest.raises(utils.UsageError, match=r"^2 processes on this machine but 1 GPU: start at most 1 "
+                                                   r"\(torchrun --nproc_per_node=1\), or run on the CPU with "
+                                                   r"CUDA_VISIBLE_DEVICES= \(empty\)$"):
+            utils.init_distributed()
+
+
+def test_utils_default_workers_follow_affinity_and_local_processes(monkeypatch):
+    for cores, local, expected in ((16, None, 8), (16, "8", 2), (3, "8", 1), (6, "2", 3), (64, "4", 8)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        if local is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert utils.default_workers() == expected
+        assert data.get_args_parser().get_default("workers") == expected
+
+
+def test_utils_checkpoint_reads_steps_back_every_log_every_and_stops_on_the_reduced_loss(tmp_path, monkeypatch):
+    # The step values stay where they are until a read, every --log-every steps and at the epoch's end; the read
+    # sums them over the processes in one all-reduce (here: a stand-in second process) on the process group's
+    # device, and a non-finite loss of any process stops every process, naming the step.
+    args = pretrain.get_args_parser().parse_args(["--output-dir", str(tmp_path), "--log-every", "3"])
+    ckpt = utils.Checkpointing(args)
+    reads, reduced = [], []
+    real_read = ckpt._read
+    monkeypatch.setattr(ckpt, "_read", lambda: reads.append(ckpt.step) or real_read())
+    ckpt.begin_epoch()
+    shown = []
+    for step in range(7):
+        ckpt.add({"loss": torch.tensor(float(step)), "clips": 4, "failed_videos": torch.tensor(0)})
+        shown.append(ckpt.check())
+    assert reads == [3, 6] and [r is not None for r in shown] == [False, False, True, False, False, True, False]
+    assert shown[2] == {"clips": 12, "failed_videos": 0, "loss": 3.0, "steps": 3, "seconds": pytest.approx(
+        shown[2]["seconds"])}
+    sums = ckpt.end_epoch()
+    assert reads == [3, 6, 7] and (sums["loss"], sums["clips"], sums["steps"]) == (21.0, 28, 7)
+
+    def all_reduce(tensor, *a, **k):  # the other process: the same values, but a NaN loss at its second step
+        reduced.append((tensor.device, tensor.dtype, tensor.numel()))
+        other = tensor.clone()
+        other[1 * 3 + 2] = float("nan")  # step 2's row, "loss" (the names sorted: clips, failed_videos, loss)
+        tensor += other
+
+    monkeypatch.setattr(utils, "get_world_size", lambda: 2)
+    monkeypatch.setattr(utils.dist, "all_reduce", all_reduce)
+    ckpt.begin_epoch()
+    for step in range(3):
+        ckpt.add({"loss": torch.tensor(1.0), "clips": 4, "failed_videos": torch.tensor(0)})
+    with pytest.raises(SystemExit, match=r"non-finite loss \(nan\) in epoch 2, step 2"):
+        ckpt.check()
+    assert reduced == [(utils.group_device(), torch.float64, 3 * 3 + 2)]  # the values and the two stop flags
+
+
+def test_utils_checkpoints_hold_cpu_tensors_and_the_precision(tmp_path, capsys, monkeypatch):
+    # Checkpoints go through to_cpu (a GPU run's checkpoint loads with plain torch.load on a CPU-only machine:
+    # the GPU tier checks it), and store the autocast dtype resolved on the machine that saved them. A resume
+    # where --amp auto resolves to another one (a bf16 run requeued onto a GPU without bf16) restarts the loss
+    # scaler with a note instead of failing on the saved empty scaler state.
+    state = {"a": [torch.ones(2), (torch.zeros(1), 3)], "b": {"c": torch.arange(3)}, "d": "x"}
+    moved = utils.to_cpu(state)
+    assert moved["a"][1][1] == 3 and isinstance(moved["a"][1], tuple) and moved["d"] == "x"
+    assert torch.equal(moved["b"]["c"], torch.arange(3)) and moved["b"]["c"].device.type == "cpu"
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = pretrain.get_args_parser().parse_args(["--output-dir", str(tmp_path)])
+    saved = utils.Checkpointing(args, torch.bfloat16, scaler=utils.grad_scaler(torch.bfloat16, torch.device("cpu")))
+    saved.save(tmp_path / "checkpoint.pth")
+    stored = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    assert stored["amp"] == "bf16" and stored["scaler"] == {}
+    for old in (stored, {k: v for k, v in stored.items() if k != "amp"}):  # also a checkpoint from before "amp"
+        torch.save(old, tmp_path / "checkpoint.pth")
+        scaler = utils.grad_scaler(torch.float16, torch.device("cpu"))
+        utils.Checkpointing(args, torch.float16, scaler=scaler).resume(pretrain.get_args_parser())
+        assert scaler.is_enabled() and scaler.state_dict()["scale"] == 2.0 ** 16
+        assert "fp16 on this machine: the loss scaler starts afresh" in capsys.readouterr().out
+    torch.save(stored, tmp_path / "checkpoint.pth")  # the same precision: restored as it was, no note
+    utils.Checkpointing(args, torch.bfloat16, scaler=utils.grad_scaler(None, torch.device("cpu"))).resume(
+        pretrain.get_args_parser())
+    assert "afresh" not in capsys.readouterr().out
+
+
+def test_utils_ddp_wrapper_without_the_deprecation_warning(tmp_path):
+    # torch 2.13 deprecated broadcast_buffers; wrap_ddp uses its replacement where torch has it (no warning) and
+    # still does not broadcast MoCo's queue before each forward.
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            ddp = utils.wrap_ddp(nn.Linear(2, 2), torch.device("cpu"), sync_buffers=False)
+        assert getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", None)) is False
+        assert getattr(utils.wrap_ddp(nn.Linear(2, 2), torch.device("cpu")), "broadcast_buffers") is True
+    finally:
+        dist.destroy_process_group()
+
+
+def test_utils_index_readers_share_the_lock_and_one_process_says_it_waits(tmp_path, capsys, monkeypatch):
+    lock = str(tmp_path / "index.lock")
+    with utils.file_lock(lock, shared=True):
+        with utils.file_lock(lock, shared=True):  # a second reader enters at once (another open file)
+            pass
+        assert capsys.readouterr().out == ""
+        monkeypatch.setenv("RANK", "1")  # a writer of another rank waits without a word: rank 0 says it
+        entered = threading.Event()
+
+        def write():
+            with utils.file_lock(lock, waiting="another run is indexing"):
+                entered.set()
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        thread.join(0.5)
+        assert not entered.is_set()
+    thread.join(30)
+    assert entered.is_set() and "waiting" not in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 
 # Every script run as a user runs it: each case forks from one process that imported the project once (a case
@@ -3395,6 +3650,20 @@ def test_pretrain_knn_monitor_logged(pretrain_env, capsys):
     assert "kNN top-1 test_swapped" in capsys.readouterr().out
 
 
+def test_pretrain_knn_gallery_is_a_fixed_subset_of_the_split(pretrain_env):
+    argv = pretrain_env.argv(pretrain_env.tmp / "k", "--knn-every", "1", "--knn-gallery", "3")
+    args = pretrain.get_args_parser().parse_args(argv)
+    sets = pretrain.knn_monitor_sets(args)
+    full = data.build_dataset(argparse.Namespace(**{**vars(args), "clips": 1}), "train", "test")
+    gallery = sets["train"]
+    assert list(sets) == ["train", "test", "test_swapped"] and len(gallery) == 3 < len(full)
+    assert pretrain.knn_monitor_sets(args)["train"].paths == gallery.paths  # fixed by --seed
+    for j, path in enumerate(gallery.paths):  # each kept video is the same item as in the full split
+        i = full.paths.index(path)
+        assert torch.equal(gallery[j]["clip"], full[i]["clip"]) and gallery[j]["label"] == full[i]["label"]
+        assert gallery.num_frames[j] == full.num_frames[i] and int(gallery.labels[j]) == int(full.labels[i])
+
+
 def test_utils_knn_top1():
     g = torch.Generator().manual_seed(0)
     centres = F.normalize(torch.randn(4, 16, generator=g), dim=1)
@@ -4059,16 +4328,50 @@ def test_bench_markdown_replaces_its_section(tmp_path):
 
 
 def test_bench_gpu_check_runs_small(tmp_path):
-    # `python bench.py gpu` on a GPU machine; here its toy-size form on the CPU: every part runs, one table
+    # `python bench.py gpu` on a GPU machine; here its toy-size form on the CPU, the same code but for what only
+    # CUDA has (nccl, inductor, the CUDA profiler): every part runs to the end, one table
     rows = bench.main(bench.parse_args(["gpu", "--out", str(tmp_path / "gpu.json"), "--markdown", str(tmp_path / "s.md")]))
     assert json.loads((tmp_path / "gpu.json").read_text()) == json.loads(json.dumps(rows))
     table = [line for line in (tmp_path / "s.md").read_text().splitlines() if line.startswith("| ")]
     assert table[0] == "| part | figures |" and len(table) == 2 + len(rows)  # one row per part, all in one table
-    parts = [r["part"] for r in rows[1:]]
-    assert parts[0] == "FAME masks, device vs cpu" and rows[1]["clips_equal"] == rows[1]["of"]
-    assert sum("pretrain" in p for p in parts) == 4 and any("DDP" in p for p in parts) and "loader" in parts[-1]
     assert not [r for r in rows if "error" in r], rows
-    assert all(0 < r["outside_encoders"] < 1 and r["tflops"] > 0 for r in rows if r["part"].startswith("pretrain"))
+    by_part = {r["part"].split(",")[0].split(" (")[0]: r for r in rows}
+    assert {"torch", "cuda", "cudnn", "nccl", "conv3d_cudnn_warning"} <= set(rows[0]) and rows[0]["part"] == "device"
+    assert "found" in by_part["profile: slow Conv3d fallbacks"]
+    masks = next(r for r in rows if r["part"].startswith("FAME masks"))
+    assert masks["iou_min"] == 1.0 and "moving objects" in masks["part"]  # the CPU against itself
+    pretraining = [r for r in rows if r["part"].startswith("pretrain")]
+    assert len(pretraining) == 5 and sum("compiled (eager)" in r["part"] for r in pretraining) == 2
+    assert "largest batch that fits: r2plus1d_tiny 4x32x32 batch 4" in pretraining[-1]["part"]
+    assert all(0 < r["outside_encoders"] < 1 and r["tflops"] > 0 for r in pretraining)
+    ddp = next(r for r in rows if r["part"].startswith("DDP"))
+    assert "gloo, 2 processes" in ddp["part"] and ddp["ms_per_step"] > 0 and ddp["ddp_over_one"] > 0
+    loader, workers = rows[-2:]
+    assert loader["samples_per_s"] > 0 and workers["workers"] >= 1 and "workers per GPU" in workers["part"]
+
+
+def test_bench_compiled_encoders_run_compiled():
+    # The compiled rows (and pretrain.py --compile) compile the encoders in place; MoCo must call them, not
+    # their forward_features, or the "compiled" step runs eager code.
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = models.MoCo(functools.partial(models.build_backbone, "cnn3d"), dim=8, K=8)
+    eager = models.MoCo(functools.partial(models.build_backbone, "cnn3d"), dim=8, K=8)
+    eager.load_state_dict(model.state_dict())
+    model.encoder_q.compile(backend=backend)
+    model.encoder_k.compile(backend=backend)
+    x = torch.rand(4, 3, 4, 16, 16)
+    torch.manual_seed(1)
+    logits = model(x, x.flip(-1))[0]
+    assert graphs  # the compiled code ran
+    torch.manual_seed(1)
+    assert torch.allclose(logits, eager(x, x.flip(-1))[0], atol=1e-5)
+    assert set(model.state_dict()) == set(eager.state_dict())  # in place: checkpoints keep their keys
 
 
 # ============================================================================================================
@@ -4124,3 +4427,133 @@ def test_background_bias_v3_protocol_is_frozen():
     for split in synthetic.SPLITS:
         splits.update(repr(synthetic.specs(split, recorded["synthetic_videos"], 0)).encode())
     assert splits.hexdigest() == "0b83ace1e03c4aabb61db23dca41912b94d8db82"
+
+
+# ============================================================================================================
+# GPU tier (CUDA only): python -m pytest -q test_fame.py -k test_gpu_
+# ============================================================================================================
+
+_gpu = pytest.mark.skipif(not _CUDA, reason="needs CUDA")
+
+
+@_gpu
+def test_gpu_pretrain_step_and_mid_epoch_resume(pretrain_env, monkeypatch, capsys):
+    # The tiny pretraining on cuda:0 (bf16 autocast, cudnn.benchmark): SIGTERM in epoch 2, then the same command
+    # resumes inside the epoch; the checkpoint holds CPU tensors and its precision.
+    out = pretrain_env.tmp / "run"
+    argv = ["--epochs", "2", "--arch", "r2plus1d_tiny"]
+    _interrupt_at_step(monkeypatch, _PRETRAIN_STEPS + 1)
+    with pytest.raises(SystemExit) as stop:
+        pretrain_env.run(out, *argv)
+    assert stop.value.code == utils.EXIT_PREEMPTED
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert (ckpt["epoch"], ckpt["step"], ckpt["amp"]) == (1, 1, utils.AMP_NAMES[utils.amp_dtype("auto", torch.device(
+        "cuda"))])
+    assert all(v.device.type == "cpu" for v in ckpt["model"].values())
+    monkeypatch.undo()
+    model = pretrain_env.run(out, *argv)
+    assert "resuming from" in capsys.readouterr().out and next(model.parameters()).device.type == "cuda"
+    log = _pretrain_log(out)
+    assert [e["epoch"] for e in log] == [1, 2] and all(math.isfinite(e["loss"]) for e in log)
+
+
+@_gpu
+def test_gpu_pretraining_steps_make_no_host_sync():
+    # After the first step, a pretraining step (FAME on uint8, augmentation, MoCo in bf16, SGD, the statistics)
+    # never waits for the GPU but at a --log-every read.
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = models.MoCo(functools.partial(models.build_backbone, "r2plus1d_tiny"), dim=16, K=32).to(device)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    amp = utils.amp_dtype("auto", device)
+    scaler = utils.grad_scaler(amp, device)
+    args = pretrain.get_args_parser().parse_args(["--log-every", "100", "--output-dir", "unused"])
+    checkpointing = utils.Checkpointing(args, amp)
+    checkpointing.begin_epoch()
+    op = fame.FAME(0.5)
+    batch = {name: torch.randint(0, 256, (4, 3, 4, 32, 32), dtype=torch.uint8).pin_memory() for name in "qk"}
+    batch["failed"] = torch.zeros(4, dtype=torch.long)
+    ns = argparse.Namespace(background="inter", fame_branches="one", channels_last=False)
+
+    def step():
+        q, k = pretrain.query_and_key_views(batch, op, ns, device)
+        loss, acc = pretrain.train_step(model, q, k, optimizer, scaler, amp)
+        checkpointing.add({"loss": loss.double(), "acc": acc.double(), "failed_videos": batch["failed"].sum()})
+        assert checkpointing.check() is None
+
+    step()  # the first step: cuDNN's algorithm search, the constants on the device
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert checkpointing.end_epoch()["steps"] == 4
+
+
+@_gpu
+def test_gpu_fame_masks_agree_with_the_cpu_on_moving_objects():
+    clips, truth = _fame_synthetic(8, obj=(32, 28), shift=4, seed=8)
+    for x in (clips, (clips * 255).round().byte()):
+        cpu = fame.foreground_mask(x, beta=0.25).bool()
+        gpu = fame.foreground_mask(x.cuda(), beta=0.25).bool().cpu()
+        assert _fame_iou(gpu, cpu).min() > 0.95 and _fame_iou(gpu, truth).min() > 0.8
+        out = fame.FAME(0.25)(x.cuda())
+        assert out.dtype == x.dtype and out.device.type == "cuda"
+    # float clips outside [0, 1] on the GPU stop the process at its next synchronization (a device-side assertion
+    # ends its CUDA context, hence a process of its own)
+    code = "import torch, fame; fame.foreground_mask(torch.rand(2, 3, 4, 32, 32, device='cuda') * 2); torch.cuda.synchronize()"
+    run = subprocess.run([sys.executable, "-c", code], cwd=_FAME_REPO, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "device-side assert" in run.stderr, run.stderr[-2000:]
+
+
+@_gpu
+def test_gpu_checkpoint_loads_on_a_cpu_only_process(tmp_path):
+    model = models.build_backbone("r2plus1d_tiny").cuda()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.rand(2, 3, 4, 32, 32, device="cuda")).sum().backward()
+    optimizer.step()
+    args = pretrain.get_args_parser().parse_args(["--output-dir", str(tmp_path)])
+    utils.Checkpointing(args, torch.bfloat16, model=model, optimizer=optimizer).save(tmp_path / "checkpoint.pth")
+    code = ("import torch; c = torch.load('checkpoint.pth', weights_only=True); "
+            "assert not torch.cuda.is_available(); print(sorted(c)[:3], c['optimizer']['state'][0]['momentum_buffer'].device)")
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 0 and "cpu" in run.stdout, run.stderr[-2000:]
+
+
+def _gpu_nccl_worker(rank, world, port, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = utils.init_distributed()
+    if not dist.is_initialized():  # one GPU: a one-process nccl group all the same
+        dist.init_process_group("nccl", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = models.MoCo(functools.partial(models.build_backbone, "r2plus1d_tiny"), dim=16, K=32).to(device)
+        ddp = utils.wrap_ddp(model, device, sync_buffers=False)
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+        x = torch.rand(2, 3, 4, 32, 32, device=device, generator=None)
+        amp = utils.amp_dtype("auto", device)
+        loss, _ = pretrain.train_step(ddp, x, x.flip(-1), optimizer, utils.grad_scaler(amp, device), amp)
+        args = pretrain.get_args_parser().parse_args(["--log-every", "1", "--output-dir", out])
+        checkpointing = utils.Checkpointing(args, amp)
+        checkpointing.begin_epoch()
+        # a CPU tensor first: the sums are reduced on the process group's device all the same
+        checkpointing.add({"failed_videos": torch.tensor(rank), "loss": loss.double()})
+        read = checkpointing.check()
+        torch.save({"read": read, "queue": model.queue.cpu()}, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        utils.finish_distributed()
+
+
+@_gpu
+def test_gpu_nccl_process_group_step(tmp_path):
+    world = min(2, torch.cuda.device_count())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gpu_nccl_worker, args=(world, port, str(tmp_path)), nprocs=world, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert results[0]["read"]["failed_videos"] == sum(range(world)) and math.isfinite(results[0]["read"]["loss"])
+    assert all(torch.equal(r["queue"], results[0]["queue"]) for r in results)

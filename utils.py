@@ -4,9 +4,11 @@ precision, metrics, and the command-line flags common to several stages."""
 import argparse
 import concurrent.futures
 import contextlib
+import datetime
 import fcntl
 import functools
 import hashlib
+import inspect
 import io
 import json
 import math
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import models
@@ -153,17 +156,46 @@ def release_output_dirs():
 # torchrun
 
 
-def init_distributed():
-    """Sets up this process from torchrun's RANK, LOCAL_RANK and WORLD_SIZE (one process without them):
-    nccl on GPUs, gloo on CPUs. Returns the device: cuda:LOCAL_RANK when CUDA is available, else cpu."""
+def init_distributed(timeout_minutes=60):
+    """Sets up this process from torchrun's RANK, LOCAL_RANK, LOCAL_WORLD_SIZE and WORLD_SIZE (one process without
+    them): nccl on GPUs, gloo on CPUs, collectives waiting up to `timeout_minutes` (--dist-timeout) for the other
+    processes. Returns the device: cuda:LOCAL_RANK when CUDA is available, else cpu. Refuses more processes on
+    this machine than it has GPUs."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        gpus, local = torch.cuda.device_count(), max(int(os.environ.get("LOCAL_WORLD_SIZE", 1)), local_rank + 1)
+        if local > gpus:
+            raise UsageError(f"{local} processes on this machine but {gpus} GPU{'s' * (gpus != 1)}: start at most "
+                             f"{gpus} (torchrun --nproc_per_node={gpus}), or run on the CPU with CUDA_VISIBLE_DEVICES= "
+                             f"(empty)")
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # fixed clip size: cuDNN picks its fastest kernels once
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return device
+
+
+def default_workers():
+    """Loader workers per process when --workers is not given: the cores this process may run on (its CPU
+    affinity, which SLURM and containers restrict) shared among this machine's processes (torchrun's
+    LOCAL_WORLD_SIZE), at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(8, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
+
+
+def wrap_ddp(model, device, sync_buffers=True):
+    """DistributedDataParallel of `model` on `device`. sync_buffers=False: buffers are not broadcast before each
+    forward (MoCo's queue agrees on every process by construction). torch 2.13 renamed that flag
+    forward_sync_buffers; it still broadcasts the buffers once here, which changes nothing, since every process
+    builds the same ones from the seed. Older torch takes broadcast_buffers."""
+    kwargs = {}
+    if not sync_buffers:
+        new = "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+        kwargs["forward_sync_buffers" if new else "broadcast_buffers"] = False
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **kwargs)
 
 
 def get_rank():
@@ -181,12 +213,11 @@ def is_main_process():
     return get_rank() == 0
 
 
-def reduce_sum(values):
-    """The sum of a small tensor over all processes, as float64 on the CPU."""
-    values = values.double()
-    if get_world_size() > 1:
-        dist.all_reduce(values)
-    return values.cpu()
+def group_device():
+    """Where the process group's collectives take their tensors: this process's GPU under nccl, else the CPU."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def finish_distributed():
@@ -269,8 +300,20 @@ def atomic_write(path, write, mode="wb"):
 
 
 def save_checkpoint(state, path):
-    """A plain-dict checkpoint (tensors, numbers, strings, lists, dicts: torch.load(weights_only=True) reads it)."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    """A plain-dict checkpoint (tensors, numbers, strings, lists, dicts: torch.load(weights_only=True) reads it),
+    its tensors on the CPU, so that a machine without the GPU it was trained on reads it too."""
+    atomic_write(path, lambda f: torch.save(to_cpu(state), f))
+
+
+def to_cpu(obj):
+    """obj with every tensor in its dicts, lists and tuples moved to the CPU (CPU tensors as they are)."""
+    if torch.is_tensor(obj):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def plain(value):
@@ -283,16 +326,21 @@ def write_json(path, obj):
 
 
 @contextlib.contextmanager
-def file_lock(path, waiting=None):
-    """An exclusive lock across processes, held for the with block (e.g. the processes of one run waiting for the
-    first one to build a dataset index). `waiting`: what to print when another process holds it."""
+def file_lock(path, waiting=None, shared=False):
+    """A lock across processes, held for the with block (e.g. the processes of one run waiting for the first one
+    to build a dataset index): exclusive, or with shared=True shared with the other readers and exclusive of a
+    writer. `waiting`: what to print, once and from the first process of a run only, when another process holds
+    it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
     with open(path, "a") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            print(f"waiting for {path}: held by another process" + (f" ({waiting})" if waiting else ""), flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
+            if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every process waits alike: one says it
+                print(f"waiting for {path}: held by another process" + (f" ({waiting})" if waiting else ""),
+                      flush=True)
+            fcntl.flock(f, mode)
         try:
             yield
         finally:
@@ -358,7 +406,9 @@ RESUMABLE = (
     "epochs", "schedule",  # the schedule's length (the default milestones scale with it): the epochs left follow it
     "resume", "output_dir",  # where the checkpoint is read from and the run's files go
     "workers",  # loader processes: every clip is drawn from its own seed, whatever process decodes it
-    "save_every_steps", "save_every_minutes")  # how often checkpoint.pth is written inside an epoch
+    "save_every_steps", "save_every_minutes",  # how often checkpoint.pth is written inside an epoch
+    "log_every", "dist_timeout",  # how often the step statistics are read back; how long collectives wait
+    "channels_last", "compile")  # memory layout and compilation: the same model, computed faster
 # Settings of a run that are not flags: what the refusal of a resume calls them
 DERIVED_SETTINGS = {"pretrained_sha1": "the weights behind --pretrained (sha1 of the loaded backbone)"}
 # A setting that only one stage has: a checkpoint's stored settings say which stage wrote it
@@ -430,19 +480,26 @@ def _flags(keys):
 class Checkpointing:
     """The checkpoints of a training run, and where the run is: `epoch` (epochs done), `step` (steps done in the
     next one) and that epoch's running `sums` by name. A checkpoint holds the state objects given (e.g. model=,
-    optimizer=, scaler=: their state_dict; a plain dict such as the best score so far: as it is), where the run is
-    and the settings; resume() restores them in place. Inside an epoch, add() sums each step's values and check()
-    saves checkpoint.pth every --save-every-steps steps, every --save-every-minutes, and after the step during
-    which SIGTERM or SIGUSR1 arrived (what SLURM sends before a preemption or the time limit), then stops the run.
-    Use as a context manager around the epochs: it installs the signal handlers and puts the previous ones back."""
+    optimizer=, scaler=: their state_dict; a plain dict such as the best score so far: as it is), where the run is,
+    the autocast dtype `amp` resolved on this machine, and the settings; resume() restores them in place.
+
+    Inside an epoch, add() keeps each step's values where they are (on the GPU: no wait for the device), and
+    check() reads them back every --log-every steps, summed over the processes: it stops the run on a non-finite
+    loss (before anything of those steps is saved), and saves checkpoint.pth every --save-every-steps steps, every
+    --save-every-minutes, and after SIGTERM or SIGUSR1 (what SLURM sends before a preemption or the time limit),
+    then stops the run. Every process decides alike, at the same step. Use as a context manager around the epochs:
+    it installs the signal handlers and puts the previous ones back."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, args, **state):
+    def __init__(self, args, amp=None, **state):
         self.args, self.state, self.commit = args, state, git_commit()
+        self.amp = AMP_NAMES[amp]
         self.epoch, self.step, self.sums = 0, 0, {}
         self.every_steps, self.every_seconds = args.save_every_steps, 60 * args.save_every_minutes
+        self.read_every = max(1, getattr(args, "log_every", 1))
         self.last_save, self.last_step, self.signal, self.previous = time.monotonic(), None, None, {}
+        self.pending = []  # the steps added since the last read: (names, values, reduce, seconds) each
 
     def __enter__(self):
         self.last_save = time.monotonic()  # --save-every-minutes counts from the first step, not from set-up
@@ -464,10 +521,18 @@ class Checkpointing:
         if path is None:
             return 0
         ckpt = load_resume(path, self.args, parser)
+        stored = ckpt.get("amp")
         for name, obj in self.state.items():
             try:
                 if isinstance(obj, dict):
                     obj.update(ckpt[name])
+                elif isinstance(obj, torch.amp.GradScaler) and (stored not in (None, self.amp) or
+                                                                 (obj.is_enabled() and not ckpt[name])):
+                    # --amp auto resolved otherwise on this GPU (e.g. a bf16 run requeued onto a GPU without bf16):
+                    # the saved loss scale, if any, belongs to the other precision
+                    if is_main_process():
+                        print(f"note: {path} was trained with {stored or 'another'} autocast; --amp {self.args.amp} "
+                              f"is {self.amp} on this machine: the loss scaler starts afresh")
                 else:
                     obj.load_state_dict(ckpt[name])
             except (KeyError, TypeError, ValueError, RuntimeError) as err:
@@ -486,53 +551,81 @@ class Checkpointing:
         return self.epoch, self.step
 
     def add(self, values, reduce=True):
-        """After a step: adds its values ({name: number or tensor}) to the epoch's sums, with the step's count and
-        seconds. reduce: each value summed over the processes (False: every process computed the same values).
-        Returns the step's values as floats."""
-        names = sorted(values)  # the same order on every process
-        device = next((v.device for v in values.values() if torch.is_tensor(v)), None)
-        stats = torch.stack([torch.as_tensor(values[name], device=device).double() for name in names])
-        stats = dict(zip(names, (reduce_sum(stats) if reduce else stats).tolist()))
+        """After a step: keeps its values ({name: number or tensor}) for the next read, with the step's seconds.
+        reduce: each value summed over the processes (False: every process computed the same values)."""
         now = time.perf_counter()
-        for name, value in {**stats, "steps": 1, "seconds": now - self.last_step}.items():
-            self.sums[name] = self.sums.get(name, 0) + value
+        self.pending.append((sorted(values), values, reduce, now - self.last_step))
         self.step, self.last_step = self.step + 1, now
-        return stats
 
     def check(self):
-        """After add(): saves checkpoint.pth when due; after a signal, saves it and stops the run. Every process
-        decides alike."""
-        stop = self.signal is not None
-        if get_world_size() > 1:  # a signal seen by any process stops them all, at the same step
-            flag = torch.tensor([float(stop)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            stop = bool(flag.item())
+        """After add(): reads the steps' values back when due (every --log-every steps, and before any save), saves
+        checkpoint.pth when due; after a signal, saves it and stops the run. Returns the values read, summed over
+        the steps read (with their count, "steps"), or None when nothing was read."""
         due = bool(self.every_steps and self.step % self.every_steps == 0)
-        due |= bool(self.every_seconds and time.monotonic() - self.last_save >= self.every_seconds)
-        if not (stop or due):
-            return
-        self.last_save = time.monotonic()
-        path = Path(self.args.output_dir) / "checkpoint.pth"
-        self.save(path)
-        if stop:
-            if is_main_process():
-                print(f"stopped by {self.signal or 'a signal on another process'}: saved {path}; run the same "
-                      f"command again to resume from it", flush=True)
-            finish_distributed()
-            sys.exit(EXIT_PREEMPTED)
+        # one process acts on a signal at once; processes of a run learn of each other's at a read
+        if not (due or self.step % self.read_every == 0 or (self.signal and get_world_size() == 1)):
+            return None
+        window, stop, late = self._read()
+        if stop or due or late:
+            self.last_save = time.monotonic()
+            path = Path(self.args.output_dir) / "checkpoint.pth"
+            self.save(path)
+            if stop:
+                if is_main_process():
+                    print(f"stopped by {self.signal or 'a signal on another process'}: saved {path}; run the same "
+                          f"command again to resume from it", flush=True)
+                finish_distributed()
+                sys.exit(EXIT_PREEMPTED)
+        return window
+
+    def _read(self):
+        """Adds the pending steps to the epoch's sums, their values summed over the processes in one collective
+        with the stop flags (a signal, --save-every-minutes passed) of every process, read back in one wait for the
+        device. Stops the run on a non-finite loss. Returns (the steps' sums, stop, save due by the clock)."""
+        device, world, pending = group_device(), get_world_size(), self.pending
+        self.pending = []
+        flags = torch.tensor([self.signal is not None,
+                              bool(self.every_seconds and time.monotonic() - self.last_save >= self.every_seconds)],
+                             dtype=torch.float64)
+        rows = [torch.stack([torch.as_tensor(values[name]).detach().to(device, torch.float64, non_blocking=True)
+                             for name in names]) for names, values, _, _ in pending]
+        table = torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.float64, device=device)
+        flags = flags.to(device, non_blocking=True)
+        if world > 1:
+            if pending and pending[0][2]:  # reduce: the values and the flags in one all-reduce
+                both = torch.cat([table.flatten(), flags])
+                dist.all_reduce(both)
+                table, flags = both[:-2].view_as(table), both[-2:]
+            else:
+                dist.all_reduce(flags)
+        table, (stop, late) = table.tolist(), flags.tolist()
+        window = {}
+        first = self.step - len(pending)
+        for k, ((names, _, _, seconds), row) in enumerate(zip(pending, table)):
+            stats = dict(zip(names, row))
+            check_finite(stats.get("loss", 0.0), self.epoch, first + k + 1)
+            for name, value in {**stats, "steps": 1, "seconds": seconds}.items():
+                self.sums[name] = self.sums.get(name, 0) + value
+                window[name] = window.get(name, 0) + value
+        return window, stop > 0, late > 0
 
     def end_epoch(self):
-        """After the epoch's last step: returns its sums, and the run is at the start of the next epoch."""
+        """After the epoch's last step: returns its sums (every step read), and the run is at the start of the next
+        epoch."""
+        self._read()
         sums = self.sums
         self.epoch, self.step, self.sums = self.epoch + 1, 0, {}
         return sums
 
     def save(self, path):
-        """Writes a checkpoint of the run as it is now, atomically (on the main process only)."""
+        """Writes a checkpoint of the run as it is now, atomically (on the main process; every process calls it,
+        since the steps not read yet are read first)."""
+        if self.pending:
+            self._read()
         if is_main_process():
             save_checkpoint({**{name: obj if isinstance(obj, dict) else obj.state_dict()
                                 for name, obj in self.state.items()},
-                             "epoch": self.epoch, "step": self.step, "sums": self.sums,
+                             "epoch": self.epoch, "step": self.step, "sums": self.sums, "amp": self.amp,
                              "world_size": get_world_size(), "args": plain(vars(self.args)), "git_commit": self.commit},
                             path)
 
@@ -546,6 +639,9 @@ def check_finite(loss, epoch, step):
 
 # ---------------------------------------------------------------------------------------------------------
 # Mixed precision
+
+
+AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}  # autocast dtypes as --amp names it
 
 
 def amp_dtype(mode, device):
@@ -922,6 +1018,9 @@ def add_run_args(parser, arch="r2plus1d_18", batch_size=64):
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
                         help="autocast dtype; auto: bf16 on GPUs that have it, fp16 with loss scaling on older ones, "
                              "float32 on CPU")
+    parser.add_argument("--dist-timeout", type=POSITIVE, default=60.0, metavar="MINUTES",
+                        help="under torchrun, how long a process waits for the others in a collective (e.g. while "
+                             "the first one indexes a large dataset) before the run fails")
 
 
 def add_training_args(parser, epochs, milestones, lr, momentum, wd):
@@ -945,6 +1044,15 @@ def add_training_args(parser, epochs, milestones, lr, momentum, wd):
     parser.add_argument("--save-every-minutes", type=NON_NEGATIVE, default=30.0, metavar="M",
                         help="also save checkpoint.pth inside an epoch once M minutes passed since the last save "
                              "(0: never); SIGTERM/SIGUSR1 always save and stop")
+    parser.add_argument("--log-every", type=POSITIVE_INT, default=10, metavar="N",
+                        help="read the step statistics back from the device every N steps (the only steps that "
+                             "wait for the GPU): the progress line, the non-finite loss check, and under torchrun "
+                             "acting on SIGTERM/SIGUSR1 and --save-every-minutes")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels_last_3d memory format for the clips and the network (off until measured "
+                             "faster: python bench.py gpu)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (off until measured faster: python bench.py gpu)")
 
 
 def add_unsafe_arg(parser):
