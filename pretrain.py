@@ -160,6 +160,7 @@ def main(args):
             key_sim = model.key_similarity()  # collapse monitor: 1.0 = every video embedded alike
             knn = {}
             if knn_sets and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+                utils.broadcast_buffers(model.encoder_q)  # every process scores its videos as rank 0 would
                 knn = knn_monitor(model.encoder_q, knn_sets, args, device)
             log.write({"epoch": epoch + 1, "lr": lr, **stats, "key_sim": round(key_sim, 4), **knn})
             if utils.is_main_process():

@@ -198,6 +198,16 @@ def wrap_ddp(model, device, sync_buffers=True):
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **kwargs)
 
 
+def broadcast_buffers(module):
+    """Gives every process rank 0's buffers of `module`. Without DDP's broadcast before each forward (pretraining
+    skips it: the queue, its largest buffer, agrees by construction), each process updates BatchNorm's running
+    statistics from its own share of the batch; called wherever they are read (a checkpoint, the kNN monitor), so
+    every process reads the statistics that a checkpoint holds and a resumed run continues from."""
+    if get_world_size() > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def get_rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -622,6 +632,9 @@ class Checkpointing:
         since the steps not read yet are read first)."""
         if self.pending:
             self._read()
+        for obj in self.state.values():
+            if isinstance(obj, torch.nn.Module):
+                broadcast_buffers(obj)
         if is_main_process():
             save_checkpoint({**{name: obj if isinstance(obj, dict) else obj.state_dict()
                                 for name, obj in self.state.items()},
