@@ -1020,6 +1020,22 @@ def describe_manifest(name, manifest):
     return f"{name}: {manifest['listed']} listed, {manifest['used']} used" + (f"; left out: {said}" if said else "")
 
 
+def dataset_tag(args):
+    """The dataset of a run as a folder-name part: the --dataset name, with --split N where the dataset has
+    official splits, the folder's name for a folder dataset, and a hash of the --synthetic-* flags that differ from
+    the defaults (so that the runs on two datasets never share a default output folder)."""
+    tag = args.dataset
+    if args.dataset in SPLIT_DATASETS:
+        tag += f"_split{args.split}"
+    elif args.dataset == "folder":
+        tag += "-" + (os.path.basename(os.path.abspath(args.data)) or "root")
+    elif args.dataset == "synthetic":
+        changed = {k: getattr(args, k) for k, v in SYNTHETIC_FLAGS.items() if getattr(args, k) != v}
+        if changed:
+            tag += "-" + hashlib.sha1(repr(sorted(changed.items())).encode()).hexdigest()[:8]
+    return tag
+
+
 def synthetic_root(args):
     """The synthetic benchmark of args' --synthetic-* flags under --data (default: cache_dir()), generated on
     first use."""

@@ -58,7 +58,7 @@ def main(args):
     data.check_held_out(args)
     device = utils.init_distributed(args.dist_timeout)
     world = utils.get_world_size()
-    out = utils.eval_output_dir(args, "finetune")
+    out = utils.eval_output_dir(args, "finetune", data.dataset_tag(args))
     train_set = data.build_dataset(args, args.train_split, "train")
     test_set = data.build_dataset(args, args.test_split, "test", held_out_from=args.train_split)
     train_loader = data.build_loader(train_set, args.batch_size // world, args, train=True, seed=args.seed)

@@ -61,7 +61,7 @@ def main(args):
     data.check_held_out(args)
     device = utils.init_distributed(args.dist_timeout)
     world = utils.get_world_size()
-    out = utils.eval_output_dir(args, "linear_probe")
+    out = utils.eval_output_dir(args, "linear_probe", data.dataset_tag(args))
     amp = utils.amp_dtype(args.amp, device)
     train_set = data.build_dataset(args, args.train_split, "test" if args.cache_features else "train")
 

@@ -101,7 +101,7 @@ def main(args):
         variant = "".join(f"_{getattr(args, k)}" for k, default in
                           (("fame_method", "fame"), ("background", "inter"), ("fame_branches", "one"))
                           if getattr(args, k) != default)
-        args.output_dir = (f"runs/pretrain_{utils.dataset_tag(args)}_{args.arch}_beta{args.beta:g}{variant}"
+        args.output_dir = (f"runs/pretrain_{data.dataset_tag(args)}_{args.arch}_beta{args.beta:g}{variant}"
                            f"_seed{args.seed}")
     out = utils.make_output_dir(args.output_dir, data=args.data)
     commit = utils.git_commit()

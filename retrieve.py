@@ -51,7 +51,7 @@ def main(args):
     data.check_data_args(args)
     data.check_held_out(args)
     device = utils.init_distributed(args.dist_timeout)
-    out = utils.eval_output_dir(args, "retrieve")
+    out = utils.eval_output_dir(args, "retrieve", data.dataset_tag(args))
     amp = utils.amp_dtype(args.amp, device)
     torch.manual_seed(args.seed)  # the same random backbone as the other scripts' when there is no --pretrained
     backbone = models.build_backbone(args.arch)

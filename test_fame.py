@@ -3062,7 +3062,8 @@ def test_utils_default_output_folders_depend_on_the_dataset(tmp_path, monkeypatc
     for flags in (["--dataset", "ucf101", "--data", "U"], ["--dataset", "ucf101", "--data", "U", "--split", "2"],
                   ["--dataset", "hmdb51", "--data", "U"], ["--dataset", "folder", "--data", "mine"], [],
                   ["--synthetic-videos", "16"], ["--test-split", "test_swapped"]):
-        folders.add(str(utils.eval_output_dir(linear_probe.get_args_parser().parse_args(flags), "linear_probe")))
+        folders.add(str(utils.eval_output_dir(probe_args := linear_probe.get_args_parser().parse_args(flags), "linear_probe",
+                                           data.dataset_tag(probe_args))))
     utils.release_output_dirs()
     assert len(folders) == 7 and "runs/linear_probe_ucf101_split2_action_train_random_init" in folders
     assert "runs/linear_probe_synthetic_action_train_random_init" in folders  # the benchmark's stays as it was
@@ -4066,7 +4067,7 @@ def test_eval_broken_test_videos_are_left_out(eval_tiny, tmp_path, monkeypatch, 
 def test_eval_pretrained_none_and_other_clip_settings(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = retrieve.get_args_parser().parse_args(["--pretrained", "none", "--arch", "r2plus1d_tiny"])
-    assert args.pretrained is None and "random_init" in str(utils.eval_output_dir(args, "retrieve"))
+    assert args.pretrained is None and "random_init" in str(utils.eval_output_dir(args, "retrieve", data.dataset_tag(args)))
     utils.load_pretrained(models.build_backbone("r2plus1d_tiny"), args)
     assert "RANDOMLY INITIALISED" in capsys.readouterr().out
     path = tmp_path / "pretrain.pth"

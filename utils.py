@@ -844,34 +844,17 @@ def eval_splits(args):
     return splits
 
 
-def dataset_tag(args):
-    """The dataset of a run as a folder-name part: the --dataset name, with --split N where the dataset has
-    official splits, the folder's name for a folder dataset, and a hash of the --synthetic-* flags that differ from
-    the defaults (so that the runs on two datasets never share a default output folder)."""
-    import data  # data imports utils
-
-    tag = args.dataset
-    if args.dataset in data.SPLIT_DATASETS:
-        tag += f"_split{args.split}"
-    elif args.dataset == "folder":
-        tag += "-" + (Path(os.path.abspath(args.data)).name or "root")
-    elif args.dataset == "synthetic":
-        changed = {k: getattr(args, k) for k, v in data.SYNTHETIC_FLAGS.items() if getattr(args, k) != v}
-        if changed:
-            tag += "-" + hashlib.sha1(repr(sorted(changed.items())).encode()).hexdigest()[:8]
-    return tag
-
-
-def eval_output_dir(args, stage):
-    """--output-dir, by default runs/<stage>_<dataset tag>_<target>_<train split>[_<test split>]_<pretraining run or
-    random_init> (dataset_tag; the test split when it is not test); created and locked by make_output_dir."""
+def eval_output_dir(args, stage, dataset):
+    """--output-dir, by default runs/<stage>_<dataset>_<target>_<train split>[_<test split>]_<pretraining run or
+    random_init> (dataset: data.dataset_tag; the test split when it is not test); created and locked by
+    make_output_dir."""
     if args.output_dir is None:
         tag = "random_init"
         if args.pretrained:
             path = Path(args.pretrained)
             tag = path.parent.name + ("" if path.stem == "checkpoint" else f"_{path.stem}")
         splits = args.train_split + ("" if args.test_split == "test" else f"_{args.test_split}")
-        args.output_dir = str(Path("runs") / f"{stage}_{dataset_tag(args)}_{args.target}_{splits}_{tag}")
+        args.output_dir = str(Path("runs") / f"{stage}_{dataset}_{args.target}_{splits}_{tag}")
     return make_output_dir(args.output_dir, data=args.data)
 
 
