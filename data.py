@@ -403,6 +403,13 @@ def _list_hmdb51(root, split, fold):
     if not files:
         raise _LayoutError(f"no *{suffix} files in {lists}")
     classes = [f[: -len(suffix)] for f in files]
+    folders = [e.name for e in os.scandir(root) if e.is_dir() and e.path != lists]
+    # a class folder without its split file (or one named otherwise, e.g. in another case) would go without a word;
+    # a split file without its folder lists missing files, which the manifest counts
+    unlisted = sorted(set(folders) - set(classes))
+    if unlisted:
+        raise _LayoutError(f"the class folders {', '.join(unlisted[:5])} have no <class>{suffix} in {lists} "
+                           f"(split files are named after their class folder, in the same case)")
     entries = []
     for label, (name, f) in enumerate(zip(classes, files)):
         for where, line in _read_lines(os.path.join(lists, f)):
@@ -1064,6 +1071,14 @@ def decode_frames(path, indices, info, short_side=None, counter=None, threads=No
 
     threads: decoding and colour conversion threads; None: one in a loader worker (the workers are the
     parallelism), else FFmpeg's choice."""
+    if not isinstance(info, dict) or not all(key in info for key in ENTRY_FIELDS):
+        raise TypeError(f"decode_frames needs the index entry of {path} (probe_video's dict), got "
+                        f"{type(info).__name__}")
+    indices = [int(j) for j in indices]
+    if not indices or min(indices) < 0 or max(indices) >= info["frames"]:
+        raise ValueError(f"frame indices must be in [0, {info['frames']}) for {path} (its index entry), got "
+                         f"{indices[:8]}{'...' if len(indices) > 8 else ''}" if indices else
+                         f"no frame indices given for {path}")
     if threads is None:
         threads = 1 if torch.utils.data.get_worker_info() is not None else 0  # 0: FFmpeg's choice
     want, decoded = sorted(set(indices)), [0]

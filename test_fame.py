@@ -1595,6 +1595,8 @@ _DATA_REFUSED_LISTS = [
      r"walk_test_split1.txt:2: tag 3 is not 0 \(unused\), 1 \(train\) or 2 \(test\)"),
     ("H-notag", "data.py", "hmdb51", {_HMDB.format("walk"): "a.avi\n"},
      r"walk_test_split1.txt:1: expected a video path and 1 integer column after it"),
+    ("H-folder", "data.py", "hmdb51", {_HMDB.format("Walk"): "a.avi 1\n", "walk/a.avi": b"", "climb/b.avi": b""},
+     r"the class folders climb, walk have no <class>_test_split1.txt in"),
     ("U-ind", "data.py", "ucf101", {"ucfTrainTestlist/classInd.txt": "1 Alpha\n3 Beta\n"},
      r"classInd.txt:2: expected '2 <ClassName>'"),
     ("U-range", "data.py", "ucf101", {"ucfTrainTestlist/classInd.txt": _UCF_IND,
@@ -1976,6 +1978,21 @@ _DATA_CONTAINERS = [  # file, codec, container, extra _data_encode arguments, wh
     ("same_pts.mkv", "libx264", "matroska", {"pts": [k // 2 for k in range(36)],  # two frames a tick
                                              "options": {"x264-params": "keyint=6:bframes=0"}}, False, 36),
 ]
+
+
+def test_data_decode_frames_refuses_indices_and_entries_it_cannot_read(tmp_path):
+    # frames outside the video, no frames, and an entry that is not the file's index entry are refused by name
+    # (they were clamped to the last frame, or ended in "no frames decoded")
+    path = str(tmp_path / "v.mp4")
+    _data_write(path, _data_ramp(8, 16))
+    info = data.probe_video(path)
+    assert data.decode_frames(path, [0, 7], info).shape == (2, 16, 16, 3)
+    for indices in ([8], [-1], [0, 99], []):
+        with pytest.raises(ValueError, match=r"frame indices must be in \[0, 8\)|no frame indices"):
+            data.decode_frames(path, indices, info)
+    for entry in (None, "file not found", {"frames": 8}):
+        with pytest.raises(TypeError, match="needs the index entry"):
+            data.decode_frames(path, [0], entry)
 
 
 def test_data_every_container_decodes_the_frames_of_sequential_decoding(tmp_path):
