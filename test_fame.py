@@ -3112,6 +3112,31 @@ def test_utils_output_folder_lock_refuses_a_second_run(tmp_path):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released: free for the next run
 
 
+def test_utils_output_folder_of_another_stage_and_other_run_mistakes_are_refused(tmp_path, monkeypatch):
+    # a folder that holds another script's run is refused (retrieval would replace a linear probe's results.json),
+    # the same script's is taken again (a resume); a lock file that is a folder, and WORLD_SIZE without torchrun's
+    # other variables, end in one line
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["linear_probe.py", "--dataset", "folder"])
+    utils.make_output_dir(out)
+    utils.release_output_dirs()
+    utils.make_output_dir(out)  # the same stage again
+    utils.release_output_dirs()
+    monkeypatch.setattr(sys, "argv", ["retrieve.py"])
+    with pytest.raises(utils.UsageError, match=r"--output-dir .*run holds a run of linear_probe.py \(pid .*: "
+                                               r"linear_probe.py --dataset folder\): give each stage its own"):
+        utils.make_output_dir(out)
+    assert "linear_probe.py --dataset folder" in (out / ".lock").read_text()  # the first run's record is kept
+    (tmp_path / "index.json.lock").mkdir()
+    with pytest.raises(utils.DataError, match="the lock file .*index.json.lock is a folder"):
+        with utils.file_lock(str(tmp_path / "index.json.lock")):
+            pass
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(utils.UsageError, match="WORLD_SIZE=2 is set without torchrun's RANK and MASTER_ADDR"):
+        utils.init_distributed()
+
+
 def test_utils_output_folder_without_locks_is_said(tmp_path, monkeypatch):
     def no_locks(*_):
         raise OSError(37, "No locks available")  # e.g. an NFS mount without a lock service

@@ -137,9 +137,15 @@ def make_output_dir(path, lock=True, flag="--output-dir", data=None):
                           f"writing into it at the same time", RuntimeWarning)
             return Path(path)
         f.seek(0)
+        before, script = f.read().strip(), os.path.basename(sys.argv[0])
+        other = before.partition(": ")[2].split(" ", 1)[0]
+        if other and other != script:  # e.g. retrieval would replace a linear probe's results.json
+            f.close()
+            raise UsageError(f"{flag} {path} holds a run of {other} ({before}): give each stage its own {flag}")
+        f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-                f"{' '.join(shlex.quote(a) for a in [os.path.basename(sys.argv[0]), *sys.argv[1:]])}\n")
+                f"{' '.join(shlex.quote(a) for a in [script, *sys.argv[1:]])}\n")
         f.flush()
         _OUTPUT_LOCKS[real] = f
     return Path(path)
@@ -161,6 +167,9 @@ def init_distributed(timeout_minutes=60):
     them): nccl on GPUs, gloo on CPUs, collectives waiting up to `timeout_minutes` (--dist-timeout) for the other
     processes. Returns the device: cuda:LOCAL_RANK when CUDA is available, else cpu. Refuses more processes on
     this machine than it has GPUs."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not all(os.environ.get(k) for k in ("RANK", "MASTER_ADDR")):
+        raise UsageError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set without torchrun's RANK and MASTER_ADDR: "
+                         f"start the processes with torchrun, or unset WORLD_SIZE for one process")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu")
     if torch.cuda.is_available():
@@ -343,6 +352,8 @@ def file_lock(path, waiting=None, shared=False):
     it."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    if os.path.isdir(path):
+        raise DataError(f"the lock file {path} is a folder: remove it")
     with open(path, "a") as f:
         try:
             fcntl.flock(f, mode | fcntl.LOCK_NB)
