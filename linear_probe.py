@@ -62,6 +62,11 @@ def main(args):
     device = utils.init_distributed(args.dist_timeout)
     world = utils.get_world_size()
     out = utils.eval_output_dir(args, "linear_probe", data.dataset_tag(args))
+    if args.cache_features and (list(args.crop_scale) != [data.MIN_CROP_SCALE, 1.0] or not args.flip) and \
+            utils.is_main_process():
+        unused = f"--crop-scale {args.crop_scale[0]:g} {args.crop_scale[1]:g}" + ("" if args.flip else " and --no-flip")
+        print(f"note: --cache-features trains the fc on each video's centre-crop features, so {unused} "
+              f"change{'s' if args.flip else ''} nothing")
     amp = utils.amp_dtype(args.amp, device)
     train_set = data.build_dataset(args, args.train_split, "test" if args.cache_features else "train")
 

@@ -3956,7 +3956,7 @@ def test_eval_finetune_end_to_end(eval_tiny, tmp_path):
         _same_state(states["best.pth"]["model"], states["checkpoint.pth"]["model"])
 
 
-def test_eval_probe_cached_frozen_and_resumed(eval_tiny, tmp_path, monkeypatch):
+def test_eval_probe_cached_frozen_and_resumed(eval_tiny, tmp_path, monkeypatch, capsys):
     flags, ckpt, pretrained = eval_tiny
     built = []
     build = models.build_backbone
@@ -3964,9 +3964,12 @@ def test_eval_probe_cached_frozen_and_resumed(eval_tiny, tmp_path, monkeypatch):
     out = tmp_path / "probe"
     argv = flags + ["--pretrained", ckpt, "--batch-size", "8", "--clips", "2", "--output-dir", str(out),
                     "--cache-features"]
-    results = _eval_run(linear_probe, argv + ["--epochs", "2"])
+    results = _eval_run(linear_probe, argv + ["--epochs", "2", "--crop-scale", "0.3", "0.6"])
     _eval_check_classification(results)
     assert results["timing"]["extract_train_s"] > 0
+    # cached features are centre crops: training crops change nothing, and the run says so
+    assert "--crop-scale 0.3 0.6 changes nothing" in capsys.readouterr().out
+    argv += ["--crop-scale", "0.3", "0.6"]
     state = built[0].state_dict()  # BatchNorm running statistics included
     assert all(torch.equal(state[k], v) for k, v in pretrained.items())
     # a rerun with more epochs resumes after epoch 2 and logs each epoch once
