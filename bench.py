@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 import augment
 import data
+import dataset_tools
 import fame
 import models
 import pretrain
@@ -692,9 +693,9 @@ def _moco_step_ms(device, small, amp, ddp, seed=0):
 
 
 def _gpu_loader(small, best):
-    """One loader worker's samples/s on Kinetics-like videos (340x256 H.264 at 30 fps, 5 s) after data.py
-    --prepare, as bench.py loader measures it (one thread, CPU time), and the workers per GPU that the best
-    pretraining row needs: its samples/s (two clips each) over one worker's."""
+    """One loader worker's samples/s on Kinetics-like videos (340x256 H.264 at 30 fps, 5 s) after
+    dataset_tools.py --prepare, as bench.py loader measures it (one thread, CPU time), and the workers per GPU that
+    the best pretraining row needs: its samples/s (two clips each) over one worker's."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         src, prepared = os.path.join(tmp, "videos"), os.path.join(tmp, "prepared")
@@ -703,7 +704,8 @@ def _gpu_loader(small, best):
         try:                                                       # one worker's all the same
             write_videos(src, 2 if small else 4, 340, 256, 40 if small else 150, fps=30)
             common = ["--dataset", "folder", "--frames", frames, "--crop", crop, "--workers", workers]
-            data.main(data.get_args_parser().parse_args([*common, "--data", src, "--prepare", "--out", prepared]))
+            dataset_tools.main(dataset_tools.get_args_parser().parse_args([*common, "--data", src, "--prepare",
+                                                                           "--out", prepared]))
             loader_args = get_args_parser().parse_args(["loader", *common, "--data", prepared,
                                                         "--samples", "4" if small else "48"])
             row = bench_loader(loader_args)[0]
@@ -815,7 +817,8 @@ def get_args_parser():
     p.add_argument("--rss", type=utils.NON_NEGATIVE_INT, default=0, metavar="N",
                    help="also follow the resident memory over N samples")
     p.add_argument("--compare", nargs="+", default=[], metavar="DIR",
-                   help="copies of --data's videos (e.g. data.py --prepare's) timed on the same samples in turns")
+                   help="copies of --data's videos (e.g. dataset_tools.py --prepare's) timed on the same samples in "
+                        "turns")
     p.add_argument("--make-videos", default=None, metavar="DIR", help="write test videos to DIR and exit")
     p.add_argument("--videos", type=utils.POSITIVE_INT, default=16, help="videos written by --make-videos")
     p.add_argument("--length", type=utils.POSITIVE_INT, default=250, help="frames per --make-videos video")

@@ -42,6 +42,7 @@ from PIL import Image
 import augment
 import bench
 import data
+import dataset_tools
 import fame
 import finetune
 import linear_probe
@@ -1053,7 +1054,7 @@ def test_models_moco_real_backbone_trains():
 
 
 # ============================================================================================================
-# data.py: datasets, decoding, sampling, loaders
+# data.py: datasets, decoding, sampling, loaders (and dataset_tools.py, the --scan and --prepare that use them)
 # ============================================================================================================
 
 def test_data_short_video_stride_is_the_longest_that_fits():
@@ -1209,8 +1210,8 @@ def test_data_kinetics_download_layout_and_scan(tmp_path, capsys):
     assert train.classes == ["abseiling", "zumba"] and train.labels.tolist() == [0, 0, 1]
     assert len(data.build_dataset(args, "test", "test")) == 2
     report = tmp_path / "unreadable.txt"
-    data.main(data.get_args_parser().parse_args(["--scan", "--dataset", "k400", "--data", str(root), "--workers", "0",
-                                                 "--report", str(report)]))
+    dataset_tools.main(dataset_tools.get_args_parser().parse_args(["--scan", "--dataset", "k400", "--data", str(root),
+                                                                   "--workers", "0", "--report", str(report)]))
     printed = capsys.readouterr().out
     assert "k400/train: 5 listed, 3 used; left out: 1 missing file, 1 unreadable at indexing" in printed
     assert "k400/test: 2 listed, 2 used" in printed
@@ -1285,14 +1286,18 @@ def test_data_scan_report_lists_unreadable_and_never_overwrites_other_files(tmp_
     argv = ["--scan", "--dataset", "folder", "--data", str(root), "--workers", "0", "--report"]
     before = (root / "train.txt").read_text()
     with pytest.raises(utils.UsageError, match="not an earlier scan report"):
-        data.main(data.get_args_parser().parse_args(argv + [str(root / "train.txt")]))
+        dataset_tools.main(dataset_tools.get_args_parser().parse_args(argv + [str(root / "train.txt")]))
     assert (root / "train.txt").read_text() == before
     report = tmp_path / "report.txt"
     for _ in range(2):  # an earlier report is overwritten
-        data.main(data.get_args_parser().parse_args(argv + [str(report)]))
+        dataset_tools.main(dataset_tools.get_args_parser().parse_args(argv + [str(report)]))
         printed = capsys.readouterr().out
         assert "  a/broken.mp4: unreadable at indexing: " in printed and "1 of 3 listed videos are left out" in printed
-    assert report.read_text().startswith(data.REPORT_HEADER) and "a/broken.mp4\t" in report.read_text()
+    assert report.read_text().startswith(dataset_tools.REPORT_HEADER) and "a/broken.mp4\t" in report.read_text()
+    for header in dataset_tools.DATA_PY_HEADERS:  # a report that data.py wrote when it ran the tools is one too
+        report.write_text(f"{header}\na/broken.mp4\tunreadable at indexing: moov atom not found\n")
+        dataset_tools.main(dataset_tools.get_args_parser().parse_args(argv + [str(report)]))
+        assert report.read_text().startswith(dataset_tools.REPORT_HEADER)
 
 
 def test_data_unreadable_files_skipped(tmp_path):
@@ -1559,23 +1564,24 @@ _FOLDER_TEST = {"test.txt": "a/t.mp4\n"}
 
 # case id, script, dataset, list files, what the one error line says (exit status 1: the data cannot be used)
 _DATA_REFUSED_LISTS = [
-    ("K03", "data.py", "k400", {"annotations/train.csv": _DATA_CSV + "a,x,0.5,10,train\n",
-                                "annotations/val.csv": _DATA_CSV + "a,y,0,10,val\n"},
+    ("K03", "dataset_tools.py", "k400", {"annotations/train.csv": _DATA_CSV + "a,x,0.5,10,train\n",
+                                        "annotations/val.csv": _DATA_CSV + "a,y,0,10,val\n"},
      r"train.csv:2: time_start '0.5' and time_end '10' must be whole seconds"),
-    ("K04", "data.py", "k400", {"annotations/train.csv": _DATA_CSV, "annotations/val.csv": _DATA_CSV},
+    ("K04", "dataset_tools.py", "k400", {"annotations/train.csv": _DATA_CSV, "annotations/val.csv": _DATA_CSV},
      r"train.csv: no rows after the header"),
-    ("K06", "data.py", "k400", {"annotations/train.csv": _DATA_CSV + "a,x,0,10,train\nb,y\n",
-                                "annotations/val.csv": _DATA_CSV + "a,y,0,10,val\n"},
+    ("K06", "dataset_tools.py", "k400", {"annotations/train.csv": _DATA_CSV + "a,x,0,10,train\nb,y\n",
+                                        "annotations/val.csv": _DATA_CSV + "a,y,0,10,val\n"},
      r"train.csv:3: 2 fields where the header has 5"),
-    ("K-header", "data.py", "k400", {"annotations/train.csv": "name,youtube_id,time_start,time_end\na,x,0,1\n"},
+    ("K-header", "dataset_tools.py", "k400",
+     {"annotations/train.csv": "name,youtube_id,time_start,time_end\na,x,0,1\n"},
      r"train.csv: the header 'name,youtube_id,time_start,time_end' lacks the columns \['label'\]"),
-    ("D01", "data.py", "diving48", {"Diving48_V2_train.json": '[{"vid_name": "a", "label": 1}, {"vid_na',
-                                    **_D48}, r"Diving48_V2_train.json: not valid JSON \(.* at line 1, column"),
-    ("D02", "data.py", "diving48", {"Diving48_V2_train.json": '[{"label": 1}]', **_D48},
+    ("D01", "dataset_tools.py", "diving48", {"Diving48_V2_train.json": '[{"vid_name": "a", "label": 1}, {"vid_na',
+                                            **_D48}, r"Diving48_V2_train.json: not valid JSON \(.* at line 1, column"),
+    ("D02", "dataset_tools.py", "diving48", {"Diving48_V2_train.json": '[{"label": 1}]', **_D48},
      r"Diving48_V2_train.json: entry 0: expected \{\"vid_name\""),
-    ("D03", "data.py", "diving48", {"Diving48_V2_train.json": '{"videos": []}', **_D48},
+    ("D03", "dataset_tools.py", "diving48", {"Diving48_V2_train.json": '{"videos": []}', **_D48},
      r"Diving48_V2_train.json: expected a list of .* got a JSON dict"),
-    ("D04", "data.py", "diving48", {"Diving48_V2_train.json": '[{"vid_name": "a", "label": "back"}]', **_D48},
+    ("D04", "dataset_tools.py", "diving48", {"Diving48_V2_train.json": '[{"vid_name": "a", "label": "back"}]', **_D48},
      r"entry 0: label 'back' is not an integer"),
     ("D05", "linear_probe.py", "diving48", {"Diving48_V2_train.json": '[{"vid_name": "a", "label": 60}]', **_D48},
      r"entry 0: label 60 is outside the 48 classes \(0 to 47\)"),
@@ -1589,48 +1595,52 @@ _DATA_REFUSED_LISTS = [
      r"entry 0: label 5 is outside the 2 classes"),
     ("D09", "retrieve.py", "diving48", {"Diving48_V2_train.json": '[{"vid_name": "a", "label": 60}]', **_D48},
      r"label 60 is outside the 48 classes"),
-    ("D-vocab", "data.py", "diving48", {"Diving48_V2_train.json": '[]', **_D48, "Diving48_vocab.json": '{"a": 1}'},
+    ("D-vocab", "dataset_tools.py", "diving48", {"Diving48_V2_train.json": '[]', **_D48,
+                                                 "Diving48_vocab.json": '{"a": 1}'},
      r"Diving48_vocab.json: expected a list of class descriptions"),
-    ("H01", "data.py", "hmdb51", {_HMDB.format("walk"): "a.avi 1\nb.avi 3\n", _HMDB.format("run"): "c.avi 2\n"},
+    ("H01", "dataset_tools.py", "hmdb51", {_HMDB.format("walk"): "a.avi 1\nb.avi 3\n",
+                                           _HMDB.format("run"): "c.avi 2\n"},
      r"walk_test_split1.txt:2: tag 3 is not 0 \(unused\), 1 \(train\) or 2 \(test\)"),
-    ("H-notag", "data.py", "hmdb51", {_HMDB.format("walk"): "a.avi\n"},
+    ("H-notag", "dataset_tools.py", "hmdb51", {_HMDB.format("walk"): "a.avi\n"},
      r"walk_test_split1.txt:1: expected a video path and 1 integer column after it"),
-    ("H-folder", "data.py", "hmdb51", {_HMDB.format("Walk"): "a.avi 1\n", "walk/a.avi": b"", "climb/b.avi": b""},
+    ("H-folder", "dataset_tools.py", "hmdb51", {_HMDB.format("Walk"): "a.avi 1\n", "walk/a.avi": b"",
+                                                "climb/b.avi": b""},
      r"the class folders climb, walk have no <class>_test_split1.txt in"),
-    ("U-ind", "data.py", "ucf101", {"ucfTrainTestlist/classInd.txt": "1 Alpha\n3 Beta\n"},
+    ("U-ind", "dataset_tools.py", "ucf101", {"ucfTrainTestlist/classInd.txt": "1 Alpha\n3 Beta\n"},
      r"classInd.txt:2: expected '2 <ClassName>'"),
-    ("U-range", "data.py", "ucf101", {"ucfTrainTestlist/classInd.txt": _UCF_IND,
-                                      "ucfTrainTestlist/trainlist01.txt": "Alpha/v_a.avi 1\nBeta/v_b.avi 3\n"},
+    ("U-range", "dataset_tools.py", "ucf101", {"ucfTrainTestlist/classInd.txt": _UCF_IND,
+                                              "ucfTrainTestlist/trainlist01.txt": "Alpha/v_a.avi 1\nBeta/v_b.avi 3\n"},
      r"trainlist01.txt:2: label 3 is outside classInd.txt's 1 to 2"),
-    ("U-folder", "data.py", "ucf101", {"ucfTrainTestlist/classInd.txt": _UCF_IND,
-                                       "ucfTrainTestlist/trainlist01.txt": "Alpha/v_a.avi 2\n"},
+    ("U-folder", "dataset_tools.py", "ucf101", {"ucfTrainTestlist/classInd.txt": _UCF_IND,
+                                               "ucfTrainTestlist/trainlist01.txt": "Alpha/v_a.avi 2\n"},
      r"trainlist01.txt:1: label 2 is 'Beta' in classInd.txt, but the video is in the folder 'Alpha'"),
-    ("F-absolute", "data.py", "folder", {"train.txt": "/data/a/v.mp4 0\n", **_FOLDER_TEST},
+    ("F-absolute", "dataset_tools.py", "folder", {"train.txt": "/data/a/v.mp4 0\n", **_FOLDER_TEST},
      r"train.txt:1: absolute path '/data/a/v.mp4'"),
-    ("F-outside", "data.py", "folder", {"train.txt": "a/v.mp4\n../other/a/w.mp4\n", **_FOLDER_TEST},
+    ("F-outside", "dataset_tools.py", "folder", {"train.txt": "a/v.mp4\n../other/a/w.mp4\n", **_FOLDER_TEST},
      r"train.txt:2: '../other/a/w.mp4' leaves the dataset root"),
-    ("F-noclass", "data.py", "folder", {"train.txt": "v.mp4\n", **_FOLDER_TEST},
+    ("F-noclass", "dataset_tools.py", "folder", {"train.txt": "v.mp4\n", **_FOLDER_TEST},
      r"train.txt:1: 'v.mp4' is neither in a class folder"),
-    ("F-mixed", "data.py", "folder", {"train.txt": "a/v.mp4 0\nb/w.mp4 1\n", "test.txt": "a/t.mp4\n"},
+    ("F-mixed", "dataset_tools.py", "folder", {"train.txt": "a/v.mp4 0\nb/w.mp4 1\n", "test.txt": "a/t.mp4\n"},
      r"test.txt:1: no label column, unlike .*train.txt:1"),
-    ("F-order", "data.py", "folder", {"train.txt": "0 videos/v.mp4\n", **_FOLDER_TEST},
+    ("F-order", "dataset_tools.py", "folder", {"train.txt": "0 videos/v.mp4\n", **_FOLDER_TEST},
      r"train.txt:1: the label comes before the path"),
-    ("F-word", "data.py", "folder", {"train.txt": "a/v.mp4 walk\n", **_FOLDER_TEST},
+    ("F-word", "dataset_tools.py", "folder", {"train.txt": "a/v.mp4 walk\n", **_FOLDER_TEST},
      r"train.txt:1: 'walk' after the path is not an integer label"),
-    ("F-columns", "data.py", "folder", {"train.txt": "a/v.mp4 1 2\n", **_FOLDER_TEST},
+    ("F-columns", "dataset_tools.py", "folder", {"train.txt": "a/v.mp4 1 2\n", **_FOLDER_TEST},
      r"train.txt:1: expected a video path and 0 integer columns or 1 integer column after it"),
-    ("F-testlabel", "data.py", "folder", {"train.txt": "videos/v.mp4 0\nvideos/w.mp4 1\n",
-                                          "test.txt": "videos/t.mp4 7\n"},
+    ("F-testlabel", "dataset_tools.py", "folder", {"train.txt": "videos/v.mp4 0\nvideos/w.mp4 1\n",
+                                                  "test.txt": "videos/t.mp4 7\n"},
      r"test.txt:1: label 7, which the training split does not have \(labels: 0, 1\)"),
-    ("F-disagree", "data.py", "folder", {"train.txt": "walk/v.mp4 0\nrun/w.mp4 1\n", "test.txt": "run/t.mp4 0\n"},
+    ("F-disagree", "dataset_tools.py", "folder", {"train.txt": "walk/v.mp4 0\nrun/w.mp4 1\n",
+                                                  "test.txt": "run/t.mp4 0\n"},
      r"test.txt:1: label 0 is the class of walk/ in train.txt, but the video is in run/"),
-    ("F-twice", "data.py", "folder", {"train.txt": "a/v.mp4 0\nb/w.mp4 1\na/v.mp4 1\n", **_FOLDER_TEST},
+    ("F-twice", "dataset_tools.py", "folder", {"train.txt": "a/v.mp4 0\nb/w.mp4 1\na/v.mp4 1\n", **_FOLDER_TEST},
      r"train.txt:3: a/v.mp4 is listed again with another class \('1'; '0' at .*train.txt:1\)"),
-    ("F-utf16", "data.py", "folder", {"train.txt": "a/v.mp4\n".encode("utf-16-le"), **_FOLDER_TEST},
+    ("F-utf16", "dataset_tools.py", "folder", {"train.txt": "a/v.mp4\n".encode("utf-16-le"), **_FOLDER_TEST},
      r"train.txt: holds NUL bytes \(UTF-16 or UTF-32 without a byte-order mark\?\)"),
-    ("F-listdir", "data.py", "folder", {"train.txt/a/v.mp4": "", **_FOLDER_TEST},
+    ("F-listdir", "dataset_tools.py", "folder", {"train.txt/a/v.mp4": "", **_FOLDER_TEST},
      r"train.txt is a folder, not a split list"),
-    ("F-empty", "data.py", "folder", {"train.txt": "\n  \n", **_FOLDER_TEST}, r"train.txt: lists no videos"),
+    ("F-empty", "dataset_tools.py", "folder", {"train.txt": "\n  \n", **_FOLDER_TEST}, r"train.txt: lists no videos"),
     ("F-oneclass", "linear_probe.py", "folder", {"train.txt": "videos/v.mp4\nvideos/w.mp4\n",
                                                   "test.txt": "videos/t.mp4\n"},
      r"folder/train: every video is in the class 'videos', so every prediction would be right"),
@@ -1641,13 +1651,14 @@ def test_data_lists_users_bring_are_refused_in_one_line_naming_file_and_line(tmp
     # kind 1: a list line or entry that a layout's parser cannot read, or whose label is outside the class list,
     # ends every script in one line naming the file (and line or entry), before any video is read
     monkeypatch.chdir(tmp_path)
-    scripts = {"data.py": data, "finetune.py": finetune, "linear_probe.py": linear_probe, "retrieve.py": retrieve}
+    scripts = {"dataset_tools.py": dataset_tools, "finetune.py": finetune, "linear_probe.py": linear_probe,
+               "retrieve.py": retrieve}
     for k, (case, script, dataset, files, message) in enumerate(_DATA_REFUSED_LISTS):
         root = _data_lists(tmp_path / f"case{k}", dataset, files)
         flags = ["--dataset", dataset, "--data", str(root), "--workers", "0"]
         parser = scripts[script].get_args_parser()
         parser.prog = script
-        argv = ["--scan", *flags] if script == "data.py" else [*flags, "--output-dir", f"run{k}"]
+        argv = ["--scan", *flags] if script == "dataset_tools.py" else [*flags, "--output-dir", f"run{k}"]
         with pytest.raises(SystemExit) as stop:
             utils.run_script(scripts[script].main, parser, parser.parse_args(argv))
         captured = capsys.readouterr()
@@ -1721,8 +1732,9 @@ def test_data_every_listed_video_is_accounted_for(tmp_path, data_four_videos, ca
     (root / "train.txt").write_text("a/v0.mp4\nb/v1.mp4\na/v0.mp4\n")
     (root / "test.txt").write_bytes(b"b/missing.mp4\na/dead.mp4\na/gon\xe9.mp4\n")  # a name that is not UTF-8
     report = tmp_path / "report.txt"
-    data.main(data.get_args_parser().parse_args(["--scan", "--dataset", "folder", "--data", str(root), "--workers",
-                                                 "0", "--report", str(report)]))
+    dataset_tools.main(dataset_tools.get_args_parser().parse_args(["--scan", "--dataset", "folder", "--data",
+                                                                   str(root), "--workers", "0", "--report",
+                                                                   str(report)]))
     printed = capsys.readouterr().out
     assert "folder/train: 3 listed, 2 used; left out: 1 listed twice" in printed
     assert "folder/test: 3 listed, 0 used; left out: 3 missing file" in printed
@@ -1791,11 +1803,12 @@ def test_data_fewer_test_videos_than_processes_is_one_line(tmp_path, data_four_v
         "--nproc_per_node)\n")
 
 
-# --- the prepared copy (data.py --prepare) -------------------------------------------------------------------
+# --- the prepared copy (dataset_tools.py --prepare) ----------------------------------------------------------
 
 def _data_prepare(src, dst, dataset, *extra):
-    return data.main(data.get_args_parser().parse_args(["--prepare", "--dataset", dataset, "--data", str(src),
-                                                        "--out", str(dst), "--workers", "0", *extra]))
+    return dataset_tools.main(dataset_tools.get_args_parser().parse_args(["--prepare", "--dataset", dataset, "--data",
+                                                                          str(src), "--out", str(dst), "--workers",
+                                                                          "0", *extra]))
 
 
 def _data_make_kinetics_csv(root):
@@ -1856,7 +1869,7 @@ def test_data_prepare_resumes_after_a_kill(tmp_path, monkeypatch):
     src, dst = tmp_path / "src", tmp_path / "dst"
     for k in range(5):
         _data_write(str(src / f"c{k % 2}" / f"v{k}.mp4"), _data_noise(12, 32, k))
-    real, calls = data.encode_copy, []
+    real, calls = dataset_tools.encode_copy, []
 
     def killed_at_third(path, f, *a, **kw):
         calls.append(path)
@@ -1865,14 +1878,14 @@ def test_data_prepare_resumes_after_a_kill(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(path, f, *a, **kw)
 
-    monkeypatch.setattr(data, "encode_copy", killed_at_third)
+    monkeypatch.setattr(dataset_tools, "encode_copy", killed_at_third)
     with pytest.raises(KeyboardInterrupt):
         _data_prepare(src, dst, "folder")
     done = sorted(str(p.relative_to(dst)) for p in dst.rglob("*.mp4"))
     assert len(done) == 2 and not [p for p in dst.rglob("*.tmp")]
     (dst / "c0" / ".v4.mp4.99999.tmp").write_bytes(b"left by a killed worker")
     first, calls[:] = list(calls[:2]), []
-    monkeypatch.setattr(data, "encode_copy", lambda path, *a, **kw: calls.append(path) or real(path, *a, **kw))
+    monkeypatch.setattr(dataset_tools, "encode_copy", lambda path, *a, **kw: calls.append(path) or real(path, *a, **kw))
     result = _data_prepare(src, dst, "folder")
     assert len(calls) == 3 and not set(calls) & set(first) and result["encoded"] == 3 and result["videos"] == 5
     assert not [p for p in dst.rglob("*.tmp")] and len(list(dst.rglob("*.mp4"))) == 5
@@ -1892,7 +1905,7 @@ def test_data_prepare_repeats_the_first_frame_when_the_stream_starts_late(tmp_pa
     late = {**info, "start": info["start"] - 2 * round(1 / (Fraction(*info["tb"]) * info["fps"]))}  # 2 frames early
     copy = tmp_path / "copy.mp4"
     with open(copy, "wb") as f:
-        data.encode_copy(str(path), f, late)
+        dataset_tools.encode_copy(str(path), f, late)
     with av.open(str(copy)) as c:
         levels = [int(f.to_ndarray(format="rgb24")[0, 0, 0]) for f in c.decode(video=0)]
     source = data.decode_frames(str(path), range(20), info)[:, 0, 0, 0].astype(int)
@@ -2068,8 +2081,9 @@ def test_data_index_names_pictures_jumps_and_turned_frames(tmp_path, capsys):
         assert np.array_equal(data.decode_frames(str(root / "a" / f"turned_{deg}_{hflip}.mp4"), [0, 11], info),
                               expected), (deg, hflip)
         assert "display matrix" in info["note"]
-    data.main(data.get_args_parser().parse_args(["--scan", "--dataset", "folder", "--data", str(root), "--workers",
-                                                 "0", "--report", str(tmp_path / "report.txt")]))
+    dataset_tools.main(dataset_tools.get_args_parser().parse_args(["--scan", "--dataset", "folder", "--data",
+                                                                   str(root), "--workers", "0", "--report",
+                                                                   str(tmp_path / "report.txt")]))
     printed = capsys.readouterr().out
     assert "3 unreadable" in printed and "6 of the readable with a note" in printed and "a/jump.mkv: read in" in printed
     assert "#  a/turned_90_False.mp4\tframes turned" in (tmp_path / "report.txt").read_text()
@@ -2121,7 +2135,7 @@ def test_data_index_cache_damage_is_rebuilt_or_named(tmp_path, monkeypatch):
     for cache, message in ((tmp_path / "afile", "is not a folder"), ("/proc/fame", "cannot write in /proc/fame")):
         monkeypatch.setenv("FAME_CACHE", str(cache))
         for run in (lambda: data.index_split(args, "train"),
-                    lambda: data.main(data.get_args_parser().parse_args(
+                    lambda: dataset_tools.main(dataset_tools.get_args_parser().parse_args(
                         ["--scan", "--dataset", "folder", "--data", str(root), "--workers", "0"]))):
             with pytest.raises(utils.UsageError, match=f"FAME_CACHE={cache}: .*{message}"):
                 run()
@@ -2155,7 +2169,7 @@ def test_data_tools_never_write_into_the_source_and_check_outputs_first(tmp_path
     ]
     for argv, message in cases:
         with pytest.raises(utils.UsageError, match=message):
-            data.main(data.get_args_parser().parse_args(argv))
+            dataset_tools.main(dataset_tools.get_args_parser().parse_args(argv))
     assert _data_tree(root) == before and (tmp_path / "afile").read_text() == "a user's file"
 
 
@@ -2633,7 +2647,7 @@ def test_utils_default_workers_follow_affinity_and_local_processes(monkeypatch):
         else:
             monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
         assert utils.default_workers() == expected
-        assert data.get_args_parser().get_default("workers") == expected
+        assert dataset_tools.get_args_parser().get_default("workers") == expected
 
 
 def test_utils_checkpoint_reads_steps_back_every_log_every_and_stops_on_the_reduced_loss(tmp_path, monkeypatch):
@@ -2744,7 +2758,7 @@ _UTILS_DRIVER = """
 import json, os, runpy, sys, traceback
 repo = sys.argv[1]
 sys.path.insert(0, repo)
-import bench, data, finetune, linear_probe, pretrain, retrieve, visualize
+import bench, data, dataset_tools, finetune, linear_probe, pretrain, retrieve, visualize
 results = []
 for script, argv in json.loads(sys.argv[2]):
     out = f"case{len(results)}.txt"
@@ -2792,7 +2806,7 @@ _UTILS_BAD_INPUTS = [  # script, command line, exit status, what its one error l
     ("retrieve.py", ["--pretrained", "crafted.pth"], 1, "rerun with --unsafe-unpickle"),
     ("retrieve.py", ["--pretrained", "tiny.pth", "--arch", "cnn3d"], 1, "does not fit this backbone"),
     ("retrieve.py", ["--pretrained", "nowhere.pth"], 2, "--pretrained nowhere.pth: no such file"),
-    ("data.py", ["--scan", "--dataset", "folder", "--data", "split", "--report", "split/train.txt"], 2,
+    ("dataset_tools.py", ["--scan", "--dataset", "folder", "--data", "split", "--report", "split/train.txt"], 2,
      "not an earlier scan report"),
     ("visualize.py", ["masks", "nope.mp4"], 2, "video not found: nope.mp4"),
     ("bench.py", ["loader", "--dataset", "folder", "--data", "missing"], 2, "--data missing: no such folder"),
@@ -3020,7 +3034,7 @@ def test_utils_every_stage_refuses_a_batch_the_processes_cannot_share(module, tm
 def test_utils_every_number_flag_is_typed_and_refuses_nan_and_inf():
     # every int or float flag of every command line goes through utils.Number (or a choice list): NaN, inf and
     # out-of-range values never reach a script
-    parsers = [m.get_args_parser() for m in (pretrain, finetune, linear_probe, retrieve, data, synthetic)]
+    parsers = [m.get_args_parser() for m in (pretrain, finetune, linear_probe, retrieve, dataset_tools, synthetic)]
     for top in (bench.get_args_parser(), visualize.get_args_parser()):
         sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
         parsers += list(sub.choices.values())
@@ -3028,7 +3042,8 @@ def test_utils_every_number_flag_is_typed_and_refuses_nan_and_inf():
     for parser in parsers:
         for action in parser._actions:
             if action.type in (int, float):
-                assert action.choices is not None or action.dest in data.PREPARE_FLAGS, (parser.prog, action.dest)
+                assert action.choices is not None or action.dest in dataset_tools.PREPARE_FLAGS, (parser.prog,
+                                                                                                  action.dest)
             if isinstance(action.type, utils.Number):
                 checked += 1
                 for text in ("nan", "inf", "-inf", "1e999"):
