@@ -248,9 +248,14 @@ def knn_monitor_sets(args):
     ns = argparse.Namespace(**{**vars(args), "clips": 1})
     if not data.has_test_split(args.dataset, args.data):  # each test video would find itself among the neighbours
         raise utils.DataError(f"--knn-every: --data {args.data}: {data.FOLDER_NO_TEST}")
-    sets = {split: data.build_dataset(ns, split, "test") for split in [args.knn_split, *knn_queries(args)]}
+    sets = {args.knn_split: data.build_dataset(ns, args.knn_split, "test")}
+    for split in knn_queries(args):  # a query that is a neighbour under any name would find itself
+        sets[split] = data.build_dataset(ns, split, "test", held_out_from=args.knn_split)
     if 0 < args.knn_gallery < len(sets[args.knn_split]):
         sets[args.knn_split] = video_subset(sets[args.knn_split], args.knn_gallery, args.seed)
+    if args.knn_k > len(sets[args.knn_split]) and utils.is_main_process():
+        print(f"note: --knn-k {args.knn_k} is more than the {len(sets[args.knn_split])} neighbour videos of "
+              f"{args.knn_split}: every one of them votes")
     return sets
 
 

@@ -2883,6 +2883,7 @@ _UTILS_BAD_FLAGS = [  # row, script, command line, exit status, what its one err
     ("N15", "pretrain.py", ["--moco-t", "inf"], 2, "argument --moco-t: must be in [0.001, 10], got inf"),
     ("N17", "pretrain.py", ["--crop", "1"], 2, "keeps no foreground pixel of a 1x1 crop"),
     ("N19", "pretrain.py", ["--seed", "-1"], 2, "argument --seed: must be in [0, 9223372036854775807], got -1"),
+    ("N-subnormal", "pretrain.py", ["--lr", "1e-320"], 2, "argument --lr: 1e-320 is below 2.23e-308"),
     ("-", "pretrain.py", ["--lr", "nan"], 2, "argument --lr: must be positive, got nan"),
     ("-", "pretrain.py", ["--lr", "2", "--wd", "1"], 2, "weight decay alone would zero the weights or flip their"),
     ("-", "pretrain.py", ["--crop-scale", "0.001", "1"], 2, "argument --crop-scale: must be in [0.01, 1], got 0.001"),
@@ -2912,6 +2913,8 @@ _UTILS_BAD_FLAGS = [  # row, script, command line, exit status, what its one err
     ("V02", "visualize.py", ["masks", "adir"], 2, "adir is a folder; give video files"),
     ("V04", "visualize.py", ["masks", "vid.mp4", "--output", "out.xyz"], 2, ".xyz is no picture format Pillow writes"),
     ("V05", "visualize.py", ["masks", "vid.mp4", "--output", "adir"], 2, "--output adir is a folder"),
+    ("V-cpu1", "visualize.py", ["caam", "vid.mp4", "--pretrained", "none", "--device", "cpu:1"], 2,
+     "expected cpu, cuda or cuda:N, got 'cpu:1'"),
     ("V11", "visualize.py", ["caam", "vid.mp4", "--pretrained", "none", "--device", "gpu0"], 2,
      "argument --device: expected cpu, cuda or cuda:N, got 'gpu0'"),
     ("V12", "visualize.py", ["caam", "vid.mp4", "--pretrained", "none", "--alpha", "5"], 2,
@@ -3702,11 +3705,13 @@ def test_pretrain_knn_monitor_logged(pretrain_env, capsys):
     # chosen epochs and after the last; the synthetic preset turns it on.
     assert pretrain.get_args_parser().parse_args([]).knn_every > 0
     out = pretrain_env.tmp / "knn"
-    pretrain_env.run(out, "--epochs", "3", "--knn-every", "2")
+    pretrain_env.run(out, "--epochs", "3", "--knn-every", "2", "--knn-k", "500")
     log = _pretrain_log(out)
     assert ["knn_test" in e for e in log] == [False, True, True]
     assert all(0 <= e[k] <= 100 for e in log[1:] for k in ("knn_test", "knn_test_swapped"))
-    assert "kNN top-1 test_swapped" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "kNN top-1 test_swapped" in printed
+    assert re.search(r"--knn-k 500 is more than the \d+ neighbour videos of train: every one of them votes", printed)
 
 
 def test_pretrain_knn_gallery_is_a_fixed_subset_of_the_split(pretrain_env):

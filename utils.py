@@ -926,6 +926,9 @@ class Number:
         too_high = self.high is not None and (value >= self.high if self.open_high else value > self.high)
         if not math.isfinite(value) or too_low or too_high:
             raise argparse.ArgumentTypeError(f"must be {self.range}, got {text}")
+        if self.kind is float and 0 < abs(value) < sys.float_info.min:  # below float64's normal range: rounds to 0
+            raise argparse.ArgumentTypeError(f"{text} is below {sys.float_info.min:.3g}, where numbers lose their "
+                                             f"precision (subnormal): give a normal number, or 0 where allowed")
         if self.even and value % 2:
             raise argparse.ArgumentTypeError(f"must be even, got {text}")
         return value
@@ -947,7 +950,7 @@ def device(text):
         dev = torch.device(text)
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
-    if dev.type not in ("cpu", "cuda"):
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
         raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA GPU that torch can use")
