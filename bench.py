@@ -903,6 +903,10 @@ def parse_args(argv=None):
 def main(args):
     if args.markdown:
         check_markdown(args.markdown)
+    if getattr(args, "out", None):  # gpu --out: checked before minutes of timing, like --markdown
+        if os.path.isdir(args.out) or not args.out.lower().endswith(".json"):
+            raise utils.UsageError(f"--out {args.out}: expected a JSON file (.json) to write the table into")
+        utils.check_writable(os.path.dirname(os.path.abspath(args.out)), "--out")
     if args.threads:
         torch.set_num_threads(args.threads)
     benches = {"fame": bench_fame, "models": bench_models, "loader": bench_loader, "pretrain": bench_pretrain,

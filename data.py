@@ -42,7 +42,6 @@ import os
 import posixpath
 import re
 import struct
-import tempfile
 import warnings
 from fractions import Fraction
 
@@ -849,7 +848,7 @@ def load_index(root, rel_paths, cache_file, workers=1, progress=None):
     a description to show a progress bar with. A cache file that is not an index of this version is rebuilt (with
     a warning where it is damaged or foreign), and so is any entry of it that lacks a field."""
     folder = os.path.dirname(os.path.abspath(cache_file))
-    check_writable(folder, _cache_name() if folder == os.path.abspath(cache_dir()) else "the index cache")
+    utils.check_writable(folder, _cache_name() if folder == os.path.abspath(cache_dir()) else "the index cache")
     if os.path.isdir(cache_file):
         raise utils.DataError(f"the index cache {cache_file} is a folder: remove it, or set FAME_CACHE to another "
                               f"folder")
@@ -924,21 +923,8 @@ def _cached_entry(old, stat):
 
 
 def _cache_name():
-    folder = os.environ.get("FAME_CACHE")
-    return f"FAME_CACHE={folder}" if folder else f"the cache folder {cache_dir()} (FAME_CACHE unset)"
-
-
-def check_writable(folder, what):
-    """Creates `folder` if needed and checks that a file can be written in it, before any work: a utils.UsageError
-    naming `what` (the flag or setting that gave the folder) otherwise."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except (FileExistsError, NotADirectoryError):
-        raise utils.UsageError(f"{what}: {folder} is not a folder (a file is in the way)") from None
-    except OSError as e:
-        raise utils.UsageError(f"{what}: cannot write in {folder} ({e.strerror or type(e).__name__})") from None
+    """The cache folder as a message names it (utils.check_writable adds its path)."""
+    return "FAME_CACHE" if os.environ.get("FAME_CACHE") else "the cache folder (FAME_CACHE unset)"
 
 
 def _indexed(args, split, progress=None):

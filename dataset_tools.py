@@ -84,7 +84,7 @@ def main(args):
         raise utils.UsageError(f"given without --prepare, which alone uses them: {', '.join(given)}")
     data.check_data_args(args)
     if args.report is None:
-        data.check_writable(data.cache_dir(), data._cache_name())
+        utils.check_writable(data.cache_dir(), data._cache_name())
     report = args.report or os.path.join(data.cache_dir(), f"unreadable_{args.dataset}.txt")
     check_report_path(report, None if args.dataset == "synthetic" else args.data)
     lines, total, bad, notes = [REPORT_HEADER], 0, [], []
@@ -136,7 +136,7 @@ def check_report_path(path, source=None):
     if source is not None and _inside(path, source):
         raise utils.UsageError(f"--report {path} is inside the dataset {source}, which no tool writes into; give a "
                                f"path outside it")
-    data.check_writable(os.path.dirname(os.path.abspath(path)), "--report")
+    utils.check_writable(os.path.dirname(os.path.abspath(path)), "--report")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def prepare(args):
     if args.dataset != "synthetic" and (_inside(args.out, args.data) or _inside(args.data, args.out)):
         raise utils.UsageError(f"--out {args.out} overlaps the source {args.data}: write the copy to a folder outside "
                                f"it")
-    data.check_writable(args.out, "--out")
+    utils.check_writable(args.out, "--out")
     src = data.synthetic_root(args) if args.dataset == "synthetic" else args.data
     out = os.path.join(args.out, os.path.basename(src)) if args.dataset == "synthetic" else args.out
     if _inside(out, src) or _inside(src, out):
@@ -236,7 +236,7 @@ def prepare(args):
     settings = {"source": os.path.realpath(src), "dataset": args.dataset, "gop": args.gop, "crf": args.crf,
                 "fastdecode": args.fastdecode,
                 "short_side": args.short_side or f"training_short_side({args.crop}, {args.crop_scale[0]})"}
-    data.check_writable(out, "--out")
+    utils.check_writable(out, "--out")
     with utils.file_lock(os.path.join(out, ".prepare.lock")):
         old = os.path.join(out, "prepare.json")
         if os.path.isfile(old):

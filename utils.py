@@ -91,11 +91,15 @@ def not_a_file(path, kind="file"):
 
 
 def check_writable(path, what):
-    """Refuses a folder that this process cannot write a file into (read-only disk, immutable folder, no
-    permission), before any work: a run must not find out after hours. `what`: the flag, for the message."""
+    """Creates the folder `path` if needed and refuses one that this process cannot write a file into (a file in
+    the way, read-only disk, immutable folder, no permission), before any work: a run must not find out after
+    hours. `what`: the flag or setting that gave the folder, for the message."""
     try:
+        os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write_test."):
             pass
+    except (FileExistsError, NotADirectoryError):
+        raise UsageError(f"{what} {path}: not a folder (a file is in the way)") from None
     except OSError as err:
         raise UsageError(f"{what} {path}: cannot write there ({err.strerror or err})") from None
 
