@@ -81,7 +81,7 @@ SYNTHETIC_FLAGS = {"synthetic_version": 3, "synthetic_videos": 800, "synthetic_s
 # frame (random_resized_crop_box)
 CROP_SCALE = utils.Number(float, 0.01, 1)
 SYNTHETIC_VIDEOS = utils.Number(int, 8)  # one video per motion class at least
-SYNTHETIC_SIZE = utils.Number(int, 16, even=True)  # H.264 halves the colour planes
+SYNTHETIC_SIZE = utils.Number(int, 16, 1024, even=True)  # H.264 halves the colour planes; larger is not a toy
 SYNTHETIC_LENGTH = utils.Number(int, 2)  # motion needs two frames
 
 
@@ -145,6 +145,9 @@ def check_data_args(args):
         if getattr(args, "target", "action") == "scene" and args.synthetic_backdrop == "flat":
             raise utils.UsageError("--target scene with --synthetic-backdrop flat: the flat backdrop shows no scene, "
                                    "so its scene labels cannot be told from the frames")
+        if args.synthetic_length < args.frames:  # a generated video shorter than one clip repeats its frames
+            raise utils.UsageError(f"--synthetic-length {args.synthetic_length} is shorter than a clip of --frames "
+                                   f"{args.frames}: generate videos of at least {args.frames} frames")
         if args.synthetic_version != 1 and args.synthetic_sprite != "video":
             raise utils.UsageError("--synthetic-sprite applies to --synthetic-version 1 (versions 2 and 3 have one "
                                    "look for all)")

@@ -402,7 +402,8 @@ def get_args_parser():
                              "same settings, which is kept)")
     parser.add_argument("--videos", type=utils.Number(int, 8), default=800,
                         help="videos per training split (test splits: half)")
-    parser.add_argument("--size", type=utils.Number(int, 16, even=True), default=64, help="frame size (square, even)")
+    parser.add_argument("--size", type=utils.Number(int, 16, 1024, even=True), default=64,
+                        help="frame size (square, even; the rendering holds several (size, size) arrays per frame)")
     parser.add_argument("--length", type=utils.Number(int, 2), default=48, help="frames per video")
     parser.add_argument("--seed", type=utils.SEED, default=0, help="generator seed")
     parser.add_argument("--version", type=int, default=2, choices=VERSIONS, help="benchmark version (see render())")
