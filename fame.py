@@ -253,6 +253,13 @@ def merge(X, mask, Y, out=None):
     if tuple(mask.shape) not in ((B, H, W), (B, T, H, W)):
         raise ValueError(f"mask {tuple(mask.shape)} must be (B, H, W) = {(B, H, W)} or (B, T, H, W) = "
                          f"{(B, T, H, W)} for clips {tuple(X.shape)}")
+    if mask.is_floating_point() and mask.numel():  # a weight outside [0, 1] extrapolates past X or Y
+        lo, hi = mask.aminmax()
+        message = "the mask's weights must lie in [0, 1] (0: background, 1: foreground)"
+        if mask.device.type != "cpu":
+            torch._assert_async((lo >= 0) & (hi <= 1), message)  # no host sync (see _check_clips)
+        elif not (lo >= 0 and hi <= 1):
+            raise ValueError(f"{message}; this mask ranges over [{float(lo):.3g}, {float(hi):.3g}]")
     M = (mask[:, None, None] if mask.dim() == 3 else mask[:, None]).to(X.dtype)  # (B, 1, 1 or T, H, W)
     if X.is_floating_point():
         return torch.lerp(Y, X, M, out=out)  # Y + M (X - Y), computed so that it is exact at M = 0 and M = 1
@@ -267,8 +274,12 @@ def derangement(n, generator=None, device=None):
     The authors' code uses a plain permutation, which leaves about one clip per batch merged with its own
     background, i.e. unchanged; a derangement gives every clip a foreign background.
     """
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"a derangement's size must be an int, got {type(n).__name__} {n!r}")
     if n < 2:
         raise ValueError(f"a derangement needs at least 2 elements, got {n}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     draw_device = generator.device if generator is not None else torch.device("cpu")
     identity = torch.arange(n, device=draw_device)
     while True:

@@ -254,6 +254,8 @@ ARCHS = {"r2plus1d_18": r2plus1d_18, "r2plus1d_tiny": r2plus1d_tiny, "i3d": I3D,
 def build_backbone(arch, num_classes=400, dropout=0.0):
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(sorted(ARCHS))}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     return ARCHS[arch](num_classes=num_classes, dropout=dropout)
 
 
@@ -406,7 +408,9 @@ def load_backbone(model, path, unsafe=False):
     own = model.state_dict()
     mismatched = []
     for k in list(state):
-        if k in own and state[k].shape != own[k].shape:
+        if k in own and own[k].is_floating_point() and not state[k].is_floating_point():
+            mismatched.append(f"{k}: checkpoint {state[k].dtype} for a weight of {own[k].dtype}")
+        elif k in own and state[k].shape != own[k].shape:
             if k.startswith(_CLASSIFIER_PREFIX):  # finetuned on another label set: keep our classifier
                 dropped.append(k)
                 del state[k]
@@ -417,7 +421,7 @@ def load_backbone(model, path, unsafe=False):
     fatal = [k for k in missing if not k.startswith(_CLASSIFIER_PREFIX)]
     if fatal or mismatched:
         raise CheckpointError(f"{path} does not fit this backbone (another arch?): "
-                         f"{len(fatal)} missing keys {fatal[:10]}, {len(mismatched)} shape mismatches "
+                         f"{len(fatal)} missing keys {fatal[:10]}, {len(mismatched)} shape or dtype mismatches "
                          f"{mismatched[:10]}, {len(unexpected)} unexpected keys {unexpected[:10]}")
     model.load_state_dict(state, strict=False)
     stored = ckpt.get("args")

@@ -480,6 +480,9 @@ def test_fame_api_refuses_shapes_dtypes_and_values_it_cannot_handle():
         (lambda: fame.merge(clips, mask[0], clips.flip(0)), ValueError, r"mask \(32, 32\) must be \(B, H, W\)"),
         (lambda: fame.merge(clips, mask[:2], clips.flip(0)), ValueError, "must be"),
         (lambda: fame.merge(clips, mask[:, None].expand(4, 5, 32, 32), clips.flip(0)), ValueError, "must be"),
+        (lambda: fame.merge(clips, mask * 2.0, clips.flip(0)), ValueError, r"weights must lie in \[0, 1\]"),
+        (lambda: fame.derangement(4.0), TypeError, "size must be an int, got float"),
+        (lambda: fame.FAME()(clips, generator="seed42"), TypeError, "generator must be a torch.Generator"),
         (lambda: fame.FAME(beta=True), ValueError, "beta must be a number"),
         (lambda: fame.FAME(beta=np.float64(1.5)), ValueError, "beta must be a number"),
     ]
@@ -824,8 +827,15 @@ def test_models_load_backbone_our_formats_and_errors(tmp_path):
     assert report["missing"] == report["dropped"] == ["fc.weight", "fc.bias"] and other.fc.out_features == 9
 
     torch.save(models.r2plus1d_18(width=32, layers=(1, 1, 1, 1)).state_dict(), tmp_path / "wide.pth")
-    with pytest.raises(ValueError, match=r"shape mismatches \['stem.0.weight: checkpoint \(23, 3, 1, 7, 7\)"):
+    with pytest.raises(ValueError, match=r"dtype mismatches \['stem.0.weight: checkpoint \(23, 3, 1, 7, 7\)"):
         models.load_backbone(models.build_backbone("r2plus1d_tiny"), str(tmp_path / "wide.pth"))
+    # integer weights (not what training writes) are refused, not cast into the float model
+    torch.save({k: v.long() for k, v in finetuned.state_dict().items()}, tmp_path / "int64.pth")
+    with pytest.raises(ValueError, match=r"stem.0.weight: checkpoint torch.int64 for a weight of torch.float32"):
+        models.load_backbone(models.build_backbone("r2plus1d_tiny"), str(tmp_path / "int64.pth"))
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="num_classes must be a positive int"):
+            models.build_backbone("cnn3d", num_classes=bad)
     with pytest.raises(ValueError, match="conv3d_1a_7x7"):
         models.load_backbone(models.build_backbone("i3d"), str(tmp_path / "encoder_q.pth"))
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
