@@ -55,14 +55,15 @@ def get_args_parser():
                              "prepare_report.txt in the copy)")
     g = parser.add_argument_group("prepare")
     g.add_argument("--out", default=None, help="folder of the prepared copy (outside --data)")
-    g.add_argument("--gop", type=int, default=PREPARE_FLAGS["gop"],
+    g.add_argument("--gop", type=utils.POSITIVE_INT, default=PREPARE_FLAGS["gop"],
                    help="a keyframe every GOP frames (closed GOPs): a clip's decoding starts at most GOP-1 frames "
                         "before it")
-    g.add_argument("--short-side", type=int, default=PREPARE_FLAGS["short_side"],
-                   help="short side of the copy's frames, smaller ones keep theirs (default: the smallest at which "
+    g.add_argument("--short-side", type=utils.Number(int, 2), default=PREPARE_FLAGS["short_side"],
+                   help="short side of the copy's frames, rounded to an even size (x264's 4:2:0 colour planes), "
+                        "smaller ones keep theirs (default: the smallest at which "
                         "no training crop of --crop and --crop-scale is upsampled, training_short_side: 251 px for "
                         "4:3 frames, 217 for 16:9 at --crop 112)")
-    g.add_argument("--crf", type=int, default=PREPARE_FLAGS["crf"],
+    g.add_argument("--crf", type=utils.Number(int, 0, 51), default=PREPARE_FLAGS["crf"],
                    help="x264 constant rate factor (lower: larger files closer to the source)")
     g.add_argument("--fastdecode", action=argparse.BooleanOptionalAction, default=PREPARE_FLAGS["fastdecode"],
                    help="x264 tune=fastdecode (no CABAC, no deblocking): faster decoding, somewhat larger files")
@@ -76,8 +77,6 @@ def main(args):
     if args.prepare:
         if args.out is None:
             raise utils.UsageError("--prepare needs --out, the folder of the copy")
-        if args.gop < 1 or not 0 <= args.crf <= 51 or (args.short_side is not None and args.short_side < 2):
-            raise utils.UsageError("--gop must be positive, --crf in [0, 51] and --short-side at least 2")
         return prepare(args)
     given = [f"--{k.replace('_', '-')}" for k, v in PREPARE_FLAGS.items() if getattr(args, k) != v]
     if given:
