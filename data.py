@@ -1460,3 +1460,12 @@ def build_test_loader(dataset, args):
     """Loader of a test-mode dataset: each item holds --clips clips of one video; about --batch-size clips per
     batch."""
     return build_loader(dataset, max(1, args.batch_size // utils.get_world_size() // args.clips), args, train=False)
+
+
+if __name__ == "__main__":  # the dataset tools' command line moved to dataset_tools.py: say so instead of nothing
+    import shlex
+    import sys
+
+    print(f"data.py: error: data.py has no command line; the dataset tools are python dataset_tools.py "
+          f"{shlex.join(sys.argv[1:])}".rstrip(), file=sys.stderr)
+    sys.exit(2)

@@ -2003,6 +2003,14 @@ _DATA_CONTAINERS = [  # file, codec, container, extra _data_encode arguments, wh
 ]
 
 
+def test_data_py_run_as_a_script_names_the_dataset_tools():
+    # the dataset tools' command line is dataset_tools.py; the old command says so rather than doing nothing
+    result = subprocess.run([sys.executable, str(Path(data.__file__)), "--scan", "--dataset", "k400"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr == ("data.py: error: data.py has no command line; the dataset "
+                                                        "tools are python dataset_tools.py --scan --dataset k400\n")
+
+
 def test_data_decode_frames_refuses_indices_and_entries_it_cannot_read(tmp_path):
     # frames outside the video, no frames, and an entry that is not the file's index entry are refused by name
     # (they were clamped to the last frame, or ended in "no frames decoded")
