@@ -78,6 +78,28 @@ def _cpu_unless_gpu_tier(request, monkeypatch):
 # fame.py: masks (Eqs. 2-3), merge (Eq. 4), variants
 # ============================================================================================================
 
+def test_fame_binarize_gives_a_bool_mask_that_merge_takes_for_float_clips_of_any_dtype():
+    # binarize's mask is bool (B, H, W) with [beta H W] ones per clip; merge takes it as it is for float clips of
+    # every dtype, and a float32 0/1 mask for clips of another float dtype: X where the mask is 1, Y elsewhere
+    g = torch.Generator().manual_seed(0)
+    mask = fame.binarize(torch.rand(2, 4, 5, generator=g), 0.5)
+    assert mask.dtype == torch.bool and mask.shape == (2, 4, 5) and mask.flatten(1).sum(1).tolist() == [10, 10]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        X, Y = (torch.rand(2, 3, 2, 4, 5, generator=g).to(dtype) for _ in range(2))
+        for m in (mask, mask.float()):
+            out = fame.merge(X, m, Y)
+            assert out.dtype == dtype and torch.equal(out, torch.where(mask[:, None, None], X, Y)), (dtype, m.dtype)
+
+
+def test_fame_derangement_is_on_the_device_asked_for():
+    # derangement(n, generator, device): on `device` when one is given (here the meta device, which every build
+    # has), else where it was drawn (the generator's device, the CPU without one)
+    g = torch.Generator().manual_seed(0)
+    assert fame.derangement(4, g).device.type == "cpu" and fame.derangement(4).device.type == "cpu"
+    assert fame.derangement(4, g, device="meta").device.type == "meta"
+    assert fame.derangement(4, device=torch.device("meta")).device.type == "meta"
+
+
 def test_fame_merge_takes_each_frame_from_its_own_mask():
     # A mask per frame (B, T, H, W): frame t of the merge is X where mask[:, t] is 1 and Y elsewhere, whatever the
     # masks of the other frames say; a mask constant over time (B, H, W) is that mask at every frame.
@@ -2388,6 +2410,77 @@ def test_synthetic_balanced_dataset_labels(tmp_path):
 # ============================================================================================================
 # utils.py: checkpoints, logs, flags, schedule
 # ============================================================================================================
+
+def test_utils_classification_metrics_leave_out_the_classes_without_videos():
+    # per-class accuracy (and its mean) over the classes that have test videos: a class without any is not a 0
+    # and not a NaN, whichever classes those are
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])
+    got = utils.classification_metrics(scores, torch.tensor([0, 1, 1]), ["a", "b", "c"])
+    assert got["per_class_acc"] == {"a": 100.0, "b": 50.0} and got["mean_class_acc"] == 75.0
+    got = utils.classification_metrics(scores, torch.tensor([0, 0, 0]), ["a", "b", "c"])
+    assert got["per_class_acc"] == {"a": pytest.approx(200 / 3)} and got["mean_class_acc"] == pytest.approx(200 / 3)
+
+
+def test_utils_video_accounting_adds_the_videos_that_failed_at_test_time():
+    # listed = scored + left out: the listing's left-out videos as they are, then each video that did not decode,
+    # by its path under the root, counted under FAILED_TO_DECODE beside the listing's reasons
+    root = os.path.join("data", "ucf101")
+    manifest = {"listed": 6, "left_out": [("a.avi", "unreadable", "no video stream")],
+                "left_out_by_reason": {"unreadable": 1, "too short": 0}}
+    dataset = argparse.Namespace(name="ucf101", root=root, manifest=manifest,
+                                 paths=[os.path.join(root, "c", f"v{i}.avi") for i in range(5)])
+    got = utils.video_accounting(dataset, torch.tensor([True, False, True, False, True]))
+    assert got == {"listed": 6, "scored": 3, "left_out": 3,
+                   "left_out_by_reason": {"unreadable": 1, "too short": 0, utils.FAILED_TO_DECODE: 2},
+                   "left_out_videos": [["a.avi", "unreadable", "no video stream"],
+                                       [os.path.join("c", "v1.avi"), utils.FAILED_TO_DECODE, "at test time"],
+                                       [os.path.join("c", "v3.avi"), utils.FAILED_TO_DECODE, "at test time"]]}
+    with pytest.raises(RuntimeError, match="do not add up"):
+        utils.video_accounting(argparse.Namespace(**{**vars(dataset), "manifest": {**manifest, "listed": 7}}),
+                               torch.tensor([True, False, True, False, True]))
+
+
+def test_utils_resume_refuses_a_damaged_step_and_a_mid_epoch_checkpoint_of_another_world_size(tmp_path, monkeypatch,
+                                                                                               capsys):
+    # the step must be a count; inside an epoch (step > 0) the number of processes must be the saving run's, at an
+    # epoch's end it may change; paths in the settings compare by where they point; a fresh start is epoch 0
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    parser = pretrain.get_args_parser()
+    args = parser.parse_args(["--output-dir", str(tmp_path)])
+    assert utils.Checkpointing(args).resume(parser) == 0  # nothing saved yet
+    path = tmp_path / "checkpoint.pth"
+
+    def load(**fields):
+        utils.save_checkpoint({"args": utils.plain(vars(args)), "epoch": 1, "step": 0, "sums": {}, "world_size": 1,
+                               **fields}, path)
+        return utils.load_resume(str(path), args, parser)
+
+    assert load()["step"] == 0 and load(step=3)["step"] == 3 and load(world_size=2)["epoch"] == 1
+    for step in (-1, "3", 2.5, None):
+        with pytest.raises(models.CheckpointError, match="'step' is"):
+            load(step=step)
+    with pytest.raises(utils.UsageError, match="saved inside epoch 2 by 2 processes"):
+        load(step=3, world_size=2)
+    capsys.readouterr()
+    load(args={**utils.plain(vars(args)), "output_dir": os.path.join(str(tmp_path), ".", "")})  # the same folder
+    load(args={**utils.plain(vars(args)), "output_dir": str(tmp_path / "elsewhere")})
+    printed = capsys.readouterr().out.splitlines()
+    assert "changed" not in printed[0] and f"changed: --output-dir {tmp_path / 'elsewhere'}" in printed[1]
+
+
+def test_utils_resume_restarts_an_fp16_loss_scale_under_bf16(tmp_path, monkeypatch, capsys):
+    # a checkpoint of an fp16 run (a loss scale saved) resumed where --amp resolves to bf16 (no scaler): the note
+    # says the scaler starts afresh
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    args = pretrain.get_args_parser().parse_args(["--output-dir", str(tmp_path)])
+    utils.Checkpointing(args, torch.float16, scaler=utils.grad_scaler(torch.float16, torch.device("cpu"))).save(
+        tmp_path / "checkpoint.pth")
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["scaler"]
+    utils.Checkpointing(args, torch.bfloat16, scaler=utils.grad_scaler(torch.bfloat16, torch.device("cpu"))).resume(
+        pretrain.get_args_parser())
+    assert "trained with fp16 autocast; --amp auto is bf16 on this machine: the loss scaler starts afresh" in \
+        capsys.readouterr().out
+
 
 def test_utils_classification_metrics_by_hand():
     # top-1, top-5 (a hit when the label is among the 5 highest scores), per-class and mean per-class accuracy,
