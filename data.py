@@ -145,7 +145,8 @@ def check_data_args(args):
         if getattr(args, "target", "action") == "scene" and args.synthetic_backdrop == "flat":
             raise utils.UsageError("--target scene with --synthetic-backdrop flat: the flat backdrop shows no scene, "
                                    "so its scene labels cannot be told from the frames")
-        if args.synthetic_length < args.frames:  # a generated video shorter than one clip repeats its frames
+        # a generated video shorter than one clip repeats its frames (dataset_tools.py, with --scan, cuts no clips)
+        if args.synthetic_length < args.frames and "scan" not in vars(args):
             raise utils.UsageError(f"--synthetic-length {args.synthetic_length} is shorter than a clip of --frames "
                                    f"{args.frames}: generate videos of at least {args.frames} frames")
         if args.synthetic_version != 1 and args.synthetic_sprite != "video":
