@@ -503,6 +503,7 @@ def test_fame_api_refuses_shapes_dtypes_and_values_it_cannot_handle():
         (lambda: fame.merge(clips, mask[:2], clips.flip(0)), ValueError, "must be"),
         (lambda: fame.merge(clips, mask[:, None].expand(4, 5, 32, 32), clips.flip(0)), ValueError, "must be"),
         (lambda: fame.merge(clips, mask * 2.0, clips.flip(0)), ValueError, r"weights must lie in \[0, 1\]"),
+        (lambda: fame.merge(clips, mask - 0.5, clips.flip(0)), ValueError, r"ranges over \[-0.5, 0.5\]"),
         (lambda: fame.derangement(4.0), TypeError, "size must be an int, got float"),
         (lambda: fame.FAME()(clips, generator="seed42"), TypeError, "generator must be a torch.Generator"),
         (lambda: fame.FAME(beta=True), ValueError, "beta must be a number"),
@@ -522,6 +523,8 @@ def test_fame_api_refuses_shapes_dtypes_and_values_it_cannot_handle():
         op = fame.FAME(beta)
         assert type(op.beta) is float and torch.equal(op(clips, generator=g().manual_seed(0)), expected)
         assert torch.equal(fame.foreground_mask(clips, beta), mask)
+    # a float 0/1 mask is a mask like any other (its weights 0 and 1 are in range)
+    assert torch.equal(fame.merge(clips, mask.float(), clips.flip(0)), fame.merge(clips, mask.bool(), clips.flip(0)))
     # per-frame masks (B, T, H, W) and the smallest beta that keeps a pixel still work
     per_frame = mask[:, None].expand(4, 4, 32, 32)
     assert torch.equal(fame.merge(clips, per_frame, clips.flip(0)), fame.merge(clips, mask, clips.flip(0)))
