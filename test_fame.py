@@ -3501,7 +3501,7 @@ def _pretrain_torchrun_stopped(runner, rank, sig):
     """Pretrains on 2 processes under torchrun (gloo, CPU) for 2 epochs, with `sig` sent to process `rank` during
     step 1 of epoch 2 (--log-every 1: the processes share their stop flags after every step); returns each process's
     state where it stopped (its parameters and buffers by module, and its place) and the checkpoint written. Run
-    once per (rank, sig) in a test session."""
+    once per (rank, sig) in a pytest run."""
     if (rank, sig) not in _PRETRAIN_STOPPED:
         wrapper = runner.tmp / "stop.py"
         wrapper.write_text(_PRETRAIN_STOP_WRAPPER.format(repo=str(_PRETRAIN_REPO), rank=rank, signal=sig,
