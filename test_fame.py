@@ -1040,7 +1040,7 @@ def _models_ddp_worker(rank, world, port, out_dir):
         torch.save({"queue": moco.queue, "ptr": moco.queue_ptr, "expected": torch.stack(history[-K:]),
                     "q_flat": q_flat, "differs": differs}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        utils.finish_distributed()
 
 
 def test_models_moco_ddp_two_processes(tmp_path):
@@ -2841,7 +2841,31 @@ def test_utils_ddp_wrapper_without_the_deprecation_warning(tmp_path):
         assert getattr(ddp, "forward_sync_buffers", getattr(ddp, "broadcast_buffers", None)) is False
         assert getattr(utils.wrap_ddp(nn.Linear(2, 2), torch.device("cpu")), "broadcast_buffers") is True
     finally:
-        dist.destroy_process_group()
+        utils.finish_distributed()
+
+
+def test_utils_finish_distributed_waits_for_the_gloo_workers(tmp_path, monkeypatch):
+    # torch 2.4 can hang in ProcessGroupGloo's destructor when a worker is still busy: gloo ends with a barrier
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    calls = []
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: calls.append(dist.is_initialized()))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    utils.finish_distributed()
+    assert calls == [True] and not dist.is_initialized()
+    utils.finish_distributed()  # no process group: nothing to do
+    assert calls == [True]
+
+
+def test_utils_run_script_formats_warnings_only_while_it_runs():
+    before = warnings.formatwarning
+
+    def main(args):
+        assert warnings.formatwarning("careful", UserWarning, "x.py", 1) == "tool.py: warning: careful\n"
+        return "done"
+
+    assert utils.run_script(main, argparse.ArgumentParser(prog="tool.py"), argparse.Namespace()) == "done"
+    assert warnings.formatwarning is before
 
 
 def test_utils_index_readers_share_the_lock_and_one_process_says_it_waits(tmp_path, capsys, monkeypatch):
