@@ -251,7 +251,7 @@ def finish_distributed():
         if dist.get_backend() == "gloo":
             # At torch 2.4, ProcessGroupGloo's destructor joins its worker threads holding the GIL, while a worker
             # that still releases the tensors of a finished collective waits for the GIL: the process hangs (a
-            # two-process test hung in 3 of 8 runs, and in none of 22 with this barrier). The barrier waits, the
+            # two-process test hung in 4 of 18 runs, and in none of 22 with this barrier). The barrier waits, the
             # GIL released, until the workers are idle.
             dist.barrier()
         dist.destroy_process_group()
