@@ -729,15 +729,10 @@ def _gpu_loader(small, best):
 
 def machine():
     """The CPU model and core count, torch's threads, and the GPU if one is used: who measured a table."""
-    model = "unknown CPU"
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
-    threads = torch.get_num_threads()
-    text = f"{model}, {os.cpu_count()} cores, {threads} torch thread{'s' * (threads != 1)}"
-    if torch.cuda.is_available():
-        text += f", {torch.cuda.get_device_name()}"
-    return text
+    env = utils.environment()
+    threads = env["torch_threads"]
+    text = f"{env['cpu']}, {env['cores']} cores, {threads} torch thread{'s' * (threads != 1)}"
+    return text + (f", {env['gpu']}" if env["gpu"] else "")
 
 
 def markdown_tables(rows, max_columns=12):

@@ -147,7 +147,8 @@ def main(args):
     parser.given = {"moco_k": given_k}  # a resume's refusal names the flag as given too
     start_epoch = checkpointing.resume(parser)
     if utils.is_main_process():
-        utils.write_json(out / "args.json", {**vars(args), "git_commit": commit, "world_size": world})
+        utils.write_json(out / "args.json", {**vars(args), "git_commit": commit, "world_size": world,
+                                              "environment": utils.environment()})
     knn_sets = knn_monitor_sets(args) if args.knn_every else None
     log = utils.Log(out / "log.jsonl", start_epoch)
     key_sims = [e["key_sim"] for e in log.entries()]  # the collapse monitor's history, over resumes too

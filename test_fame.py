@@ -1050,7 +1050,7 @@ def test_models_moco_ddp_two_processes(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_models_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     assert torch.equal(r0["queue"], r1["queue"]) and torch.equal(r0["q_flat"], r1["q_flat"])
     assert int(r0["ptr"]) == int(r1["ptr"]) == (2 * 2 * 2 * 3) % 16
     ptr = int(r0["ptr"])
@@ -3616,7 +3616,9 @@ def test_pretrain_epoch_resume_and_checkpoint(pretrain_env, capsys):
     out = pretrain_env.tmp / "run"
     pretrain_env.run(out)
     assert {"checkpoint.pth", "log.jsonl", "args.json"} <= {p.name for p in out.iterdir()}
-    assert json.loads((out / "args.json").read_text())["beta"] == 0.5
+    stored = json.loads((out / "args.json").read_text())
+    assert stored["beta"] == 0.5 and stored["environment"]["torch"] == torch.__version__
+    assert stored["environment"]["torch_threads"] == torch.get_num_threads()  # the rounding depends on it
     log = _pretrain_log(out)
     assert [e["epoch"] for e in log] == [1]
     assert {"loss", "acc", "lr", "time", "clips_per_s", "failed_videos", "key_sim"} <= set(log[0])
@@ -3906,7 +3908,7 @@ def test_pretrain_torchrun_two_processes_agree_on_queue(pretrain_env):
                              str(wrapper), *pretrain_env.argv("ddp")],
                             cwd=pretrain_env.tmp, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    q0, q1 = (torch.load(pretrain_env.tmp / f"queue_rank{r}.pt") for r in (0, 1))
+    q0, q1 = (torch.load(pretrain_env.tmp / f"queue_rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(q0["queue"], q1["queue"]) and torch.equal(q0["ptr"], q1["ptr"])
     assert int(q0["ptr"]) == 0  # 2 steps of 8 keys (4 per rank, gathered) went round the queue of K = 8 twice
     saved = torch.load(pretrain_env.tmp / "ddp" / "checkpoint.pth", weights_only=True)["model"]
@@ -4090,6 +4092,7 @@ def _eval_run(module, argv):
 
 def _eval_check_classification(results):
     assert set(results["splits"]) == {"test", "test_swapped"}
+    assert results["git_commit"] == utils.git_commit() and results["environment"] == utils.environment()
     for metrics in results["splits"].values():
         assert 0 <= metrics["top1"] <= metrics["top5"] <= 100
         assert metrics["videos"] == 8 and 0 < len(metrics["per_class_acc"]) <= 8
@@ -4763,6 +4766,6 @@ def test_gpu_nccl_process_group_step(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_gpu_nccl_worker, args=(world, port, str(tmp_path)), nprocs=world, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     assert results[0]["read"]["failed_videos"] == sum(range(world)) and math.isfinite(results[0]["read"]["loss"])
     assert all(torch.equal(r["queue"], results[0]["queue"]) for r in results)

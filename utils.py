@@ -294,6 +294,19 @@ def adjust_learning_rate(optimizer, epoch, args):
 # Files
 
 
+def environment():
+    """What a run's numbers depend on beyond its flags and commit: the float rounding of CPU and GPU kernels varies
+    with the torch version, the CPU's instruction set and the thread count, and a long training amplifies it."""
+    cpu = "unknown CPU"
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "cpu": cpu,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
 @functools.cache  # asked by the script's printout and by every checkpoint: two git calls once per process
 def git_commit():
     """The commit the code runs at ("+dirty" with uncommitted changes), or "unknown" outside git."""
@@ -888,7 +901,8 @@ def write_results(args, results, **extra):
     if not is_main_process():
         return
     key = "R@1" if "R@1" in next(iter(results.values())) else "top1"
-    out = {"pretrained": args.pretrained, "splits": results, **extra, "args": vars(args)}
+    out = {"pretrained": args.pretrained, "splits": results, **extra, "args": vars(args),
+           "git_commit": git_commit(), "environment": environment()}
     if "test" in results and "test_swapped" in results:
         out["bias_gap"] = results["test"][key] - results["test_swapped"][key]  # percentage points
     for split, metrics in results.items():
