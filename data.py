@@ -705,7 +705,7 @@ def probe_video(path):
     searched by guessed timestamps and land on later or undecodable frames, and some indexed files (B-frames behind
     very short GOPs) land past their keyframe too; such files are read from their start, correctly but slower, and
     `note` says why (so does any other departure from the file's own timeline). orient: the display matrix as
-    [a, b, c, d] signs (see _orient), applied by decode_frames as a player applies it."""
+    [a, b, c, d] signs (see orient_frame), applied by decode_frames as a player applies it."""
     if os.path.getsize(path) == 0:
         raise ValueError("zero-byte file")
     try:
@@ -852,7 +852,7 @@ def load_index(root, rel_paths, cache_file, workers=1, progress=None):
     a description to show a progress bar with. A cache file that is not an index of this version is rebuilt (with
     a warning where it is damaged or foreign), and so is any entry of it that lacks a field."""
     folder = os.path.dirname(os.path.abspath(cache_file))
-    utils.check_writable(folder, _cache_name() if folder == os.path.abspath(cache_dir()) else "the index cache")
+    utils.check_writable(folder, cache_name() if folder == os.path.abspath(cache_dir()) else "the index cache")
     if os.path.isdir(cache_file):
         raise utils.DataError(f"the index cache {cache_file} is a folder: remove it, or set FAME_CACHE to another "
                               f"folder")
@@ -926,7 +926,7 @@ def _cached_entry(old, stat):
     return None
 
 
-def _cache_name():
+def cache_name():
     """The cache folder as a message names it (utils.check_writable adds its path)."""
     return "FAME_CACHE" if os.environ.get("FAME_CACHE") else "the cache folder (FAME_CACHE unset)"
 
@@ -1111,9 +1111,9 @@ def _decode_wanted(path, want, info, short_side, threads, seek, decoded):
                 if i < len(want) and idx == want[i]:
                     if size is None:
                         size = _target_size(frame.width, frame.height, short_side)
-                    out[idx] = _orient(reformatter.reformat(frame, width=size[0], height=size[1], format="rgb24",
-                                                            interpolation="AREA", threads=threads).to_ndarray(),
-                                       info["orient"])
+                    image = reformatter.reformat(frame, width=size[0], height=size[1], format="rgb24",
+                                                 interpolation="AREA", threads=threads).to_ndarray()
+                    out[idx] = orient_frame(image, info["orient"])
                     i += 1
                 if i == len(want):
                     break
@@ -1128,7 +1128,7 @@ def _decode_wanted(path, want, info, short_side, threads, seek, decoded):
     return out
 
 
-def _orient(image, orient):
+def orient_frame(image, orient):
     """An (H, W, C) array as a player shows it under the display matrix signs [a, b, c, d] (probe_video): a view,
     no copy."""
     a, b, c, d = orient

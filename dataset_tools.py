@@ -83,7 +83,7 @@ def main(args):
         raise utils.UsageError(f"given without --prepare, which alone uses them: {', '.join(given)}")
     data.check_data_args(args)
     if args.report is None:
-        utils.check_writable(data.cache_dir(), data._cache_name())
+        utils.check_writable(data.cache_dir(), data.cache_name())
     report = args.report or os.path.join(data.cache_dir(), f"unreadable_{args.dataset}.txt")
     check_report_path(report, None if args.dataset == "synthetic" else args.data)
     lines, total, bad, notes = [REPORT_HEADER], 0, [], []
@@ -182,8 +182,8 @@ def encode_copy(src, f, info, gop=16, short_side=None, crf=PREPARE_CRF, fastdeco
             if idx < k:
                 continue  # a repeated or late timestamp
             if turned:
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(data._orient(frame.to_ndarray(format="rgb24"),
-                                                                                     info["orient"])), format="rgb24")
+                upright = data.orient_frame(frame.to_ndarray(format="rgb24"), info["orient"])
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(upright), format="rgb24")
             image = frame.reformat(width=o.width, height=o.height, format="yuv420p", interpolation="AREA")
             while k <= min(idx, total - 1):  # frames before the first decoded one repeat it, as in decode_frames
                 k = _encode_frame(out, o, image if k == idx or last is None else last, k)

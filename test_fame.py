@@ -74,6 +74,14 @@ def _cpu_unless_gpu_tier(request, monkeypatch):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
+@pytest.fixture(autouse=True)
+def _release_output_folders():
+    """A stage's main() called in this process keeps its output folder locked, as run_script releases it only on
+    the command line: each test lets its folders go."""
+    yield
+    utils.release_output_dirs()
+
+
 # ============================================================================================================
 # fame.py: masks (Eqs. 2-3), merge (Eq. 4), variants
 # ============================================================================================================
