@@ -243,8 +243,8 @@ def merge(X, mask, Y, out=None):
 
     X (foreground source), Y (background source): (B, C, T, H, W); mask: (B, H, W), or (B, T, H, W) per frame.
     A 0/1 mask selects pixels exactly, in any dtype; a soft mask blends float clips (integer clips take any
-    nonzero value of the mask in their dtype as 1). Returns the merged clips (B, C, T, H, W) in X's dtype (into
-    `out` if given).
+    nonzero value of the mask in their dtype as 1). Float clips and float masks take weights in [0, 1] only.
+    Returns the merged clips (B, C, T, H, W) in X's dtype (into `out` if given).
     """
     if X.dim() != 5:
         raise ValueError(f"expected clips X of shape (B, C, T, H, W), got {tuple(X.shape)}")
@@ -253,7 +253,8 @@ def merge(X, mask, Y, out=None):
     if tuple(mask.shape) not in ((B, H, W), (B, T, H, W)):
         raise ValueError(f"mask {tuple(mask.shape)} must be (B, H, W) = {(B, H, W)} or (B, T, H, W) = "
                          f"{(B, T, H, W)} for clips {tuple(X.shape)}")
-    if mask.is_floating_point() and mask.numel():  # a weight outside [0, 1] extrapolates past X or Y
+    weights = mask.is_floating_point() or (X.is_floating_point() and mask.dtype != torch.bool)  # e.g. 0/255 uint8
+    if weights and mask.numel():  # a weight outside [0, 1] extrapolates past X or Y
         lo, hi = mask.aminmax()
         message = "the mask's weights must lie in [0, 1] (0: background, 1: foreground)"
         if mask.device.type != "cpu":

@@ -88,13 +88,13 @@ def _release_output_folders():
 
 def test_fame_binarize_gives_a_bool_mask_that_merge_takes_for_float_clips_of_any_dtype():
     # binarize's mask is bool (B, H, W) with [beta H W] ones per clip; merge takes it as it is for float clips of
-    # every dtype, and a float32 0/1 mask for clips of another float dtype: X where the mask is 1, Y elsewhere
+    # every dtype, and a float32 or uint8 0/1 mask for clips of any float dtype: X where the mask is 1, Y elsewhere
     g = torch.Generator().manual_seed(0)
     mask = fame.binarize(torch.rand(2, 4, 5, generator=g), 0.5)
     assert mask.dtype == torch.bool and mask.shape == (2, 4, 5) and mask.flatten(1).sum(1).tolist() == [10, 10]
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         X, Y = (torch.rand(2, 3, 2, 4, 5, generator=g).to(dtype) for _ in range(2))
-        for m in (mask, mask.float()):
+        for m in (mask, mask.float(), mask.to(torch.uint8)):
             out = fame.merge(X, m, Y)
             assert out.dtype == dtype and torch.equal(out, torch.where(mask[:, None, None], X, Y)), (dtype, m.dtype)
 
@@ -512,6 +512,7 @@ def test_fame_api_refuses_shapes_dtypes_and_values_it_cannot_handle():
         (lambda: fame.merge(clips, mask[:, None].expand(4, 5, 32, 32), clips.flip(0)), ValueError, "must be"),
         (lambda: fame.merge(clips, mask * 2.0, clips.flip(0)), ValueError, r"weights must lie in \[0, 1\]"),
         (lambda: fame.merge(clips, mask - 0.5, clips.flip(0)), ValueError, r"ranges over \[-0.5, 0.5\]"),
+        (lambda: fame.merge(clips, (mask != 0).byte() * 255, clips.flip(0)), ValueError, r"ranges over \[0, 255\]"),
         (lambda: fame.derangement(4.0), TypeError, "size must be an int, got float"),
         (lambda: fame.FAME()(clips, generator="seed42"), TypeError, "generator must be a torch.Generator"),
         (lambda: fame.FAME(beta=True), ValueError, "beta must be a number"),
@@ -2685,6 +2686,14 @@ def test_utils_amp_choice():
     assert utils.grad_scaler(torch.float16, cpu).is_enabled() and not utils.grad_scaler(None, cpu).is_enabled()
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_utils_amp_auto_takes_bf16_only_where_the_gpu_computes_in_it(monkeypatch, native):
+    # a V100 or T4 only emulates bf16 (torch's is_bf16_supported() says True there by default): auto is fp16 on it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    expected = torch.bfloat16 if native else torch.float16
+    assert utils.amp_dtype("auto", torch.device("cuda")) == expected
+
+
 def test_utils_resume_refuses_changed_settings_and_restores_named_sums(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     parser = pretrain.get_args_parser()
@@ -4709,6 +4718,19 @@ def test_gpu_pretraining_steps_make_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert checkpointing.end_epoch()["steps"] == 4
+
+
+@_gpu
+def test_gpu_one_process_reads_the_values_once_the_gpu_wrote_them(tmp_path):
+    # One process without a process group sums the steps' values on the CPU; the GPU is still busy when it asks.
+    args = pretrain.get_args_parser().parse_args(["--log-every", "1", "--output-dir", str(tmp_path)])
+    checkpointing = utils.Checkpointing(args, None)
+    checkpointing.begin_epoch()
+    torch.cuda._sleep(200_000_000)  # tens of milliseconds of GPU work before the values below are written
+    loss = torch.full((), 2.5, device="cuda") * 2
+    checkpointing.add({"loss": loss, "acc": torch.ones((), device="cuda")})
+    read = checkpointing.check()
+    assert (read["loss"], read["acc"], read["steps"]) == (5.0, 1.0, 1)
 
 
 @_gpu

@@ -636,6 +636,9 @@ class Checkpointing:
                              dtype=torch.float64)
         rows = [torch.stack([torch.as_tensor(values[name]).detach().to(device, torch.float64, non_blocking=True)
                              for name in names]) for names, values, _, _ in pending]
+        if device.type == "cpu" and torch.cuda.is_initialized():
+            # one process on a GPU sums on the CPU: its copies from the GPU return before the values are there
+            torch.cuda.synchronize()
         table = torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.float64, device=device)
         flags = flags.to(device, non_blocking=True)
         if world > 1:
@@ -695,12 +698,12 @@ AMP_NAMES = {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}  # auto
 
 
 def amp_dtype(mode, device):
-    """The autocast dtype of --amp on `device`, or None for float32. auto: bf16 on GPUs that have it, fp16 (with
-    loss scaling) on older ones, float32 on CPU."""
+    """The autocast dtype of --amp on `device`, or None for float32. auto: bf16 on GPUs that compute in it (compute
+    capability 8.0 on), fp16 (with loss scaling) on older ones, which only emulate bf16, float32 on CPU."""
     if mode == "off" or (mode == "auto" and device.type != "cuda"):
         return None
     if mode == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
 
 
@@ -1053,8 +1056,8 @@ def add_run_args(parser, arch="r2plus1d_18", batch_size=64):
     parser.add_argument("--output-dir", default=None,
                         help="checkpoints, log.jsonl and results (default: runs/<stage>_<settings>)")
     parser.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
-                        help="autocast dtype; auto: bf16 on GPUs that have it, fp16 with loss scaling on older ones, "
-                             "float32 on CPU")
+                        help="autocast dtype; auto: bf16 on GPUs of compute capability 8.0 on, fp16 with loss scaling "
+                             "on older ones (bf16 there is emulated), float32 on CPU")
     parser.add_argument("--dist-timeout", type=POSITIVE, default=60.0, metavar="MINUTES",
                         help="under torchrun, how long a process waits for the others in a collective (e.g. while "
                              "the first one indexes a large dataset) before the run fails")
