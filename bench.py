@@ -444,8 +444,16 @@ def _book(parts, name, start, device):
 # ---------------------------------------------------------------------------------------------------------
 # gpu
 
-BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "GH200": 989.4, "A100": 312.0, "L40S": 362.1, "L4": 121.0,
-                    "A10": 125.0}  # dense bf16 tensor-core peaks of NVIDIA's data sheets (H100: SXM)
+# dense bf16 tensor-core peaks of NVIDIA's data sheets (half their figures with sparsity); "H100" is the SXM card
+BF16_PEAK_TFLOPS = {"H200": 989.4, "H100": 989.4, "H100 PCIe": 756.5, "GH200": 989.4, "A100": 312.0, "L40S": 362.1,
+                    "L40": 181.05, "L4": 121.0, "A10": 125.0}
+
+
+def peak_tflops(name):
+    """The bf16 peak of the GPU called `name` (torch.cuda.get_device_name), or None for a GPU not in the table:
+    the longest model name found as whole words, so that an L40 is not taken for an L4 or an A10G for an A10."""
+    found = [key for key in BF16_PEAK_TFLOPS if re.search(rf"(?<![\w-]){re.escape(key)}(?![\w])", name)]
+    return BF16_PEAK_TFLOPS[max(found, key=len)] if found else None
 
 
 def bench_gpu(args):
@@ -613,7 +621,7 @@ def _gpu_pretrain(device, small, B, channels_last, compiled, flops, name, amp, s
         a, b = views()
         t_step = timed(lambda: pretrain.train_step(model, a, b, optimizer, scaler, amp), device, steps)
         total = t_views + t_step
-        peak = next((v for key, v in BF16_PEAK_TFLOPS.items() if key in name), None)
+        peak = peak_tflops(name)
         return dict(part=part, clips_per_s=2 * B / total, ms_per_step=1e3 * total,
                     outside_encoders=t_views / total,
                     peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else

@@ -4538,6 +4538,14 @@ def test_bench_fame_and_loader_run(tmp_path, capsys):
     assert row["frames_per_sample"] >= 8 and "rss_growth_mib" in row
 
 
+def test_bench_peak_flops_by_whole_model_names():
+    # MFU divides by the GPU's peak: an L40 is no L4, an A10G no A10, a PCIe H100 no SXM one, an unknown GPU none
+    names = {"NVIDIA H100 80GB HBM3": 989.4, "NVIDIA H100 PCIe": 756.5, "NVIDIA GH200 480GB": 989.4,
+             "NVIDIA A100-SXM4-80GB": 312.0, "NVIDIA L40": 181.05, "NVIDIA L40S": 362.1, "NVIDIA L4": 121.0,
+             "NVIDIA A10": 125.0, "NVIDIA A10G": None, "Tesla V100-SXM2-32GB": None}
+    assert {name: bench.peak_tflops(name) for name in names} == names
+
+
 def test_bench_markdown_replaces_its_section(tmp_path):
     doc = tmp_path / "doc.md"
     doc.write_text("# Speed\n\nbefore\n\n<!-- bench.py small -->\nold table\n<!-- /bench.py small -->\n\nafter\n")
