@@ -549,7 +549,8 @@ def _moving_clips(B, T, S):
     """B uint8 clips (B, 3, T, S, S) of the synthetic benchmark: an object moving over a textured scene."""
     import synthetic
 
-    clips = [torch.from_numpy(synthetic.render(synthetic.MOTIONS[b % len(synthetic.MOTIONS)], b % len(synthetic.SCENES), b, S, T)[0])
+    motions, scenes = synthetic.MOTIONS, synthetic.SCENES
+    clips = [torch.from_numpy(synthetic.render(motions[b % len(motions)], b % len(scenes), b, S, T)[0])
              for b in range(B)]  # (T, S, S, 3) each
     return torch.stack(clips).permute(0, 4, 1, 2, 3).contiguous()
 

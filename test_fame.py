@@ -3636,6 +3636,7 @@ def test_pretrain_epoch_resume_and_checkpoint(pretrain_env, capsys):
     stored = json.loads((out / "args.json").read_text())
     assert stored["beta"] == 0.5 and stored["environment"]["torch"] == torch.__version__
     assert stored["environment"]["torch_threads"] == torch.get_num_threads()  # the rounding depends on it
+    assert stored["environment"]["gpu"] is None  # a CPU run names no GPU, even on a machine that has one
     log = _pretrain_log(out)
     assert [e["epoch"] for e in log] == [1]
     assert {"loss", "acc", "lr", "time", "clips_per_s", "failed_videos", "key_sim"} <= set(log[0])
@@ -4690,6 +4691,7 @@ def test_gpu_pretrain_step_and_mid_epoch_resume(pretrain_env, monkeypatch, capsy
     monkeypatch.undo()
     model = pretrain_env.run(out, *argv)
     assert "resuming from" in capsys.readouterr().out and next(model.parameters()).device.type == "cuda"
+    assert json.loads((out / "args.json").read_text())["environment"]["gpu"] == torch.cuda.get_device_name()
     log = _pretrain_log(out)
     assert [e["epoch"] for e in log] == [1, 2] and all(math.isfinite(e["loss"]) for e in log)
 

@@ -304,7 +304,7 @@ def environment():
     return {"torch": torch.__version__, "cuda": torch.version.cuda, "cpu": cpu,
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_initialized() else None}  # the GPU this process used
 
 
 @functools.cache  # asked by the script's printout and by every checkpoint: two git calls once per process
