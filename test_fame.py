@@ -408,18 +408,6 @@ def test_fame_uint8_clips_give_the_float_masks_and_merge():
         fame.foreground_mask(u8.to(torch.int32))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_fame_cuda_matches_cpu():
-    clips, truth = _fame_synthetic(4, obj=(32, 28), shift=4, seed=8)
-    for dtype in (torch.float32, torch.float16):
-        x = clips.to("cuda", dtype)
-        mask = fame.foreground_mask(x, beta=0.25)
-        assert mask.device.type == "cuda" and (mask.sum((1, 2)) == 1024).all()
-        assert _fame_iou(mask.cpu(), truth).min() > 0.8
-        out = fame.FAME(beta=0.25)(x, generator=torch.Generator("cuda").manual_seed(0))
-        assert out.device.type == "cuda" and out.dtype == dtype
-
-
 # --- the exact steps ---------------------------------------------------------------------------------------
 
 
@@ -4757,6 +4745,18 @@ def test_gpu_fame_masks_agree_with_the_cpu_on_moving_objects():
     code = "import torch, fame; fame.foreground_mask(torch.rand(2, 3, 4, 32, 32, device='cuda') * 2); torch.cuda.synchronize()"
     run = subprocess.run([sys.executable, "-c", code], cwd=_FAME_REPO, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "device-side assert" in run.stderr, run.stderr[-2000:]
+
+
+@_gpu
+def test_gpu_fame_in_float16_and_with_a_cuda_generator():
+    clips, truth = _fame_synthetic(4, obj=(32, 28), shift=4, seed=8)
+    for dtype in (torch.float32, torch.float16):
+        x = clips.to("cuda", dtype)
+        mask = fame.foreground_mask(x, beta=0.25)
+        assert mask.device.type == "cuda" and (mask.sum((1, 2)) == 1024).all()
+        assert _fame_iou(mask.cpu(), truth).min() > 0.8
+        out = fame.FAME(beta=0.25)(x, generator=torch.Generator("cuda").manual_seed(0))
+        assert out.device.type == "cuda" and out.dtype == dtype
 
 
 @_gpu
