@@ -403,7 +403,10 @@ def test_fame_uint8_clips_give_the_float_masks_and_merge():
     merged = fame.FAME(beta=0.25)(u8, generator=torch.Generator().manual_seed(3))
     merged_float = fame.FAME(beta=0.25)(as_float, generator=torch.Generator().manual_seed(3))
     assert merged.dtype == torch.uint8 and torch.equal(merged, (merged_float * 255).round().to(torch.uint8))
-    assert _fame_iou(fame.foreground_mask(u8, beta=0.25), truth).min() > 0.85
+    mask = fame.foreground_mask(u8, beta=0.25)
+    # integer clips take any nonzero value of an integer mask as 1 (float clips refuse a 0/255 mask: a weight)
+    assert torch.equal(fame.merge(u8, mask * 255, u8.flip(0)), fame.merge(u8, mask.bool(), u8.flip(0)))
+    assert _fame_iou(mask, truth).min() > 0.85
     with pytest.raises(TypeError, match="uint8 clips or float"):
         fame.foreground_mask(u8.to(torch.int32))
 
