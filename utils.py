@@ -628,17 +628,17 @@ class Checkpointing:
     def _read(self):
         """Adds the pending steps to the epoch's sums, their values summed over the processes in one collective
         with the stop flags (a signal, --save-every-minutes passed) of every process, read back in one wait for the
-        device. Stops the run on a non-finite loss. Returns (the steps' sums, stop, save due by the clock)."""
+        device (one process on a GPU waits for each value). Stops the run on a non-finite loss. Returns (the steps' sums, stop, save due by the clock)."""
         device, world, pending = group_device(), get_world_size(), self.pending
         self.pending = []
         flags = torch.tensor([self.signal is not None,
                               bool(self.every_seconds and time.monotonic() - self.last_save >= self.every_seconds)],
                              dtype=torch.float64)
-        rows = [torch.stack([torch.as_tensor(values[name]).detach().to(device, torch.float64, non_blocking=True)
+        # One process on a GPU sums on the CPU, and a copy from the GPU that does not block returns before the
+        # values are there: only copies onto a GPU go without waiting.
+        wait = device.type == "cpu"
+        rows = [torch.stack([torch.as_tensor(values[name]).detach().to(device, torch.float64, non_blocking=not wait)
                              for name in names]) for names, values, _, _ in pending]
-        if device.type == "cpu" and torch.cuda.is_initialized():
-            # one process on a GPU sums on the CPU: its copies from the GPU return before the values are there
-            torch.cuda.synchronize()
         table = torch.stack(rows) if rows else torch.zeros(0, 0, dtype=torch.float64, device=device)
         flags = flags.to(device, non_blocking=True)
         if world > 1:
